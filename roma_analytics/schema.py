@@ -1,0 +1,99 @@
+"""The two tables every part of roma-analytics shares: ``stats`` and ``errors``.
+
+DESIGN.md fixes their columns and meaning; this module fixes their pandas dtypes, so that
+``collect``, the history, the exports and the analysis all agree on one shape, also when a
+frame is empty.  Times are UTC with microsecond resolution: that is what Parquet, DuckDB and
+CSV exports carry without loss.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+#: Bump when the stored columns change; written into every Parquet file's metadata.
+SCHEMA_VERSION = 1
+
+TIMESTAMP_DTYPE = pd.DatetimeTZDtype(unit="us", tz="UTC")
+STRING_DTYPE = pd.StringDtype()
+
+COUNT_COLUMNS: tuple[str, ...] = ("running", "abnormal", "terminated", "completed")
+TASK_TYPES: tuple[str, ...] = ("common", "cdc")
+#: What identifies one gauge series: one instance's counts of one task type.
+SERIES_KEY: tuple[str, ...] = ("region", "project_id", "instance_id", "task_type")
+#: Columns an analysis may group by.
+GROUP_COLUMNS: tuple[str, ...] = ("region", "project_id", "instance_id", "task_type")
+
+STATS_DTYPES: dict[str, object] = {
+    "collected_at": TIMESTAMP_DTYPE,
+    "run_id": STRING_DTYPE,
+    "region": STRING_DTYPE,
+    "project_id": STRING_DTYPE,
+    "instance_id": STRING_DTYPE,
+    "instance_name": STRING_DTYPE,
+    "task_type": STRING_DTYPE,
+    "running": "int64",
+    "abnormal": "int64",
+    "terminated": "int64",
+    "completed": "int64",
+    "total": "int64",
+}
+
+ERRORS_DTYPES: dict[str, object] = {
+    "collected_at": TIMESTAMP_DTYPE,
+    "run_id": STRING_DTYPE,
+    "region": STRING_DTYPE,
+    "project_id": STRING_DTYPE,
+    "instance_id": STRING_DTYPE,
+    "http_status": "Int64",
+    "error_code": STRING_DTYPE,
+    "error_msg": STRING_DTYPE,
+    "request_id": STRING_DTYPE,
+    "attempts": "int64",
+}
+
+STATS_COLUMNS: tuple[str, ...] = tuple(STATS_DTYPES)
+ERRORS_COLUMNS: tuple[str, ...] = tuple(ERRORS_DTYPES)
+
+TABLES: dict[str, dict[str, object]] = {"stats": STATS_DTYPES, "errors": ERRORS_DTYPES}
+
+
+def empty_stats() -> pd.DataFrame:
+    """An empty ``stats`` frame with the contract's columns and dtypes."""
+    return _empty(STATS_DTYPES)
+
+
+def empty_errors() -> pd.DataFrame:
+    """An empty ``errors`` frame with the contract's columns and dtypes."""
+    return _empty(ERRORS_DTYPES)
+
+
+def _empty(dtypes: dict[str, object]) -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in dtypes.items()})
+
+
+def conform(frame: pd.DataFrame, table: str = "stats") -> pd.DataFrame:
+    """Return ``frame`` with exactly the columns of ``table``, in order, cast to their dtypes.
+
+    Naive timestamps are taken as UTC; aware ones are converted to UTC.  A missing column is
+    a ``ValueError`` naming it (a frame from elsewhere, e.g. an uploaded export, must not be
+    silently padded with zeros).
+    """
+    dtypes = TABLES[table]
+    missing = [name for name in dtypes if name not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{table} data is missing column(s) {', '.join(missing)}; "
+            f"expected {', '.join(dtypes)}"
+        )
+    out = {}
+    for name, dtype in dtypes.items():
+        column = frame[name]
+        if dtype is TIMESTAMP_DTYPE:
+            if not pd.api.types.is_datetime64_any_dtype(column):
+                column = pd.to_datetime(column, utc=True, format="ISO8601")
+            elif column.dt.tz is None:
+                column = column.dt.tz_localize("UTC")
+            column = column.astype(TIMESTAMP_DTYPE)
+        else:
+            column = column.astype(dtype)
+        out[name] = column.reset_index(drop=True)
+    return pd.DataFrame(out)
