@@ -1,0 +1,461 @@
+"""``roma-analytics``: the command line, a thin layer over the library.
+
+Each subcommand is two functions: ``add_<name>(subparsers)`` declares its flags, help and example,
+and ``run_<name>(args) -> int`` calls the library.  Adding a command is adding that pair to
+``COMMANDS``.  ``main`` turns every library error (``RomaError``, ``OSError``) into one
+``roma-analytics: error: ...`` line and exit status 2, and Ctrl-C during work into 130.
+
+pandas and the HTTP stack are imported inside the ``run_*`` functions, so ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+
+from roma_analytics import __version__
+from roma_analytics.errors import ConfigError, RomaError
+
+PROG = "roma-analytics"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_HISTORY = "data/history"
+DEFAULT_TOKEN_ENV = "ROMA_AUTH_TOKEN"
+DEFAULT_WORKERS = 16
+DEFAULT_TIMEOUT = (3.05, 10.0)
+DEFAULT_RETRIES = 3
+
+log = logging.getLogger("roma_analytics")
+
+
+# ------------------------------------------------------------------------------------ argument types
+
+def iso_time(text: str) -> datetime:
+    """An ISO-8601 date or time as an aware UTC datetime; a date alone is 00:00 UTC, naive is UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO-8601 date or time; use e.g. 2024-05-01 or 2024-05-01T10:00:00Z"
+        ) from None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+_PERIOD = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_PERIOD_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def period(text: str) -> float:
+    """``30s``, ``5m``, ``1h``, ``1d`` (or plain seconds) as seconds."""
+    match = _PERIOD.match(text)
+    seconds = float(match.group(1)) * _PERIOD_SECONDS[match.group(2)] if match else 0
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a period; use e.g. 30s, 5m, 1h or 1d")
+    return seconds
+
+
+def _number(convert, acceptable, what: str):
+    """An argparse type: ``convert(text)`` for which ``acceptable(value)`` holds."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not acceptable(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+positive_int = _number(int, lambda value: value >= 1, "a whole number >= 1")
+non_negative_int = _number(int, lambda value: value >= 0, "a whole number >= 0")
+positive_float = _number(float, lambda value: 0 < value < float("inf"), "a positive number")
+
+
+# ------------------------------------------------------------------------------------------ collect
+
+COLLECT_HELP = """\
+Collect the task statistics of a fleet of ROMA Connect instances once (or every PERIOD) and
+append the run to the Parquet history. Targets come from a targets file (--config, see
+data/samples/targets.toml) or from one project on the command line; without --instance-id the
+project's RUNNING instances are discovered.
+
+exit status: 0 every instance collected, 3 some failed (see the errors table), 4 none collected,
+2 usage or configuration error, 130 interrupted during a run (nothing written for that run)."""
+
+COLLECT_EXAMPLE = """\
+examples:
+  export ROMA_AUTH_TOKEN=...      # the X-Auth-Token, never on the command line
+  roma-analytics collect --region cn-north-4 --project-id 0a1b2c... --history data/history
+  roma-analytics collect --config data/samples/targets.toml --every 5m --json
+  roma-analytics collect --endpoint http://127.0.0.1:8080 --project-id demo --instance-id i-1 i-2"""
+
+
+def add_collect(subparsers) -> None:
+    parser = _subparser(subparsers, "collect", "collect task statistics into the history",
+                        COLLECT_HELP, COLLECT_EXAMPLE)
+    source = parser.add_argument_group("targets (--config, or --endpoint/--region with --project-id)")
+    source.add_argument("--config", metavar="FILE", help="targets file (TOML)")
+    source.add_argument("--endpoint", metavar="URL", help="ROMA Connect endpoint URL")
+    source.add_argument("--region", metavar="ID", help="region id, e.g. cn-north-4 (endpoint derived from it)")
+    source.add_argument("--project-id", metavar="ID", help="project id")
+    source.add_argument("--instance-id", metavar="ID", nargs="+", action="extend",
+                        help="instance id(s); default: discover the project's RUNNING instances")
+    source.add_argument("--token-env", metavar="VAR",
+                        help=f"environment variable holding the X-Auth-Token (default {DEFAULT_TOKEN_ENV}; "
+                             "without --config only)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--history", metavar="DIR", help=f"history folder (default {DEFAULT_HISTORY})")
+    run.add_argument("--workers", metavar="N", type=positive_int,
+                     help=f"concurrent requests (default {DEFAULT_WORKERS})")
+    run.add_argument("--timeout", metavar="S", type=positive_float,
+                     help="read timeout in seconds (default 10; connect timeout 3.05 or S if smaller)")
+    run.add_argument("--retries", metavar="N", type=non_negative_int,
+                     help=f"retries of 429/5xx/timeouts per call (default {DEFAULT_RETRIES})")
+    run.add_argument("--rate-limit", metavar="R", type=positive_float,
+                     help="at most R requests per second to each endpoint")
+    run.add_argument("--every", metavar="PERIOD", type=period,
+                     help="repeat every PERIOD (30s, 5m, 1h) until interrupted")
+    run.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    tls = run.add_mutually_exclusive_group()
+    tls.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (test endpoints only)")
+    tls.add_argument("--ca-bundle", metavar="FILE", help="verify TLS with this CA bundle")
+    parser.set_defaults(handler=run_collect)
+
+
+def run_collect(args) -> int:
+    from roma_analytics.collect import collect, session_for
+    from roma_analytics.store import HistoryStore
+
+    from roma_analytics.targets import timeout_pair
+
+    targets, settings = _collect_targets(args)
+    workers = args.workers or settings.get("workers", DEFAULT_WORKERS)
+    timeout = timeout_pair(args.timeout) if args.timeout else settings.get("timeout", DEFAULT_TIMEOUT)
+    retries = args.retries if args.retries is not None else settings.get("retries", DEFAULT_RETRIES)
+    rate_limit = args.rate_limit or settings.get("rate_limit")
+    verify = _tls_verify(args, settings)
+    store = HistoryStore(args.history or settings.get("history", DEFAULT_HISTORY))
+
+    # One session and one set of clients for all runs: connections and IAM tokens are reused.
+    session = session_for(targets, workers)
+    clients: dict = {}
+    progress = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                collection = collect(targets, workers=workers, timeout=timeout, retries=retries,
+                                     rate_limit=rate_limit, progress=progress, session=session,
+                                     clients=clients, verify=verify)
+            except KeyboardInterrupt:
+                if progress:
+                    progress.clear()
+                print(f"{PROG}: interrupted: the run was abandoned, nothing written for it", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            if progress:
+                progress.clear()
+            try:
+                # A Ctrl-C while the run is written waits until both of its files are in place.
+                with _sigint_deferred():
+                    files = store.append(collection)
+                _report_collection(collection, files, as_json=args.json)
+                if not args.every:
+                    return collection.exit_status
+                _sleep_until_next(started, args.every)
+            except KeyboardInterrupt:
+                # Between runs every finished run is safely stored: a clean stop.
+                return 0 if args.every else collection.exit_status
+    finally:
+        for client in clients.values():
+            client.close()
+        session.close()
+
+
+def _collect_targets(args):
+    from roma_analytics.targets import Target, load_targets
+
+    if args.config:
+        given = [flag for flag, value in (("--endpoint", args.endpoint), ("--region", args.region),
+                                          ("--project-id", args.project_id), ("--instance-id", args.instance_id),
+                                          ("--token-env", args.token_env)) if value]
+        if given:
+            raise _Usage(f"--config cannot be combined with {', '.join(given)}; put them in the targets file")
+        loaded = load_targets(args.config)
+        return loaded.targets, loaded.settings
+    if not (args.endpoint or args.region):
+        raise _Usage("give --config FILE, or --endpoint URL or --region ID with --project-id ID")
+    if not args.project_id:
+        raise _Usage("--project-id is required with --endpoint/--region")
+    auth = _token_auth(args.token_env)
+    common = dict(project_id=args.project_id, endpoint=args.endpoint, region=args.region, auth=auth)
+    if not args.instance_id:
+        return [Target(**common)], {}
+    if len(set(args.instance_id)) != len(args.instance_id):
+        raise _Usage("--instance-id lists an instance twice")
+    return [Target(instance_id=i, **common) for i in args.instance_id], {}
+
+
+def _token_auth(token_env: str | None):
+    from roma_analytics.auth import TokenAuth
+
+    name = token_env or DEFAULT_TOKEN_ENV
+    if os.environ.get(name, "").strip():
+        return TokenAuth.from_env(name)
+    if token_env:
+        raise ConfigError(f"environment variable {name} (--token-env) is not set or empty; "
+                          "export the X-Auth-Token in it")
+    print(f"{PROG}: warning: {DEFAULT_TOKEN_ENV} is not set; sending requests without X-Auth-Token",
+          file=sys.stderr)
+    return None
+
+
+def _tls_verify(args, settings: dict) -> bool | str:
+    if args.insecure:
+        import urllib3
+
+        # One clear warning instead of urllib3's warning per request.
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        print(f"{PROG}: warning: --insecure: TLS certificates are NOT verified; "
+              "anyone on the network path can read the token", file=sys.stderr)
+        return False
+    bundle = args.ca_bundle or settings.get("ca_bundle")
+    if bundle:
+        if not os.path.isfile(bundle):
+            raise ConfigError(f"CA bundle {bundle} does not exist or is not a file")
+        return bundle
+    return settings.get("verify", True)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold SIGINT back (POSIX, main thread) so that it arrives after the block, not inside it."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _sleep_until_next(started: float, every: float) -> None:
+    # Fixed rate: runs start at started + k*every; a run longer than the period skips the missed ticks.
+    time.sleep(every - (time.monotonic() - started) % every)
+
+
+def _report_collection(collection, files, as_json: bool) -> None:
+    if as_json:
+        summary = collection.summary_dict()
+        summary["files"] = [str(path) for path in files]
+        print(json.dumps(summary), flush=True)
+    else:
+        print(collection.summary(), flush=True)
+    errors = collection.errors
+    if len(errors):
+        shown = errors.head(10)
+        # Plain Python values (None for nulls) for the few lines of text.
+        rows = shown.astype(object).where(shown.notna(), None).to_dict("records")
+        lines = [f"{PROG}: {len(errors)} error(s) in run {collection.run_id}:"]
+        for row in rows:
+            status = f"HTTP {row['http_status']} " if row["http_status"] is not None else ""
+            request_id = f" (request id {row['request_id']})" if row["request_id"] else ""
+            lines.append(f"  {row['project_id']}/{row['instance_id']}: {status}{row['error_code']}: "
+                         f"{row['error_msg']}{request_id}")
+        if len(errors) > len(shown):
+            lines.append(f"  ... and {len(errors) - len(shown)} more (roma-analytics export --table errors)")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+class _ProgressBar:
+    """``[#####.....] done/total`` on a terminal, redrawn at most ten times a second."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self._drawn = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._drawn < 0.1:
+            return
+        self._drawn = now
+        width = 30
+        filled = width * done // total if total else width
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r\033[K")
+        self.stream.flush()
+
+
+# ------------------------------------------------------------------------------------------- export
+
+EXPORT_HELP = """\
+Write the rows of the history (stats or errors table) that match the filters to one CSV or
+Parquet file. Times are ISO-8601, UTC unless they carry an offset; a date alone is 00:00 UTC;
+--since is inclusive and --until exclusive. The file is replaced atomically."""
+
+EXPORT_EXAMPLE = """\
+examples:
+  roma-analytics export --format csv --out stats.csv --since 2024-05-01 --until 2024-06-01
+  roma-analytics export --format parquet --out errors.parquet --table errors --project-id 0a1b2c..."""
+
+
+def add_export(subparsers) -> None:
+    parser = _subparser(subparsers, "export", "export the history to CSV or Parquet", EXPORT_HELP, EXPORT_EXAMPLE)
+    parser.add_argument("--format", required=True, choices=("csv", "parquet"), help="file format")
+    parser.add_argument("--out", required=True, metavar="PATH", help="output file")
+    parser.add_argument("--history", metavar="DIR", default=DEFAULT_HISTORY,
+                        help=f"history folder (default {DEFAULT_HISTORY})")
+    parser.add_argument("--table", choices=("stats", "errors"), default="stats", help="table (default stats)")
+    parser.add_argument("--since", metavar="ISO", type=iso_time, help="first time included")
+    parser.add_argument("--until", metavar="ISO", type=iso_time, help="first time excluded")
+    parser.add_argument("--project-id", metavar="ID", nargs="+", action="extend", help="only these projects")
+    parser.add_argument("--instance-id", metavar="ID", nargs="+", action="extend", help="only these instances")
+    parser.set_defaults(handler=run_export)
+
+
+def run_export(args) -> int:
+    from roma_analytics.export import export_table
+
+    if args.since and args.until and args.since >= args.until:
+        raise _Usage("--since must be before --until")
+    report = export_table(args.history, args.out, format=args.format, table=args.table, since=args.since,
+                          until=args.until, projects=args.project_id, instances=args.instance_id)
+    print(f"exported {report.rows} {args.table} row(s) to {report.path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ compact
+
+COMPACT_HELP = """\
+Merge each finished day of the history into one Parquet file per table (fewer, larger files:
+faster queries). Crash-safe: readers see every row exactly once at any moment."""
+
+COMPACT_EXAMPLE = """\
+examples:
+  roma-analytics compact --history data/history
+  roma-analytics compact --before 2024-05-01      # only days before May 1st (UTC)"""
+
+
+def add_compact(subparsers) -> None:
+    parser = _subparser(subparsers, "compact", "merge each finished day of the history", COMPACT_HELP,
+                        COMPACT_EXAMPLE)
+    parser.add_argument("--history", metavar="DIR", default=DEFAULT_HISTORY,
+                        help=f"history folder (default {DEFAULT_HISTORY})")
+    parser.add_argument("--before", metavar="DATE", type=iso_time,
+                        help="compact only days before DATE (default: today UTC)")
+    parser.set_defaults(handler=run_compact)
+
+
+def run_compact(args) -> int:
+    from roma_analytics.store import HistoryStore
+
+    report = HistoryStore(args.history).compact(before=args.before)
+    print(f"compacted {report.days} day(s): {report.files_merged} file(s) merged, {report.rows} row(s)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- simulate
+
+SIMULATE_HELP = """\
+Serve a local ROMA Connect API (statistics, instance list, task list, IAM token) for demos and
+tests. Prints its base URL and project ids, then runs until interrupted."""
+
+SIMULATE_EXAMPLE = """\
+examples:
+  roma-analytics simulate --port 8080 --projects 2 --instances 50
+  roma-analytics simulate -h      # all flags"""
+
+
+def add_simulate(subparsers) -> None:
+    # The flags belong to roma_analytics.simulator.main; main() hands it the arguments untouched.
+    _subparser(subparsers, "simulate", "run a local ROMA Connect simulator", SIMULATE_HELP, SIMULATE_EXAMPLE,
+               add_help=False)
+
+
+def run_simulate(argv: list[str]) -> int:
+    from roma_analytics import simulator
+
+    return simulator.main(argv)
+
+
+#: Every subcommand: add_<name>(subparsers). Order is the order in --help.
+COMMANDS = [add_collect, add_export, add_compact, add_simulate]
+
+
+# --------------------------------------------------------------------------------------------- main
+
+class _Usage(ConfigError):
+    """A wrong combination of flags: reported like an argparse error (exit 2)."""
+
+
+def _subparser(subparsers, name: str, summary: str, description: str, example: str, add_help=True):
+    parser = subparsers.add_parser(name, help=summary, description=description, epilog=example,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
+    if add_help:
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help="DEBUG logging to stderr")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Fleet-wide analytics for ROMA Connect data-integration task statistics.",
+        epilog="examples:\n  roma-analytics collect --help\n  roma-analytics simulate --port 8080",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging to stderr")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    root = logging.getLogger()
+    # Replace only our own handler (main() may run many times in one process, e.g. in tests).
+    for old in [h for h in root.handlers if getattr(h, "_roma_cli", False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._roma_cli = True
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (never raises, never prints a traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(arg in ("-v", "--verbose") for arg in argv)
+    try:
+        _configure_logging(verbose)
+        # `simulate` owns its flags: hand everything after the word to the simulator.
+        words = [i for i, arg in enumerate(argv) if not arg.startswith("-")]
+        if words and argv[words[0]] == "simulate":
+            return run_simulate(argv[words[0] + 1:])
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:          # --help (0) and usage errors (2)
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (RomaError, OSError) as exc:
+        log.debug("command failed", exc_info=True)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

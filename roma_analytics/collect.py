@@ -1,0 +1,377 @@
+"""Fan-out: collect the task statistics of a whole fleet in one run -> ``Collection(stats, errors)``.
+
+One run has one ``collected_at`` (UTC, the start of the run) and one ``run_id`` shared by every
+row, so that the history can tell runs apart and pick the last snapshot of each series.
+
+How a run goes:
+
+1. One ``RomaClient`` per distinct (endpoint, region, auth), all over ONE ``requests.Session``
+   whose connection pool holds ``workers`` connections per host (so no thread waits for a socket
+   and urllib3 never discards connections).
+2. Discovery: each target without an ``instance_id`` lists its project's RUNNING instances.  A
+   failed discovery is one ``errors`` row with ``instance_id = "*"`` (meaning "the project's
+   instance list"); the project's explicitly listed instances are still collected.
+3. The statistics of every instance, ``workers`` at a time, optionally at most ``rate_limit``
+   calls per second per endpoint.  A failure is isolated: a ``RomaError`` becomes an ``errors``
+   row with its status, code, message, request id and attempts; any other exception becomes a
+   row with ``error_code = "INTERNAL"``.  Nothing one instance does ends the run.
+
+Ctrl-C (``KeyboardInterrupt``) cancels what has not started, leaves in-flight requests to their
+timeouts without waiting for them, and re-raises: an interrupted run returns nothing.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, MutableMapping
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+import requests
+from requests.adapters import HTTPAdapter
+
+from roma_analytics.client import RomaClient
+from roma_analytics.errors import ConfigError, RomaError
+from roma_analytics.schema import (
+    COUNT_COLUMNS, ERRORS_DTYPES, STATS_DTYPES, TASK_TYPES, TIMESTAMP_DTYPE, conform, empty_errors,
+)
+from roma_analytics.targets import Target
+
+log = logging.getLogger(__name__)
+
+#: ``instance_id`` of the errors row recorded when a project's instance list could not be read.
+DISCOVERY_INSTANCE_ID = "*"
+
+EXIT_OK = 0
+EXIT_PARTIAL = 3
+EXIT_NONE = 4
+
+
+@dataclass
+class Collection:
+    """The result of one collection run: the ``stats`` and ``errors`` tables (schema.py dtypes).
+
+    ``instances`` is how many instances the run tried to collect (after discovery);
+    ``elapsed`` the wall time of the run in seconds.
+    """
+
+    stats: pd.DataFrame
+    errors: pd.DataFrame
+    run_id: str
+    collected_at: pd.Timestamp
+    instances: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def collected(self) -> int:
+        """Instances whose statistics were collected (two stats rows each)."""
+        return len(self.stats) // len(TASK_TYPES)
+
+    @property
+    def failed(self) -> int:
+        """Instances that could not be collected (discovery failures are counted apart)."""
+        return int((self.errors["instance_id"] != DISCOVERY_INSTANCE_ID).sum())
+
+    @property
+    def failed_discoveries(self) -> int:
+        return int((self.errors["instance_id"] == DISCOVERY_INSTANCE_ID).sum())
+
+    @property
+    def exit_status(self) -> int:
+        """0 every instance collected; 3 some collected, some failed; 4 none collected.
+
+        A run that collected nothing is 4 even when nothing failed (no targets, or discovery
+        found no RUNNING instance): a scheduled job that stores nothing should be noticed.
+        """
+        if self.collected == 0:
+            return EXIT_NONE
+        return EXIT_PARTIAL if len(self.errors) else EXIT_OK
+
+    def summary_dict(self) -> dict:
+        """The run in numbers, for ``--json`` and logs."""
+        return {
+            "run_id": self.run_id,
+            "collected_at": self.collected_at.isoformat(),
+            "instances": self.instances,
+            "collected": self.collected,
+            "failed": self.failed,
+            "failed_discoveries": self.failed_discoveries,
+            "stats_rows": len(self.stats),
+            "error_rows": len(self.errors),
+            "error_codes": dict(Counter(self.errors["error_code"].astype(object))),
+            "elapsed_s": round(self.elapsed, 3),
+            "exit_status": self.exit_status,
+        }
+
+    def summary(self) -> str:
+        """One line: what the run collected and what failed."""
+        text = (f"run {self.run_id}: collected {self.collected} of {self.instances} instances "
+                f"({len(self.stats)} stats rows) in {self.elapsed:.1f}s")
+        if self.failed:
+            codes = Counter(self.errors.loc[self.errors["instance_id"] != DISCOVERY_INSTANCE_ID, "error_code"])
+            text += f"; {self.failed} failed (" + ", ".join(f"{n} {c}" for c, n in codes.most_common()) + ")"
+        if self.failed_discoveries:
+            text += f"; discovery failed in {self.failed_discoveries} project(s)"
+        return text
+
+
+class RateLimiter:
+    """A thread-safe token bucket: at most ``rate`` acquisitions per second, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = float(rate)
+        self.burst = float(burst if burst is not None else max(1.0, rate))
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.burst
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        # Take the token under the lock (the balance may go negative: a reservation), sleep outside it.
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= 1.0
+            delay = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if delay > 0:
+            self._sleep(delay)
+
+
+def new_run_id(collected_at: datetime) -> str:
+    """A unique run id that sorts by time: ``20240501T100000Z-1a2b3c4d``."""
+    return f"{collected_at:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+def client_key(target: Target) -> tuple:
+    """Targets with the same key share one RomaClient."""
+    return (target.endpoint, target.region, target.auth)
+
+
+def make_session(workers: int, hosts: int = 1) -> requests.Session:
+    """A Session whose pool keeps ``workers`` connections to each of ``hosts`` hosts."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=max(1, hosts), pool_maxsize=max(1, workers))
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def session_for(targets: Iterable[Target], workers: int) -> requests.Session:
+    """``make_session`` sized for the distinct hosts of ``targets``."""
+    hosts = {urlsplit(t.endpoint).netloc if t.endpoint else t.region for t in targets}
+    return make_session(workers, hosts=len(hosts))
+
+
+def collect(
+    targets: Iterable[Target],
+    *,
+    workers: int = 16,
+    timeout: float | tuple[float, float] = (3.05, 10),
+    retries: int = 3,
+    rate_limit: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    session: requests.Session | None = None,
+    clients: MutableMapping[tuple, RomaClient] | None = None,
+    run_id: str | None = None,
+    now: datetime | pd.Timestamp | None = None,
+    verify: bool | str = True,
+) -> Collection:
+    """Collect the task statistics of ``targets``; see the module docstring for how.
+
+    ``session`` and ``clients`` let a caller keep connections and renewed tokens across runs
+    (``clients`` maps ``client_key(target)`` to a RomaClient; new clients are added to it and
+    left open).  Without them the run makes its own and closes them.  ``now`` fixes
+    ``collected_at`` (tests); ``progress(done, total)`` is called as instances finish.
+    """
+    started = time.monotonic()
+    targets = list(targets)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
+    if rate_limit is not None and not rate_limit > 0:
+        raise ConfigError(f"rate_limit must be a positive number of requests per second, got {rate_limit!r}")
+    collected_at = pd.Timestamp(now if now is not None else datetime.now(timezone.utc))
+    collected_at = (collected_at.tz_localize("UTC") if collected_at.tzinfo is None
+                    else collected_at.tz_convert("UTC")).as_unit("us")
+    run_id = run_id or new_run_id(collected_at)
+
+    own_session = session is None
+    if own_session:
+        session = session_for(targets, workers)
+    own_clients = clients is None
+    clients = {} if clients is None else clients
+    limiters: dict[str, RateLimiter] = {}
+
+    def client_for(target: Target) -> RomaClient:
+        key = client_key(target)
+        if key not in clients:
+            # With an endpoint URL, a region is only the label of the rows (a private cloud's region).
+            where = dict(endpoint=target.endpoint) if target.endpoint else dict(region=target.region)
+            clients[key] = RomaClient(**where, auth=target.auth, session=session, timeout=timeout,
+                                      retries=retries, verify=verify, pool_size=workers)
+        return clients[key]
+
+    def limited(client: RomaClient) -> None:
+        if rate_limit:
+            limiters[client.endpoint].acquire()
+
+    run = _Run(collected_at, run_id)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roma-collect")
+    try:
+        # Clients (and limiters) are made here, in one thread, before any worker uses them.
+        for target in targets:
+            client = client_for(target)
+            if rate_limit and client.endpoint not in limiters:
+                limiters[client.endpoint] = RateLimiter(rate_limit)
+        instances = run.discover(pool, targets, client_for, limited)
+        run.fetch_all(pool, instances, client_for, limited, progress)
+    except BaseException:
+        # Ctrl-C (or anything else escaping): drop what has not started, do not wait for in-flight calls.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        if own_clients:
+            for client in clients.values():
+                client.close()
+        if own_session:
+            session.close()
+    return Collection(stats=run.stats_frame(), errors=run.errors_frame(), run_id=run_id,
+                      collected_at=collected_at, instances=len(instances),
+                      elapsed=time.monotonic() - started)
+
+
+class _Run:
+    """The rows of one run as they arrive (column-wise lists, turned into frames once at the end)."""
+
+    def __init__(self, collected_at: pd.Timestamp, run_id: str) -> None:
+        self.collected_at = collected_at
+        self.run_id = run_id
+        self.keys: list[tuple[str, str, str, str | None]] = []     # region, project, instance, name
+        self.counts: list[tuple[int, ...]] = []                      # common 4 counts + cdc 4 counts
+        self.error_rows: list[dict] = []
+
+    # -- the two phases ------------------------------------------------------------------------
+    def discover(self, pool, targets, client_for, limited) -> list[Target]:
+        """Targets with an instance id as given, plus every RUNNING instance of the others' projects."""
+        listed = [t for t in targets if t.instance_id is not None]
+        known = {(client_key(t), t.project_id, t.instance_id) for t in listed}
+        discoveries = [t for t in targets if t.instance_id is None]
+
+        def list_running(target: Target) -> list[dict]:
+            client = client_for(target)
+            limited(client)
+            return client.list_instances(target.project_id, status="RUNNING")
+
+        futures = [pool.submit(list_running, t) for t in discoveries]
+        found: list[Target] = []
+        for target, future in zip(discoveries, futures):
+            try:
+                instances = future.result()
+            except Exception as exc:   # noqa: BLE001 - one project's failure must not end the run
+                self._record_error(target, DISCOVERY_INSTANCE_ID, exc, client_for(target))
+                continue
+            for item in instances:
+                instance_id = str(item.get("id", ""))
+                key = (client_key(target), target.project_id, instance_id)
+                if key in known:
+                    continue
+                known.add(key)
+                found.append(replace(target, instance_id=instance_id, instance_name=item.get("name")))
+            log.debug("discovered %d RUNNING instance(s) in project %s", len(instances), target.project_id)
+        return listed + found
+
+    def fetch_all(self, pool, instances: list[Target], client_for, limited, progress) -> None:
+        def fetch(target: Target):
+            client = client_for(target)
+            limited(client)
+            return client.task_statistics(target.project_id, target.instance_id)
+
+        total = len(instances)
+        if progress:
+            progress(0, total)
+        pending = {pool.submit(fetch, t): i for i, t in enumerate(instances)}
+        results: dict[int, object] = {}
+        failures: dict[int, Exception] = {}
+        done_count = 0
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                index = pending.pop(future)
+                try:
+                    results[index] = future.result()
+                except Exception as exc:   # noqa: BLE001 - failure isolation per instance
+                    failures[index] = exc
+                done_count += 1
+            if progress:
+                progress(done_count, total)
+        # Rows in target order, so that a run's output does not depend on thread timing.
+        for index in sorted(failures):
+            target = instances[index]
+            self._record_error(target, target.instance_id, failures[index], client_for(target))
+        for index in sorted(results):
+            target, statistics = instances[index], results[index]
+            client = client_for(target)
+            self.keys.append((target.region or client.region, target.project_id, target.instance_id,
+                              target.instance_name))
+            common, cdc = statistics.common, statistics.cdc
+            self.counts.append((common.running, common.abnormal, common.terminated, common.completed,
+                                cdc.running, cdc.abnormal, cdc.terminated, cdc.completed))
+
+    def _record_error(self, target: Target, instance_id: str, exc: Exception, client: RomaClient) -> None:
+        if isinstance(exc, RomaError):
+            row = dict(http_status=exc.status, error_code=exc.error_code, error_msg=exc.error_msg,
+                       request_id=exc.request_id, attempts=exc.attempts)
+            log.debug("project %s instance %s failed: %s", target.project_id, instance_id, exc.error_code)
+        else:
+            row = dict(http_status=None, error_code="INTERNAL", error_msg=f"{type(exc).__name__}: {exc}",
+                       request_id=None, attempts=getattr(exc, "attempts", 1))
+            log.warning("unexpected error collecting project %s instance %s", target.project_id, instance_id,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+        row.update(region=target.region or client.region, project_id=target.project_id, instance_id=instance_id)
+        self.error_rows.append(row)
+
+    # -- frames --------------------------------------------------------------------------------
+    def stats_frame(self) -> pd.DataFrame:
+        """Two rows (common, cdc) per collected instance, built column-wise."""
+        n = len(self.keys)
+        per_type = len(TASK_TYPES)
+        counts = np.asarray(self.counts, dtype=np.int64).reshape(n * per_type, len(COUNT_COLUMNS))
+        keys = np.asarray(self.keys, dtype=object).reshape(n, 4)
+
+        def strings(column: int) -> pd.arrays.StringArray:
+            return pd.array(np.repeat(keys[:, column], per_type), dtype=STATS_DTYPES["region"])
+
+        columns = {
+            "collected_at": pd.DatetimeIndex([self.collected_at] * (n * per_type), dtype=TIMESTAMP_DTYPE),
+            "run_id": pd.array([self.run_id] * (n * per_type), dtype=STATS_DTYPES["run_id"]),
+            "region": strings(0),
+            "project_id": strings(1),
+            "instance_id": strings(2),
+            "instance_name": strings(3),
+            "task_type": pd.array(np.tile(np.asarray(TASK_TYPES, dtype=object), n), dtype=STATS_DTYPES["task_type"]),
+        }
+        for position, name in enumerate(COUNT_COLUMNS):
+            columns[name] = counts[:, position]
+        columns["total"] = counts.sum(axis=1)
+        return pd.DataFrame(columns)
+
+    def errors_frame(self) -> pd.DataFrame:
+        if not self.error_rows:
+            return empty_errors()
+        frame = pd.DataFrame(self.error_rows)
+        frame["collected_at"] = self.collected_at
+        frame["run_id"] = self.run_id
+        return conform(frame[list(ERRORS_DTYPES)], "errors")
