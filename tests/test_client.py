@@ -1,0 +1,667 @@
+"""RomaClient over real HTTP against the simulator on loopback, and the strict statistics parser.
+
+Retries are counted on the server side (``sim.requests(...)``), not taken from the client's own
+word.  Backoffs are tiny so the file stays fast; the only real waits are the timeout tests'.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+import roma_analytics.client as client_module
+from roma_analytics.auth import AkSkAuth, IamPasswordAuth, TokenAuth
+from roma_analytics.client import RomaClient, TaskCounts, parse_task_statistics
+from roma_analytics.errors import (
+    AuthenticationError,
+    ConfigError,
+    InvalidParameter,
+    InvalidResponse,
+    RomaApiError,
+    RomaConnectionError,
+    RomaTimeout,
+    ThrottledError,
+)
+from roma_analytics.simulator import Simulator
+
+#: The 200 example of the published reference (count-tasks.txt), verbatim.
+REFERENCE_EXAMPLE = """{
+  "common_task_details" : {
+    "running_tasks_count" : 2,
+    "abnormal_tasks_count" : 2,
+    "terminated_tasks_count" : 6,
+    "completed_tasks_count" : 8
+  },
+  "cdc_task_details" : {
+    "running_tasks_count" : 1,
+    "abnormal_tasks_count" : 0,
+    "terminated_tasks_count" : 6,
+    "completed_tasks_count" : 0
+  }
+}"""
+
+FIXED_NOW = 1_790_000_000.0   # a fixed simulator clock: counts cannot change mid-test
+TOKEN = "sim-token-0123456789abcdef"
+AK = "AKSIMULATOR0000012345"
+SK = "sk-simulator-secret-value"
+IAM_PASSWORD = "iam-password-do-not-leak"
+
+
+class RecordingClient(RomaClient):
+    """Records the backoff delays instead of sleeping them (the policy itself is unchanged)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delays: list[float] = []
+
+    def _sleep(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+@pytest.fixture
+def sim():
+    with Simulator(projects=1, instances=4, seed=11, clock=lambda: FIXED_NOW) as simulator:
+        yield simulator
+
+
+def first_instance(sim) -> tuple[str, str]:
+    project = sim.project_ids[0]
+    return project, sim.instances(project)[0]["id"]
+
+
+def stats_requests(sim, instance_id: str) -> int:
+    return sim.requests(f"{instance_id}/statistics/tasks")
+
+
+def fast_client(sim, **kwargs) -> RecordingClient:
+    kwargs.setdefault("backoff", 0.001)
+    kwargs.setdefault("timeout", (2.0, 2.0))
+    return RecordingClient(sim.base_url, **kwargs)
+
+
+def counts_of(expected: dict) -> TaskCounts:
+    return TaskCounts(*(expected[name] for name in ("running", "abnormal", "terminated", "completed")))
+
+
+# ---------------------------------------------------------------------------- parsing (pure)
+
+def test_reference_example_parses_to_documented_counts_and_ratios():
+    common, cdc = parse_task_statistics(REFERENCE_EXAMPLE.encode())
+    assert common == TaskCounts(running=2, abnormal=2, terminated=6, completed=8)
+    assert cdc == TaskCounts(running=1, abnormal=0, terminated=6, completed=0)
+    assert (common.total, cdc.total) == (18, 7)
+    assert common.abnormal_ratio == 2 / 18
+    assert cdc.abnormal_ratio == 0.0
+    assert parse_task_statistics(REFERENCE_EXAMPLE) == (common, cdc)
+    assert parse_task_statistics(json.loads(REFERENCE_EXAMPLE)) == (common, cdc)
+
+
+def test_ratio_of_no_tasks_is_nan_not_zero():
+    assert math.isnan(TaskCounts(0, 0, 0, 0).abnormal_ratio)
+    assert TaskCounts(0, 0, 0, 0).total == 0
+
+
+def _example(**changes) -> dict:
+    body = json.loads(REFERENCE_EXAMPLE)
+    for dotted, value in changes.items():
+        detail, key = dotted.split("__")
+        if value is ...:
+            del body[detail][key]
+        else:
+            body[detail][key] = value
+    return body
+
+
+@pytest.mark.parametrize("value", [True, 2.0, 2.5, "2", -1, 999_999_999_999 + 1, None, [2]])
+def test_counts_must_be_in_range_integers(value):
+    body = _example(common_task_details__running_tasks_count=value)
+    with pytest.raises(InvalidResponse) as caught:
+        parse_task_statistics(json.dumps(body), instance_id="ins-1")
+    assert caught.value.field == "common_task_details.running_tasks_count"
+    assert caught.value.instance_id == "ins-1"
+    assert caught.value.error_code == "INVALID_RESPONSE"
+    assert "ins-1" in str(caught.value) and "running_tasks_count" in str(caught.value)
+
+
+def test_boundaries_are_accepted():
+    body = _example(cdc_task_details__completed_tasks_count=999_999_999_999, common_task_details__running_tasks_count=0)
+    common, cdc = parse_task_statistics(body)
+    assert (common.running, cdc.completed) == (0, 999_999_999_999)
+
+
+def test_missing_count_and_missing_detail_name_the_field():
+    with pytest.raises(InvalidResponse) as caught:
+        parse_task_statistics(_example(cdc_task_details__abnormal_tasks_count=...))
+    assert caught.value.field == "cdc_task_details.abnormal_tasks_count"
+    body = json.loads(REFERENCE_EXAMPLE)
+    del body["cdc_task_details"]
+    with pytest.raises(InvalidResponse) as caught:
+        parse_task_statistics(body)
+    assert caught.value.field == "cdc_task_details"
+    body = json.loads(REFERENCE_EXAMPLE)
+    body["common_task_details"] = [1, 2, 3, 4]
+    with pytest.raises(InvalidResponse) as caught:
+        parse_task_statistics(body)
+    assert caught.value.field == "common_task_details"
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe{}", b"", b"[]", b"null", b"{\"common_task_details\": NaN}",
+                                 REFERENCE_EXAMPLE.encode()[:40], b"<html>maintenance</html>"])
+def test_bodies_that_are_not_a_json_object_are_invalid(raw):
+    with pytest.raises(InvalidResponse):
+        parse_task_statistics(raw, instance_id="x")
+
+
+def test_unknown_extra_fields_are_accepted():
+    body = _example(common_task_details__waiting_tasks_count=3)
+    body["new_top_level"] = {"anything": 1}
+    common, _ = parse_task_statistics(body)
+    assert common.total == 18
+
+
+# ---------------------------------------------------------------------------- configuration
+
+def test_exactly_one_of_endpoint_or_region():
+    with pytest.raises(ConfigError):
+        RomaClient()
+    with pytest.raises(ConfigError):
+        RomaClient("https://roma.example", region="cn-north-4")
+
+
+def test_region_builds_endpoint_and_is_validated():
+    client = RomaClient(region="cn-north-4")
+    assert client.endpoint == "https://roma.cn-north-4.myhuaweicloud.com"
+    assert client.region == "cn-north-4"
+    for bad in ("CN-NORTH-4", "cn-north", "north-4", "cn_north_4", "https://roma.cn-north-4.myhuaweicloud.com"):
+        with pytest.raises(ConfigError, match="region"):
+            RomaClient(region=bad)
+
+
+def test_endpoint_validation_and_region_from_host():
+    assert RomaClient("https://roma.ap-southeast-1.myhuaweicloud.com/").region == "ap-southeast-1"
+    proxy = RomaClient("http://proxy.internal:8443/roma/")
+    assert proxy.endpoint == "http://proxy.internal:8443/roma"
+    assert proxy.region == "proxy.internal:8443"
+    for bad in ("roma.example.com", "ftp://roma.example.com", "https://", "https://h/x?y=1"):
+        with pytest.raises(ConfigError, match="endpoint"):
+            RomaClient(bad)
+    with pytest.raises(ConfigError) as caught:
+        RomaClient("https://user:hunter2@roma.example.com")
+    assert "hunter2" not in str(caught.value)
+
+
+def test_other_parameters_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="verify"):
+        RomaClient("https://h", verify=str(tmp_path / "missing.pem"))
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not checked until used")
+    assert RomaClient("https://h", verify=str(bundle)).verify == str(bundle)
+    for kwargs in ({"timeout": 0}, {"timeout": (1, -1)}, {"retries": -1}, {"retries": 1.5},
+                   {"backoff": -1}, {"pool_size": 0}):
+        with pytest.raises(ConfigError):
+            RomaClient("https://h", **kwargs)
+
+
+def test_bad_token_characters_never_reach_a_message():
+    with pytest.raises(ConfigError) as caught:
+        TokenAuth("abc\ndef-secret")
+    assert "def-secret" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        AkSkAuth(AK, SK, security_token="tok\nleak-me")
+    assert "leak-me" not in str(caught.value)
+
+
+def test_header_errors_from_the_http_stack_do_not_quote_the_value(sim):
+    class SloppyAuth:  # a user's own auth object putting a newline into a header
+        def __call__(self, request):
+            request.headers["X-Auth-Token"] = "tok\nleak-me"
+            return request
+
+    project, instance = first_instance(sim)
+    with fast_client(sim, auth=SloppyAuth()) as client, pytest.raises(ConfigError) as caught:
+        client.task_statistics(project, instance)
+    assert "leak-me" not in str(caught.value)
+
+
+def test_own_session_pool_is_sized_and_given_session_is_left_alone():
+    client = RomaClient("https://h", pool_size=24)
+    adapter = client.session.get_adapter("https://h/")
+    assert (adapter._pool_connections, adapter._pool_maxsize) == (24, 24)
+    session = requests.Session()
+    with RomaClient("https://h", session=session) as shared:
+        assert shared.session is session
+    assert session.adapters  # close() did not close a session it does not own
+    session.close()
+
+
+def test_given_session_keeps_its_own_verify_unless_overridden(sim, tmp_path):
+    project, instance = first_instance(sim)
+    session = requests.Session()
+    session.verify = str(tmp_path / "nowhere.pem")  # would fail an https call; http ignores it
+    client = RomaClient(sim.base_url, session=session)
+    assert client.task_statistics(project, instance).attempts == 1
+    assert client._request_verify is None         # the session's setting applies
+    assert RomaClient(sim.base_url, session=session, verify=False)._request_verify is False
+
+
+# ---------------------------------------------------------------------------- statistics over HTTP
+
+def test_task_statistics_matches_the_fleet(sim):
+    project, instance = first_instance(sim)
+    expected = sim.expected_counts(project, instance)
+    with fast_client(sim) as client:
+        stats = client.task_statistics(project, instance)
+    assert stats.common == counts_of(expected["common"])
+    assert stats.cdc == counts_of(expected["cdc"])
+    assert stats.attempts == 1
+    assert stats.request_id and len(stats.request_id) == 32
+    assert stats_requests(sim, instance) == 1
+
+
+@pytest.mark.parametrize("fault, status, code", [
+    ("http_400", 400, "FDI.3002"),
+    ("http_404", 404, "FDI.3081"),
+    ("auth_401_signature", 401, "APIGW.0301"),
+])
+def test_client_errors_are_not_retried(sim, fault, status, code):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, fault)
+    with fast_client(sim, retries=3) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics(project, instance)
+    error = caught.value
+    assert (error.status, error.error_code, error.attempts) == (status, code, 1)
+    assert isinstance(error, AuthenticationError) == (status == 401)
+    assert error.request_id  # gateway body or X-Request-Id header
+    assert stats_requests(sim, instance) == 1
+
+
+def test_unknown_instance_is_a_real_404(sim):
+    project, _ = first_instance(sim)
+    with fast_client(sim) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics(project, "no-such-instance")
+    assert (caught.value.status, caught.value.error_code) == (404, "FDI.3081")
+    assert "no-such-instance" in caught.value.error_msg
+
+
+@pytest.mark.parametrize("fault, status, code", [
+    ("http_500", 500, "FDI.9999"),
+    ("http_502_html", 502, "HTTP_502"),
+    ("http_503_html", 503, "HTTP_503"),
+    ("http_429", 429, "APIGW.0308"),
+])
+def test_server_errors_are_retried_a_bounded_number_of_times(sim, fault, status, code):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, fault)
+    with fast_client(sim, retries=2) as client:
+        with pytest.raises(RomaApiError) as caught:
+            client.task_statistics(project, instance)
+    error = caught.value
+    assert (error.status, error.error_code, error.attempts) == (status, code, 3)
+    assert isinstance(error, ThrottledError) == (status == 429)
+    assert stats_requests(sim, instance) == 3
+    assert len(client.delays) == 2
+    assert client.delays[1] > client.delays[0] > 0   # exponential backoff from the first retry
+
+
+def test_html_error_pages_become_a_short_clean_message(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "http_502_html")
+    with fast_client(sim, retries=0) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics(project, instance)
+    message = caught.value.error_msg
+    assert "Bad Gateway" in message
+    assert "<" not in message and "\n" not in message and len(message) < 200
+
+
+@pytest.mark.parametrize("fault", ["http_500", "http_503_html", "http_429", "reset", "timeout"])
+def test_a_single_fault_is_recovered(sim, fault):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, fault, times=1)
+    with fast_client(sim, retries=2, timeout=(2.0, 0.3)) as client:
+        stats = client.task_statistics(project, instance)
+    assert stats.attempts == 2
+    assert stats_requests(sim, instance) == 2
+    assert stats.common == counts_of(sim.expected_counts(project, instance)["common"])
+
+
+def test_retry_after_is_honoured_and_capped(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "http_429_retry_after", times=1)
+    with fast_client(sim, retries=2) as client:
+        assert client.task_statistics(project, instance).attempts == 2
+    assert client.delays == [1.0]            # the simulator says Retry-After: 1
+    sim.set_fault(instance, "http_429_retry_after", times=1)
+    with fast_client(sim, retries=2, max_backoff=0.25) as client:
+        client.task_statistics(project, instance)
+    assert client.delays == [0.25]
+
+
+def test_retries_zero_means_one_request(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "http_500")
+    with fast_client(sim, retries=0) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics(project, instance)
+    assert caught.value.attempts == 1 and stats_requests(sim, instance) == 1
+
+
+def test_read_timeout(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "timeout")
+    with fast_client(sim, retries=1, timeout=(2.0, 0.2)) as client, pytest.raises(RomaTimeout) as caught:
+        client.task_statistics(project, instance)
+    assert (caught.value.attempts, caught.value.status, caught.value.error_code) == (2, None, "TIMEOUT")
+    assert stats_requests(sim, instance) == 2
+
+
+def test_slow_drip_body_hits_the_attempt_deadline(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "slow_drip")
+    # Each byte comes well within the read timeout; only the whole-attempt deadline stops it.
+    with fast_client(sim, retries=0, timeout=(0.3, 0.3)) as client, pytest.raises(RomaTimeout) as caught:
+        client.task_statistics(project, instance)
+    assert caught.value.attempts == 1
+
+
+def test_reset_in_the_middle_of_the_body(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "reset")
+    with fast_client(sim, retries=1) as client, pytest.raises(RomaConnectionError) as caught:
+        client.task_statistics(project, instance)
+    assert (caught.value.attempts, caught.value.error_code, caught.value.status) == (2, "CONNECTION", None)
+    assert stats_requests(sim, instance) == 2
+
+
+def test_connection_refused():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Nothing listens on the port now.
+    client = RecordingClient(f"http://127.0.0.1:{port}", retries=2, backoff=0.001)
+    with pytest.raises(RomaConnectionError) as caught:
+        client.task_statistics("p", "i")
+    assert caught.value.attempts == 3
+    assert "refused" in str(caught.value).lower() or "connect" in str(caught.value).lower()
+
+
+@pytest.mark.parametrize("fault, field", [
+    ("truncated_json", None),
+    ("not_json", None),
+    ("wrong_shape", None),
+    ("missing_count", "cdc_task_details.completed_tasks_count"),
+    ("negative_count", "common_task_details.abnormal_tasks_count"),
+    ("float_count", "common_task_details.running_tasks_count"),
+    ("string_count", "common_task_details.running_tasks_count"),
+    ("huge_count", "common_task_details.completed_tasks_count"),
+])
+def test_malformed_bodies_are_invalid_responses_never_zeros(sim, fault, field):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, fault)
+    with fast_client(sim) as client, pytest.raises(InvalidResponse) as caught:
+        client.task_statistics(project, instance)
+    error = caught.value
+    assert (error.field, error.instance_id, error.error_code) == (field, instance, "INVALID_RESPONSE")
+    assert (error.status, error.attempts) == (200, 1)
+    assert error.request_id
+    assert stats_requests(sim, instance) == 1
+
+
+def test_extra_field_is_accepted(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "extra_field")
+    with fast_client(sim) as client:
+        stats = client.task_statistics(project, instance)
+    assert stats.common == counts_of(sim.expected_counts(project, instance)["common"])
+
+
+def test_redirect_is_not_followed(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "redirect_other_host")
+    with fast_client(sim, auth=TokenAuth(TOKEN)) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics(project, instance)
+    assert (caught.value.status, caught.value.error_code, caught.value.attempts) == (302, "REDIRECT", 1)
+    assert "localhost" in str(caught.value)
+    assert sim.requests("redirected=1") == 0
+    assert stats_requests(sim, instance) == 1
+
+
+# ---------------------------------------------------------------------------- path parameters
+
+@pytest.mark.parametrize("bad", ["", "a/b", ".", "..", "x" * 65, "tab\there", "nl\n", "del\x7f", 42])
+def test_path_parameters_are_validated_before_any_request(sim, bad):
+    project, instance = first_instance(sim)
+    with fast_client(sim) as client:
+        with pytest.raises(InvalidParameter) as caught:
+            client.task_statistics(project, bad)
+        assert caught.value.parameter == "instance_id"
+        with pytest.raises(InvalidParameter) as caught:
+            client.list_tasks(bad, instance)
+        assert caught.value.parameter == "project_id"
+    assert sim.requests() == 0
+
+
+def test_path_parameters_are_percent_encoded(sim):
+    project, _ = first_instance(sim)
+    with fast_client(sim) as client, pytest.raises(RomaApiError):
+        client.task_statistics(project, "a b?c#d")   # valid for the client; the API rejects it
+    assert sim.requests("/a%20b%3Fc%23d/statistics") == 1
+
+
+# ---------------------------------------------------------------------------- paging
+
+@pytest.fixture
+def big_sim():
+    with Simulator(projects=1, instances=230, seed=5, clock=lambda: FIXED_NOW) as simulator:
+        yield simulator
+
+
+def test_list_instances_pages_until_total(big_sim):
+    project = big_sim.project_ids[0]
+    fleet = big_sim.instances(project)
+    with fast_client(big_sim) as client:
+        running = client.list_instances(project)
+        everything = client.list_instances(project, status=None)
+        lower = client.list_instances(project, status="running")
+    assert [item["id"] for item in everything] == [item["id"] for item in fleet]
+    assert [item["id"] for item in running] == [item["id"] for item in fleet if item["status"] == "RUNNING"]
+    assert lower == running
+    # Pages of 100: three for the 230 instances, and twice the pages of the RUNNING ones.
+    assert big_sim.requests("/instances?limit=100&offset=") == 3 + 2 * math.ceil(len(running) / 100)
+    with pytest.raises(InvalidParameter):
+        RomaClient(big_sim.base_url).list_instances(project, status="SLEEPING")
+
+
+def test_list_tasks_pages_and_filters(sim, monkeypatch):
+    monkeypatch.setattr(client_module, "TASK_PAGE_LIMIT", 40)   # force several pages
+    project, instance = first_instance(sim)
+    expected = sim.expected_counts(project, instance)
+    with fast_client(sim) as client:
+        tasks = client.list_tasks(project, instance)
+        errors = client.list_tasks(project, instance, execute_status="error")
+        realtime = client.list_tasks(project, instance, task_type="REALTIME", sort_type="asc")
+    total = sum(counts_of(expected[t]).total for t in ("common", "cdc"))
+    assert len(tasks) == total and len({task["task_id"] for task in tasks}) == total
+    assert total > 80  # really several pages
+    assert len(errors) == expected["common"]["abnormal"] + expected["cdc"]["abnormal"]
+    assert {task["execute_status"] for task in errors} <= {"ERROR"}
+    assert all(task["task_type"] == "REALTIME" for task in realtime)
+    assert sim.requests("/tasks?limit=40&offset=") >= math.ceil(total / 40)
+
+
+def test_list_tasks_rejects_unknown_and_bad_filters(sim):
+    project, instance = first_instance(sim)
+    with fast_client(sim) as client:
+        for kwargs, parameter in (({"limit": 5}, "limit"), ({"colour": "red"}, "colour"),
+                                  ({"status": 2}, "status"), ({"execute_status": "DONE"}, "execute_status"),
+                                  ({"task_type": "batch"}, "task_type")):
+            with pytest.raises(InvalidParameter) as caught:
+                client.list_tasks(project, instance, **kwargs)
+            assert caught.value.parameter == parameter
+    assert sim.requests() == 0
+
+
+class _OddPages(BaseHTTPRequestHandler):
+    """A broken instance list: claims a huge total and repeats one item forever, or worse."""
+
+    protocol_version = "HTTP/1.1"
+    PAGES = {
+        "endless": {"total": 10**9, "size": 1, "instances": [{"id": "same", "name": "again"}]},
+        "empty": {"total": 10**9, "size": 0, "instances": []},
+        "total-as-string": {"total": "3", "size": 1, "instances": [{"id": "a"}]},
+        "no-id": {"total": 1, "size": 1, "instances": [{"name": "nameless"}]},
+        "no-list": {"total": 1, "size": 1},
+    }
+
+    def do_GET(self):
+        body = json.dumps(self.PAGES[self.path.split("/")[2]]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def odd_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OddPages)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_paging_stops_on_empty_page_and_caps_pages(odd_server, monkeypatch):
+    with RomaClient(odd_server) as client:
+        assert client.list_instances("empty") == []
+        monkeypatch.setattr(client_module, "MAX_PAGES", 7)
+        with pytest.raises(InvalidResponse) as caught:
+            client.list_instances("endless")
+    assert caught.value.field == "total"
+
+
+@pytest.mark.parametrize("project, field", [("total-as-string", "total"), ("no-id", "instances[0].id"),
+                                            ("no-list", "instances")])
+def test_list_page_shape_is_validated(odd_server, project, field):
+    with RomaClient(odd_server) as client, pytest.raises(InvalidResponse) as caught:
+        client.list_instances(project)
+    assert caught.value.field == field
+    assert caught.value.attempts == 1
+
+
+# ---------------------------------------------------------------------------- auth end to end
+
+@pytest.fixture
+def secure_sim():
+    with Simulator(projects=1, instances=3, seed=2, token=TOKEN, ak=AK, sk=SK, iam_password=IAM_PASSWORD,
+                   clock=lambda: FIXED_NOW) as simulator:
+        yield simulator
+
+
+class CountingAkSk(AkSkAuth):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.signed = 0
+
+    def __call__(self, request):
+        self.signed += 1
+        return super().__call__(request)
+
+
+def test_token_auth_end_to_end(secure_sim):
+    project, instance = first_instance(secure_sim)
+    with fast_client(secure_sim, auth=TokenAuth(TOKEN)) as client:
+        assert client.task_statistics(project, instance).attempts == 1
+        assert len(client.list_instances(project, status=None)) == 3
+    with fast_client(secure_sim, auth=TokenAuth("wrong-token")) as client, \
+            pytest.raises(AuthenticationError) as caught:
+        client.task_statistics(project, instance)
+    assert (caught.value.error_code, caught.value.attempts) == ("APIGW.0301", 1)
+    with fast_client(secure_sim) as client, pytest.raises(AuthenticationError):
+        client.task_statistics(project, instance)
+
+
+def test_aksk_auth_end_to_end_with_queries_and_retries(secure_sim):
+    project, instance = first_instance(secure_sim)
+    auth = CountingAkSk(AK, SK, project_id=project)
+    with fast_client(secure_sim, auth=auth, retries=2) as client:
+        assert client.task_statistics(project, instance).attempts == 1
+        # Query strings (sorted, %20-encoded, unicode) are signed and verified.
+        assert client.list_instances(project)
+        assert client.list_tasks(project, instance, name="sync ordérs ü", sort_type="ASC") == []
+        client.list_tasks(project, instance, execute_status="RUNNING")
+        secure_sim.set_fault(instance, "http_500", times=1)
+        auth.signed = 0
+        stats = client.task_statistics(project, instance)
+    assert stats.attempts == 2
+    assert auth.signed == 2   # each attempt signed afresh (a new X-Sdk-Date when the second changes)
+    with fast_client(secure_sim, auth=AkSkAuth(AK, "not-the-secret"), retries=3) as client, \
+            pytest.raises(AuthenticationError) as caught:
+        client.task_statistics(project, instance)
+    assert caught.value.attempts == 1     # never auto-retry a signature failure (AK lock-out)
+
+
+def test_token_expired_renews_once_and_retries(secure_sim):
+    project, instance = first_instance(secure_sim)
+    auth = IamPasswordAuth("alice", IAM_PASSWORD, "acme", project_id=project, iam_endpoint=secure_sim.base_url)
+    with fast_client(secure_sim, auth=auth, retries=3) as client:
+        secure_sim.set_fault(instance, "auth_401_token_expired", times=1)
+        assert client.task_statistics(project, instance).attempts == 2
+        assert secure_sim.requests("/v3/auth/tokens") == 2
+        secure_sim.reset_counters()
+        secure_sim.set_fault(instance, "auth_401_token_expired")
+        with pytest.raises(AuthenticationError) as caught:
+            client.task_statistics(project, instance)
+    assert (caught.value.error_code, caught.value.attempts) == ("APIGW.0307", 2)
+    assert stats_requests(secure_sim, instance) == 2
+    assert secure_sim.requests("/v3/auth/tokens") == 1
+
+
+def test_token_expired_with_a_fixed_token_is_not_retried(secure_sim):
+    project, instance = first_instance(secure_sim)
+    secure_sim.set_fault(instance, "auth_401_token_expired")
+    with fast_client(secure_sim, auth=TokenAuth(TOKEN)) as client, pytest.raises(AuthenticationError) as caught:
+        client.task_statistics(project, instance)
+    assert caught.value.attempts == 1 and stats_requests(secure_sim, instance) == 1
+
+
+def test_iam_failure_inside_a_call_carries_attempts(secure_sim):
+    project, instance = first_instance(secure_sim)
+    auth = IamPasswordAuth("alice", "wrong-password-value", "acme", project_id=project,
+                           iam_endpoint=secure_sim.base_url)
+    with fast_client(secure_sim, auth=auth) as client, pytest.raises(AuthenticationError) as caught:
+        client.task_statistics(project, instance)
+    assert caught.value.attempts == 1 and caught.value.status == 401
+    assert stats_requests(secure_sim, instance) == 0
+
+
+def test_secrets_never_reach_reprs_messages_or_debug_logs(secure_sim, caplog):
+    project, instance = first_instance(secure_sim)
+    caplog.set_level(logging.DEBUG)
+    iam = IamPasswordAuth("alice", IAM_PASSWORD, "acme", project_id=project, iam_endpoint=secure_sim.base_url)
+    texts = []
+    for auth in (TokenAuth(TOKEN), AkSkAuth(AK, SK, project_id=project, security_token="sec-token-xyz"), iam):
+        with fast_client(secure_sim, auth=auth, retries=1) as client:
+            client.task_statistics(project, instance)
+            client.list_tasks(project, instance, execute_status="ERROR")
+            for fault in ("http_500", "auth_401_signature", "http_502_html", "string_count", "redirect_other_host"):
+                secure_sim.set_fault(instance, fault)
+                with pytest.raises(Exception) as caught:
+                    client.task_statistics(project, instance)
+                texts += [str(caught.value), repr(caught.value)]
+                secure_sim.clear_faults()
+            texts.append(repr(client))
+    issued = iam.token()
+    logged = caplog.text + "\n".join(record.getMessage() for record in caplog.records)
+    assert "attempt" in logged   # DEBUG records were really captured
+    for secret in (TOKEN, SK, AK, IAM_PASSWORD, "sec-token-xyz", issued):
+        assert secret not in logged
+        assert all(secret not in text for text in texts)
