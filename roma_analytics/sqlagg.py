@@ -1,0 +1,227 @@
+"""The trend aggregations of :mod:`roma_analytics.analysis`, pushed down to DuckDB over Parquet.
+
+A year of 5-minute history is tens of millions of rows; loading it into pandas to draw one
+daily chart would not fit.  Here DuckDB reads the hive-partitioned files of
+``HISTORY/stats/date=YYYY-MM-DD/<run_id>.parquet`` directly: the ``date`` partitions outside
+``since``/``until`` are never opened, the other filters are pushed into the Parquet scan, and
+the gauge selection and the sums stream through hash aggregates, so only the (small) result
+reaches pandas.
+
+The semantics are those of docs/architecture.md and must equal ``analysis.trend`` and
+``analysis.cdc_vs_common`` on the equivalently filtered frame, frame for frame: the bucket is
+the same integer-microsecond arithmetic, the gauge order is the same (``collected_at``,
+``run_id``, then the counts), and the final columns, dtypes, order and ratios are produced by
+the very functions the pandas path uses.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from roma_analytics import analysis
+from roma_analytics.errors import ConfigError
+
+#: Buckets shorter than this (microseconds) hold few snapshots per series: see gauges_cte.
+_FINE_BUCKET_US = 3_600_000_000
+#: Filter keyword -> stats column.
+_FILTER_COLUMNS = {
+    "projects": "project_id",
+    "instances": "instance_id",
+    "regions": "region",
+    "task_types": "task_type",
+}
+
+
+def trend(
+    source: str | os.PathLike,
+    freq: str = "1D",
+    by: Iterable[str] | str = ("task_type",),
+    since=None,
+    until=None,
+    projects: Iterable[str] | str | None = None,
+    instances: Iterable[str] | str | None = None,
+    regions: Iterable[str] | str | None = None,
+    task_types: Iterable[str] | str | None = None,
+) -> pd.DataFrame:
+    """``analysis.trend`` computed by DuckDB from the stats Parquet files under ``source``.
+
+    ``source`` is the ``stats`` directory of a history (holding ``date=YYYY-MM-DD/`` folders).
+    ``since`` (inclusive) and ``until`` (exclusive) bound ``collected_at``; naive times mean
+    UTC.  ``projects``, ``instances``, ``regions`` and ``task_types`` keep only rows whose
+    column is one of the given values (a single string is one value; None keeps all; an empty
+    collection keeps nothing).  A missing or empty directory gives the empty result.
+    """
+    by = analysis._group_columns(by)
+    step, origin = analysis.bucket_step(freq)
+    scan = _Scan(source, since, until, projects=projects, instances=instances,
+                 regions=regions, task_types=task_types)
+    if scan.empty:
+        sums = pd.DataFrame(columns=["bucket", *by, *analysis.TOTAL_COLUMNS])
+        return analysis._finish_trend(sums, by)
+    group = ", ".join(["bucket", *(_quote(c) for c in by)])
+    totals = ", ".join(f"sum(last.{c})::BIGINT AS {c}" for c in analysis.TOTAL_COLUMNS)
+    sql = f"""
+        {scan.gauges_cte(step, origin)}
+        SELECT {group}, {totals}
+        FROM gauges
+        GROUP BY {group}
+    """
+    return analysis._finish_trend(scan.fetch(sql), by)
+
+
+def cdc_vs_common(
+    source: str | os.PathLike,
+    freq: str = "1D",
+    since=None,
+    until=None,
+    projects: Iterable[str] | str | None = None,
+    instances: Iterable[str] | str | None = None,
+    regions: Iterable[str] | str | None = None,
+    task_types: Iterable[str] | str | None = None,
+) -> pd.DataFrame:
+    """``analysis.cdc_vs_common`` computed by DuckDB from the stats Parquet files under
+    ``source``; the parameters are those of :func:`trend`."""
+    step, origin = analysis.bucket_step(freq)
+    scan = _Scan(source, since, until, projects=projects, instances=instances,
+                 regions=regions, task_types=task_types)
+    columns = ["bucket", "common_total", "cdc_total", "common_abnormal", "cdc_abnormal"]
+    if scan.empty:
+        return analysis._finish_cdc_vs_common(pd.DataFrame(columns=columns))
+    # A bucket with rows of only one task type still appears: the other one counts as 0.
+    sums = ", ".join(
+        f"coalesce(sum(last.{count}) FILTER (WHERE task_type = '{task_type}'), 0)::BIGINT"
+        f" AS {task_type}_{count}"
+        for task_type, count in (("common", "total"), ("cdc", "total"), ("common", "abnormal"), ("cdc", "abnormal"))
+    )
+    sql = f"""
+        {scan.gauges_cte(step, origin)}
+        SELECT bucket, {sums}
+        FROM gauges
+        GROUP BY bucket
+    """
+    return analysis._finish_cdc_vs_common(scan.fetch(sql))
+
+
+class _Scan:
+    """The filtered read of the stats files of one call: SQL text plus its ``?`` parameters."""
+
+    def __init__(self, source, since, until, **filters) -> None:
+        self.root = Path(source)
+        self.since = _utc_bound(since, "since")
+        self.until = _utc_bound(until, "until")
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ConfigError(f"since ({self.since.isoformat()}) must be before until ({self.until.isoformat()})")
+        self.filters = {name: _values(value, name) for name, value in filters.items()}
+        self.empty = (
+            not self.root.is_dir()
+            or next(self.root.glob("date=*/*.parquet"), None) is None
+            or any(values == [] for values in self.filters.values())
+        )
+
+    def where(self) -> tuple[str, list]:
+        conditions = ["collected_at IS NOT NULL"]
+        params: list = []
+        # Conditions on the partition column let DuckDB skip whole date= folders; the exact
+        # bounds on collected_at then trim the first and last day.
+        if self.since is not None:
+            conditions += ["date >= ?", "collected_at >= ?"]
+            params += [self.since.date(), self.since.to_pydatetime()]
+        if self.until is not None:
+            conditions += ["date <= ?", "collected_at < ?"]
+            params += [(self.until - pd.Timedelta(microseconds=1)).date(), self.until.to_pydatetime()]
+        for name, values in self.filters.items():
+            if values is not None:
+                placeholders = ", ".join("?" * len(values))
+                conditions.append(f"{_FILTER_COLUMNS[name]} IN ({placeholders})")
+                params += values
+        return " AND ".join(conditions), params
+
+    def gauges_cte(self, step: int, origin: int) -> str:
+        """``WITH ... gauges``: per bucket and series, the last snapshot as the struct ``last``.
+
+        Both forms pick the greatest (collected_at, run_id, counts), exactly as analysis'
+        sort-and-keep-last does.  ``max`` over a struct compares field by field, so one
+        streaming aggregate does it: measured ~5x faster than ``QUALIFY row_number()`` when a
+        bucket holds many snapshots of a series.  When buckets are about as fine as the
+        collection interval (nearly one snapshot per group) the hash table would hold every
+        row, and the window form is faster and needs less than half the memory.
+        """
+        step, origin = int(step), int(origin)  # integers we computed: safe to inline
+        counts = ", ".join(analysis.TOTAL_COLUMNS)
+        condition, _ = self.where()
+        # floor to the bucket in integers: DuckDB's % keeps the dividend's sign
+        bucket = f"t - (((t - {origin}) % {step}) + {step}) % {step}"
+        if step < _FINE_BUCKET_US:
+            descending = ", ".join(f"{c} DESC" for c in ("t", "run_id", *analysis.TOTAL_COLUMNS))
+            gauges = f"""
+            SELECT bucket, region, project_id, instance_id, task_type,
+                   struct_pack({counts}) AS last
+            FROM (SELECT {bucket} AS bucket, * FROM snapshots)
+            QUALIFY row_number() OVER (
+                PARTITION BY bucket, region, project_id, instance_id, task_type
+                ORDER BY {descending}) = 1"""
+        else:
+            gauges = f"""
+            SELECT {bucket} AS bucket, region, project_id, instance_id, task_type,
+                   max(struct_pack(t, run_id, {counts})) AS last
+            FROM snapshots
+            GROUP BY ALL"""
+        return f"""
+        WITH snapshots AS (
+            SELECT epoch_us(collected_at) AS t, run_id, region, project_id, instance_id,
+                   task_type, {counts}
+            FROM read_parquet(?, hive_partitioning = true, hive_types = {{'date': DATE}})
+            WHERE {condition}
+        ), gauges AS ({gauges}
+        )"""
+
+    def fetch(self, sql: str) -> pd.DataFrame:
+        glob = (self.root / "date=*" / "*.parquet").as_posix()
+        config = {"threads": _cores(), "preserve_insertion_order": False}
+        import duckdb  # only the DuckDB paths pay its import
+
+        with duckdb.connect(config=config) as connection:
+            try:
+                # Files written without a time zone must read as UTC, whatever the host's zone.
+                connection.execute("SET TimeZone = 'UTC'")
+            except duckdb.Error:
+                pass  # no ICU extension: DuckDB then knows only UTC anyway
+            return connection.execute(sql, [glob, *self.where()[1]]).df()
+
+
+def _utc_bound(value, name: str) -> pd.Timestamp | None:
+    if value is None:
+        return None
+    try:
+        stamp = pd.Timestamp(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{name}={value!r} is not a time; use ISO-8601 such as 2024-05-01T00:00Z") from exc
+    if pd.isna(stamp):
+        raise ConfigError(f"{name} must be a time, not {value!r}")
+    stamp = stamp.tz_localize("UTC") if stamp.tz is None else stamp.tz_convert("UTC")
+    return stamp.as_unit("us").floor("us")
+
+
+def _values(value, name: str) -> list[str] | None:
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    bad = [v for v in values if not isinstance(v, str)]
+    if bad:
+        raise ConfigError(f"{name} must be strings, got {bad[0]!r}")
+    return values
+
+
+def _quote(column: str) -> str:
+    # Only validated GROUP_COLUMNS reach here; quoting is belt and braces.
+    return '"' + column.replace('"', '""') + '"'
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,532 @@
+"""Unit tests of roma_analytics.analysis on small hand-computed frames, plus property tests."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pandas.testing import assert_frame_equal
+
+from roma_analytics import analysis
+from roma_analytics.errors import ConfigError
+from roma_analytics.schema import STATS_COLUMNS, conform, empty_errors, empty_stats
+
+COLUMNS = ["collected_at", "run_id", "region", "project_id", "instance_id", "instance_name",
+           "task_type", "running", "abnormal", "terminated", "completed"]
+
+
+def make_stats(*rows) -> pd.DataFrame:
+    """Stats rows from tuples in COLUMNS order; total is the sum of the four counts."""
+    frame = pd.DataFrame(list(rows), columns=COLUMNS)
+    frame["total"] = frame[["running", "abnormal", "terminated", "completed"]].sum(axis=1)
+    return conform(frame)
+
+
+def snapshot(at, run, instance, task_type, running, abnormal, terminated, completed,
+             region="cn-north-4", project="p1", name=None):
+    return (at, run, region, project, instance, name or f"name-{instance}", task_type,
+            running, abnormal, terminated, completed)
+
+
+def make_errors(*rows) -> pd.DataFrame:
+    """Errors rows from (collected_at, run_id, instance_id, error_code) tuples."""
+    frame = pd.DataFrame(list(rows), columns=["collected_at", "run_id", "instance_id", "error_code"])
+    frame["region"] = "cn-north-4"
+    frame["project_id"] = "p1"
+    frame["http_status"] = pd.array([500] * len(frame), dtype="Int64")
+    frame["error_msg"] = "boom " + frame["error_code"]
+    frame["request_id"] = None
+    frame["attempts"] = 3
+    return conform(frame, "errors")
+
+
+def ts(text: str) -> pd.Timestamp:
+    return pd.Timestamp(text, tz="UTC")
+
+
+# The reference's example response: common 2/2/6/8, cdc 1/0/6/0.
+REFERENCE = make_stats(
+    snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 2, 2, 6, 8),
+    snapshot("2024-05-01T10:00Z", "r1", "i1", "cdc", 1, 0, 6, 0),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# buckets
+
+
+@pytest.mark.parametrize("freq, time, expected", [
+    ("1D", "2024-05-01T23:59:59.999999Z", "2024-05-01T00:00Z"),
+    ("5min", "2024-05-01T10:04:59Z", "2024-05-01T10:00Z"),
+    ("15min", "2024-05-01T10:15:00Z", "2024-05-01T10:15Z"),
+    ("6h", "2024-05-01T05:59Z", "2024-05-01T00:00Z"),
+    ("h", "2024-05-01T10:30Z", "2024-05-01T10:00Z"),
+    # weeks start on Monday: 2024-01-07 is a Sunday, 2024-01-08 a Monday
+    ("1W", "2024-01-07T23:00Z", "2024-01-01T00:00Z"),
+    ("1W", "2024-01-08T00:00Z", "2024-01-08T00:00Z"),
+    # two-week buckets count from Monday 1970-01-05: 2024-01-01 is week 2817 (odd) since then
+    ("2W", "2024-01-01T12:00Z", "2023-12-25T00:00Z"),
+    # before the origin the floor still rounds down
+    ("1D", "1969-12-31T12:00Z", "1969-12-31T00:00Z"),
+])
+def test_bucket_of_floors_to_the_bucket_start(freq, time, expected):
+    bucket = analysis.bucket_of(pd.Series([pd.Timestamp(time)]), freq)
+    assert bucket.dtype == "datetime64[us, UTC]"
+    assert bucket.iloc[0] == pd.Timestamp(expected)
+
+
+def test_bucket_of_converts_other_time_zones_to_utc():
+    # 07:00 in Shanghai on 2 January is 23:00 UTC on 1 January.
+    times = pd.Series(pd.to_datetime(["2024-01-02T07:00", "2024-01-02T08:00"]).tz_localize("Asia/Shanghai"))
+    buckets = analysis.bucket_of(times, "1D")
+    assert list(buckets) == [ts("2024-01-01"), ts("2024-01-02")]
+    naive = analysis.bucket_of(pd.Series(pd.to_datetime(["2024-01-02T07:00"])), "1D")
+    assert naive.iloc[0] == ts("2024-01-02")
+
+
+@pytest.mark.parametrize("freq", ["1M", "1ME", "1Y", "MS", "W-MON", "0s", "-1h", "1ns", "often"])
+def test_bucket_of_rejects_variable_or_bad_frequencies(freq):
+    with pytest.raises(ConfigError, match="freq"):
+        analysis.bucket_of(pd.Series([ts("2024-01-01")]), freq)
+
+
+# ---------------------------------------------------------------------------------------------
+# ratios, trend, cdc_vs_common
+
+
+def test_reference_example_ratios():
+    by_type = analysis.trend(REFERENCE, "1D")
+    assert list(by_type.columns) == ["bucket", "task_type", "running", "abnormal", "terminated",
+                                     "completed", "total", "abnormal_ratio"]
+    assert list(by_type["task_type"]) == ["cdc", "common"]
+    assert list(by_type["total"]) == [7, 18]
+    assert by_type["abnormal_ratio"].tolist() == pytest.approx([0.0, 2 / 18])
+    assert by_type["bucket"].iloc[0] == ts("2024-05-01")
+
+    fleet = analysis.trend(REFERENCE, "1D", by=())
+    assert list(fleet.columns) == ["bucket", "running", "abnormal", "terminated", "completed",
+                                   "total", "abnormal_ratio"]
+    assert fleet[["running", "abnormal", "terminated", "completed", "total"]].iloc[0].tolist() == [3, 2, 12, 8, 25]
+    assert fleet["abnormal_ratio"].iloc[0] == pytest.approx(0.08)
+
+    versus = analysis.cdc_vs_common(REFERENCE, "1D")
+    row = versus.iloc[0]
+    assert (row["common_total"], row["cdc_total"], row["common_abnormal"], row["cdc_abnormal"]) == (18, 7, 2, 0)
+    assert row["common_abnormal_ratio"] == pytest.approx(0.1111111)
+    assert row["cdc_abnormal_ratio"] == 0.0
+    assert row["abnormal_ratio_gap"] == pytest.approx(-0.1111111)
+    assert row["cdc_share"] == pytest.approx(7 / 25)
+
+
+def test_with_ratios_reference_and_zero_total():
+    stats = make_stats(*[r for r in [snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 2, 2, 6, 8),
+                                     snapshot("2024-05-01T10:00Z", "r1", "i2", "common", 0, 0, 0, 0)]])
+    out = analysis.with_ratios(stats)
+    assert out.loc[0, ["abnormal_ratio", "running_ratio", "terminated_ratio", "completed_ratio"]].tolist() == \
+        pytest.approx([2 / 18, 2 / 18, 6 / 18, 8 / 18])
+    assert out.loc[1, ["abnormal_ratio", "running_ratio", "terminated_ratio", "completed_ratio"]].isna().all()
+    assert "abnormal_ratio" not in stats.columns  # the input is untouched
+
+
+def test_zero_task_groups_have_nan_ratios():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 0, 0, 0),
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "cdc", 0, 0, 0, 0),
+        snapshot("2024-05-02T10:00Z", "r2", "i1", "common", 1, 1, 0, 0),  # no cdc row at all
+    )
+    by_type = analysis.trend(stats, "1D")
+    assert by_type["abnormal_ratio"].iloc[:2].isna().all()
+    assert by_type["abnormal_ratio"].iloc[2] == 0.5
+    versus = analysis.cdc_vs_common(stats, "1D")
+    assert versus.loc[0, ["common_abnormal_ratio", "cdc_abnormal_ratio", "abnormal_ratio_gap", "cdc_share"]].isna().all()
+    second = versus.iloc[1]
+    assert (second["cdc_total"], second["cdc_share"]) == (0, 0.0)  # absent task type = 0 tasks
+    assert math.isnan(second["cdc_abnormal_ratio"]) and math.isnan(second["abnormal_ratio_gap"])
+
+
+def test_last_snapshot_in_a_bucket_counts_not_the_sum():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 5, 5, 0, 0),
+        snapshot("2024-05-01T11:00Z", "r2", "i1", "common", 8, 1, 1, 0),
+        # same collected_at as r2: the greater run_id wins the tie
+        snapshot("2024-05-01T11:00Z", "r3", "i1", "common", 7, 2, 1, 0),
+        snapshot("2024-05-01T09:00Z", "r9", "i1", "common", 0, 9, 0, 0),  # older, despite its run id
+    )
+    daily = analysis.trend(stats, "1D")
+    assert daily[["running", "abnormal", "terminated", "completed", "total"]].iloc[0].tolist() == [7, 2, 1, 0, 10]
+    assert daily["abnormal_ratio"].iloc[0] == 0.2
+    hourly = analysis.trend(stats, "1h", by=())
+    assert hourly["abnormal"].tolist() == [9, 5, 2]
+
+
+def test_instance_missing_from_a_run_keeps_its_last_snapshot_in_the_bucket():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 1, 0, 9),
+        snapshot("2024-05-01T10:00Z", "r1", "i2", "common", 0, 4, 0, 6),
+        snapshot("2024-05-01T11:00Z", "r2", "i1", "common", 0, 3, 0, 7),  # i2 failed in r2
+    )
+    daily = analysis.trend(stats, "1D", by=())
+    assert (daily["abnormal"].iloc[0], daily["total"].iloc[0]) == (3 + 4, 20)
+    hourly = analysis.trend(stats, "1h", by=())
+    assert hourly["total"].tolist() == [20, 10]
+    per_instance = analysis.trend(stats, "1D", by=("project_id", "instance_id"))
+    assert per_instance["instance_id"].tolist() == ["i1", "i2"]
+    assert per_instance["abnormal_ratio"].tolist() == [0.3, 0.4]
+
+
+def test_trend_buckets_input_from_another_time_zone_in_utc():
+    stats = make_stats(snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 1, 0, 1))
+    stats["collected_at"] = pd.Series([pd.Timestamp("2024-05-02T07:30", tz="Asia/Shanghai")])
+    out = analysis.trend(stats, "1D")
+    assert out["bucket"].iloc[0] == ts("2024-05-01")
+    assert str(out["bucket"].dtype) == "datetime64[us, UTC]"
+
+
+def test_trend_weekly_buckets_start_on_monday():
+    stats = make_stats(
+        snapshot("2024-01-07T23:00Z", "r1", "i1", "common", 0, 1, 0, 1),  # Sunday
+        snapshot("2024-01-08T00:00Z", "r2", "i1", "common", 0, 0, 0, 2),  # Monday
+    )
+    out = analysis.trend(stats, "1W")
+    assert out["bucket"].tolist() == [ts("2024-01-01"), ts("2024-01-08")]
+    assert out["bucket"].dt.day_of_week.tolist() == [0, 0]
+
+
+def test_trend_rejects_unknown_group_column():
+    with pytest.raises(ConfigError, match="'instance_name'"):
+        analysis.trend(REFERENCE, by=("instance_name",))
+    with pytest.raises(ConfigError, match="'tasktype'"):
+        analysis.trend(REFERENCE, by="tasktype")
+    with pytest.raises(ConfigError, match="twice"):
+        analysis.trend(REFERENCE, by=("region", "region"))
+
+
+def test_trend_string_by_means_one_column_and_output_dtypes():
+    out = analysis.trend(REFERENCE, "1D", by="region")
+    assert list(out.columns[:2]) == ["bucket", "region"]
+    assert str(out["region"].dtype) == "string"
+    assert out[["running", "abnormal", "total"]].dtypes.tolist() == [np.dtype("int64")] * 3
+
+
+def test_empty_frames_give_empty_results_with_dtypes():
+    empty = empty_stats()
+    out = analysis.trend(empty, "1h", by=("region", "task_type"))
+    assert out.empty
+    assert out.dtypes.astype(str).tolist() == ["datetime64[us, UTC]", "string", "string"] + ["int64"] * 5 + ["float64"]
+    versus = analysis.cdc_vs_common(empty)
+    assert list(versus.columns) == list(analysis.CDC_VS_COMMON_COLUMNS) and versus.empty
+    assert str(versus["bucket"].dtype) == "datetime64[us, UTC]"
+    assert analysis.latest(empty).dtypes.astype(str).tolist() == empty.dtypes.astype(str).tolist()
+    assert analysis.with_ratios(empty)["abnormal_ratio"].dtype == "float64"
+    ranking = analysis.abnormal_ranking(empty)
+    assert ranking.empty and "wilson_low" in ranking.columns and "instance_name" in ranking.columns
+    assert analysis.changes(empty).empty
+    assert analysis.anomalies(empty).empty
+    assert analysis.collection_health(empty_errors(), empty).empty
+    assert analysis.instance_health(empty_errors(), empty).empty
+    assert list(analysis.errors_by_code(empty_errors()).columns) == ["bucket", "error_code", "errors"]
+    figures = analysis.kpis(empty, empty_errors())
+    assert figures["instances"] == 0 and figures["total"] == 0 and figures["failed_collections"] == 0
+    assert math.isnan(figures["abnormal_ratio"]) and figures["last_run_id"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# latest, Wilson, ranking
+
+
+def test_latest_picks_the_most_recent_snapshot_per_series():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 1, 1, 1, 1),
+        snapshot("2024-05-02T10:00Z", "r2", "i1", "common", 2, 2, 2, 2),
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "cdc", 3, 3, 3, 3),  # absent from r2
+    )
+    out = analysis.latest(stats)
+    assert list(out.columns) == list(STATS_COLUMNS)
+    assert out[["task_type", "run_id", "running"]].values.tolist() == [["cdc", "r1", 3], ["common", "r2", 2]]
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    # z = 1.959964; 1/2: centre 0.5, half = z*sqrt(0.125 + z²/16)/(1 + z²/2) = 0.405469
+    low, high = analysis.wilson_interval(np.array([1, 40, 0, 1, 0]), np.array([2, 400, 10, 1, 0]))
+    assert low[0] == pytest.approx(0.094531, abs=1e-6) and high[0] == pytest.approx(0.905469, abs=1e-6)
+    assert low[1] == pytest.approx(0.074299, abs=1e-6) and high[1] == pytest.approx(0.133311, abs=1e-6)
+    # p = 0: the interval is [0, z²/(n + z²)]; p = 1: [n/(n + z²), 1]
+    z2 = 1.959964 ** 2
+    assert low[2] == 0.0 and high[2] == pytest.approx(z2 / (10 + z2), abs=1e-6)
+    assert low[3] == pytest.approx(1 / (1 + z2), abs=1e-6) and high[3] == 1.0
+    assert np.isnan(low[4]) and np.isnan(high[4])
+
+
+def test_wilson_interval_keeps_series_index_and_checks_confidence():
+    low, high = analysis.wilson_interval(pd.Series([1], index=["a"]), pd.Series([2], index=["a"]), 0.99)
+    assert list(low.index) == ["a"]
+    # z(0.99) = 2.575829: half = z*sqrt(0.125 + z²/16)/(1 + z²/2)
+    z = 2.575829
+    assert low["a"] == pytest.approx(0.5 - z * math.sqrt(0.125 + z * z / 16) / (1 + z * z / 2), abs=1e-6)
+    with pytest.raises(ConfigError, match="confidence"):
+        analysis.wilson_interval(np.array([1]), np.array([2]), 1.0)
+
+
+def _fleet(*instances):
+    """One run; each instance is (instance_id, abnormal, total) with only common tasks."""
+    return make_stats(*[
+        snapshot("2024-05-01T10:00Z", "r1", instance, "common", 0, abnormal, 0, total - abnormal)
+        for instance, abnormal, total in instances
+    ])
+
+
+def test_ranking_prefers_evidence_over_small_samples():
+    # 1/2 has ratio 0.5 but Wilson low 0.0945; 40/100 has ratio 0.4 and Wilson low 0.3094.
+    out = analysis.abnormal_ranking(_fleet(("small", 1, 2), ("big", 40, 100)))
+    assert out["instance_id"].tolist() == ["big", "small"]
+    assert out["wilson_low"].tolist() == pytest.approx([0.309402, 0.094531], abs=1e-6)
+
+
+def test_ranking_one_of_two_against_forty_of_four_hundred():
+    fleet = _fleet(("small", 1, 2), ("big", 40, 400))
+    # At 95 % the lower bounds are 0.0945 (1/2) and 0.0743 (40/400): 1/2 still ranks first.
+    assert analysis.abnormal_ranking(fleet)["instance_id"].tolist() == ["small", "big"]
+    # At 99 % (z = 2.5758) they are 0.0617 and 0.0677: the 400-task instance ranks first.
+    strict = analysis.abnormal_ranking(fleet, confidence=0.99)
+    assert strict["instance_id"].tolist() == ["big", "small"]
+    assert strict["wilson_low"].tolist() == pytest.approx([0.067649, 0.061707], abs=1e-5)
+
+
+def test_ranking_drops_small_groups_names_instances_and_limits():
+    fleet = _fleet(("a", 3, 10), ("b", 1, 4), ("c", 0, 0), ("d", 9, 10))
+    out = analysis.abnormal_ranking(fleet, n=2, min_tasks=5)
+    assert out["instance_id"].tolist() == ["d", "a"]
+    assert out["instance_name"].tolist() == ["name-d", "name-a"]
+    assert out["abnormal_ratio"].tolist() == [0.9, 0.3]
+    assert len(analysis.abnormal_ranking(fleet, n=None)) == 3  # c has 0 tasks < min_tasks=1
+    by_project = analysis.abnormal_ranking(fleet, by="project_id")
+    assert by_project[["project_id", "abnormal", "total"]].values.tolist() == [["p1", 13, 24]]
+    assert "instance_name" not in by_project.columns
+    with pytest.raises(ConfigError):
+        analysis.abnormal_ranking(fleet, by=())
+
+
+def test_ranking_uses_latest_snapshots_only():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 10, 0, 0),
+        snapshot("2024-05-01T11:00Z", "r2", "i1", "common", 0, 0, 0, 10),
+    )
+    out = analysis.abnormal_ranking(stats)
+    assert (out["abnormal"].iloc[0], out["total"].iloc[0]) == (0, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# changes
+
+
+def test_changes_between_runs():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 5, 1, 0, 4),
+        snapshot("2024-05-01T10:00Z", "r1", "i2", "common", 1, 1, 1, 1),
+        snapshot("2024-05-01T10:05Z", "r2", "i1", "common", 2, 4, 0, 4),   # abnormal +3, running -3
+        # i2 missing from r2
+        snapshot("2024-05-01T10:10Z", "r3", "i1", "common", 2, 4, 0, 4),   # unchanged
+        snapshot("2024-05-01T10:10Z", "r3", "i2", "common", 1, 1, 1, 1),   # back again
+        snapshot("2024-05-01T10:10Z", "r3", "i3", "cdc", 0, 0, 0, 3),      # new
+    )
+    out = analysis.changes(stats)
+    got = out[["run_id", "previous_run_id", "instance_id", "status"]].values.tolist()
+    assert got == [
+        ["r2", "r1", "i1", "changed"],
+        ["r2", "r1", "i2", "disappeared"],
+        ["r3", "r2", "i1", "unchanged"],
+        ["r3", "r2", "i2", "appeared"],
+        ["r3", "r2", "i3", "appeared"],
+    ]
+    first = out.iloc[0]
+    assert (first["abnormal_delta"], first["running_delta"], first["total_delta"]) == (3, -3, 0)
+    assert (first["previous_abnormal"], first["abnormal"]) == (1, 4)
+    assert first["summary"] == "running -3, abnormal +3 since the previous run"
+    assert first["collected_at"] == ts("2024-05-01T10:05") and first["previous_collected_at"] == ts("2024-05-01T10:00")
+    gone = out.iloc[1]
+    assert pd.isna(gone["abnormal"]) and gone["previous_total"] == 4 and pd.isna(gone["total_delta"])
+    assert gone["instance_name"] == "name-i2"
+    assert gone["summary"] == "missing since the previous run (had abnormal 1 of 4 tasks)"
+    assert out.iloc[2]["summary"] == "no change since the previous run"
+    assert out.iloc[4]["summary"] == "appeared since the previous run (abnormal 0 of 3 tasks)"
+    assert str(out["abnormal_delta"].dtype) == "Int64"
+
+
+def test_changes_single_run_has_nothing_to_compare():
+    assert analysis.changes(REFERENCE).empty
+
+
+# ---------------------------------------------------------------------------------------------
+# anomalies
+
+
+def _hourly(ratios_in_tenths, instance="i1", start="2024-05-01T00:00Z", skip=()):
+    """One snapshot per hour with `abnormal` out of 10 common tasks."""
+    base = pd.Timestamp(start)
+    return [
+        snapshot((base + pd.Timedelta(hours=h)).isoformat(), f"r{h:03d}", instance, "common",
+                 0, abnormal, 0, 10 - abnormal)
+        for h, abnormal in enumerate(ratios_in_tenths) if h not in skip
+    ]
+
+
+def test_anomalies_flags_one_spike_in_a_flat_series():
+    stats = make_stats(*_hourly([1] * 26 + [6] + [1] * 3))
+    out = analysis.anomalies(stats, "1h", window=24, z=3.0)
+    assert out["is_anomaly"].tolist() == [False] * 26 + [True] + [False] * 3
+    # baseline needs max(3, 24 // 2) = 12 ratios: the first 12 buckets have no score
+    assert out["robust_z"].iloc[:12].isna().all() and out["robust_z"].iloc[12:].notna().all()
+    spike = out.iloc[26]
+    # flat baseline: MAD 0, floored at 0.005 -> z = (0.6 - 0.1) / (1.4826 * 0.005)
+    assert spike["baseline_median"] == pytest.approx(0.1) and spike["baseline_mad"] == 0.0
+    assert spike["robust_z"] == pytest.approx(0.5 / (1.4826 * 0.005))
+    # the spike enters the next buckets' baselines but the median shrugs it off
+    assert out["robust_z"].iloc[27] == pytest.approx(0.0)
+
+
+def test_anomalies_median_and_mad_of_the_previous_window():
+    # ratios 0.1 0.2 0.1 0.3 then 0.9: median 0.15, deviations .05 .05 .05 .15 -> MAD 0.05
+    stats = make_stats(*_hourly([1, 2, 1, 3, 9]))
+    out = analysis.anomalies(stats, "1h", window=4, min_periods=4)
+    last = out.iloc[4]
+    assert (last["baseline_buckets"], last["baseline_median"], last["baseline_mad"]) == (4, pytest.approx(0.15), pytest.approx(0.05))
+    assert last["robust_z"] == pytest.approx((0.9 - 0.15) / (1.4826 * 0.05))
+    assert bool(last["is_anomaly"])
+    assert out["robust_z"].iloc[:4].isna().all()
+
+
+def test_anomalies_window_is_in_time_and_groups_are_separate():
+    # i1 has no data at hour 2: the window of 2 before hour 3 holds only hour 1.
+    stats = make_stats(*_hourly([1, 2, 5, 3], skip=(2,)), *_hourly([9, 9, 9, 9], instance="i2"))
+    out = analysis.anomalies(stats, "1h", window=2, min_periods=1)
+    i1 = out[out["instance_id"] == "i1"]
+    assert i1["baseline_buckets"].tolist() == [0, 1, 1]
+    assert i1["baseline_median"].iloc[2] == pytest.approx(0.2)
+    i2 = out[out["instance_id"] == "i2"]
+    assert i2["baseline_median"].iloc[1:].tolist() == pytest.approx([0.9, 0.9, 0.9])
+    with pytest.raises(ConfigError, match="window"):
+        analysis.anomalies(stats, window=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# collection health and KPIs
+
+
+def _health_fixture():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 1, 0, 9),
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "cdc", 0, 0, 0, 5),
+        snapshot("2024-05-01T10:00Z", "r1", "i2", "common", 0, 0, 0, 10),
+        snapshot("2024-05-01T10:05Z", "r2", "i1", "common", 0, 4, 0, 6),
+        snapshot("2024-05-01T10:05Z", "r2", "i1", "cdc", 0, 1, 0, 4),
+    )
+    errors = make_errors(
+        ("2024-05-01T10:05Z", "r2", "i2", "TIMEOUT"),
+        ("2024-05-01T10:10Z", "r3", "i1", "FDI.9999"),
+        ("2024-05-01T10:10Z", "r3", "i2", "TIMEOUT"),
+    )
+    return stats, errors
+
+
+def test_collection_health_per_run():
+    stats, errors = _health_fixture()
+    out = analysis.collection_health(errors, stats)
+    assert out[["run_id", "attempted", "collected", "failed"]].values.tolist() == [
+        ["r1", 2, 2, 0], ["r2", 2, 1, 1], ["r3", 2, 0, 2]]
+    assert out["success_ratio"].tolist() == [1.0, 0.5, 0.0]
+
+
+def test_instance_health_and_errors_by_code():
+    stats, errors = _health_fixture()
+    per_instance = analysis.instance_health(errors, stats)
+    assert per_instance[["instance_id", "collected", "failed"]].values.tolist() == [["i2", 1, 2], ["i1", 2, 1]]
+    assert per_instance["failure_ratio"].tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert per_instance["last_error_code"].tolist() == ["TIMEOUT", "FDI.9999"]
+    assert per_instance["last_error_at"].tolist() == [ts("2024-05-01T10:10")] * 2
+    by_code = analysis.errors_by_code(errors, "5min")
+    assert by_code.values.tolist() == [
+        [ts("2024-05-01T10:05"), "TIMEOUT", 1],
+        [ts("2024-05-01T10:10"), "FDI.9999", 1],
+        [ts("2024-05-01T10:10"), "TIMEOUT", 1],
+    ]
+
+
+def test_kpis():
+    stats, errors = _health_fixture()
+    figures = analysis.kpis(stats, errors)
+    # latest snapshots: i1 common 4/10, i1 cdc 1/5 (r2), i2 common 0/10 (r1)
+    assert figures["instances"] == 2
+    assert (figures["abnormal"], figures["total"]) == (5, 25)
+    assert figures["abnormal_ratio"] == pytest.approx(0.2)
+    # after r1: (1 + 0 + 0) / (10 + 5 + 10)
+    assert figures["previous_abnormal_ratio"] == pytest.approx(1 / 25)
+    assert figures["abnormal_ratio_delta"] == pytest.approx(0.2 - 1 / 25)
+    assert figures["last_run_id"] == "r3" and figures["failed_collections"] == 2
+    without_errors = analysis.kpis(stats)
+    assert without_errors["last_run_id"] == "r2" and without_errors["failed_collections"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# properties
+
+REGIONS = ["cn-north-4", "ap-southeast-1"]
+INSTANCES = ["i1", "i2", "i3"]
+BASE = pd.Timestamp("2024-05-01T00:00Z")
+
+
+@st.composite
+def stats_frames(draw, max_runs=6):
+    """Plausible stats: a few runs (some sharing a collected_at), each with a subset of the
+    series, small counts including all-zero ones."""
+    runs = draw(st.integers(1, max_runs))
+    offsets = draw(st.lists(st.integers(0, 3 * 24 * 60), min_size=runs, max_size=runs))
+    rows = []
+    for run, minutes in enumerate(offsets):
+        at = (BASE + pd.Timedelta(minutes=minutes)).isoformat()
+        series = draw(st.lists(
+            st.tuples(st.sampled_from(REGIONS), st.sampled_from(["p1", "p2"]),
+                      st.sampled_from(INSTANCES), st.sampled_from(["common", "cdc"])),
+            max_size=6, unique=True))
+        for region, project, instance, task_type in series:
+            counts = draw(st.lists(st.integers(0, 5), min_size=4, max_size=4))
+            rows.append(snapshot(at, f"run-{run}", instance, task_type, *counts, region=region, project=project))
+    return make_stats(*rows) if rows else empty_stats()
+
+
+FREQS = st.sampled_from(["15min", "1h", "6h", "1D", "1W"])
+PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY_SETTINGS
+@given(stats_frames(), FREQS)
+def test_pooled_ratios_are_within_zero_and_one(stats, freq):
+    ratios = pd.concat([
+        analysis.trend(stats, freq, by=("instance_id",))["abnormal_ratio"],
+        analysis.cdc_vs_common(stats, freq)[["common_abnormal_ratio", "cdc_abnormal_ratio", "cdc_share"]].stack(),
+    ])
+    assert ((ratios >= 0) & (ratios <= 1) | ratios.isna()).all()
+
+
+@PROPERTY_SETTINGS
+@given(stats_frames(), FREQS)
+def test_fleet_trend_is_the_sum_over_task_types(stats, freq):
+    fleet = analysis.trend(stats, freq, by=())
+    per_type = analysis.trend(stats, freq, by=("task_type",))
+    summed = per_type.groupby("bucket")[["running", "abnormal", "terminated", "completed", "total"]].sum()
+    assert_frame_equal(fleet.set_index("bucket").drop(columns="abnormal_ratio"), summed, check_names=False)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stats_frames(), FREQS, st.randoms(use_true_random=False))
+def test_row_order_changes_nothing(stats, freq, random):
+    order = list(range(len(stats)))
+    random.shuffle(order)
+    shuffled = stats.iloc[order]
+    for by in [(), ("region", "instance_id")]:
+        assert_frame_equal(analysis.trend(shuffled, freq, by=by), analysis.trend(stats, freq, by=by))
+    assert_frame_equal(analysis.cdc_vs_common(shuffled, freq), analysis.cdc_vs_common(stats, freq))
+    assert_frame_equal(analysis.changes(shuffled), analysis.changes(stats))
+    assert_frame_equal(analysis.abnormal_ranking(shuffled, n=None), analysis.abnormal_ranking(stats, n=None))
