@@ -337,9 +337,13 @@ def abnormal_ranking(
     n: int | None = 10,
     by: Iterable[str] | str = "instance_id",
     min_tasks: int = 1,
-    confidence: float = 0.95,
+    confidence: float = 0.99,
 ) -> pd.DataFrame:
     """The groups with the most convincingly high abnormal ratio, on the latest snapshots.
+
+    The default confidence is 99 %, not 95 %: at 95 % the Wilson lower bound of 1 abnormal task
+    out of 2 (0.0945) still beats 40 out of 400 (0.0743), so a two-task instance would outrank a
+    fleet-sized problem on one unlucky task; at 99 % the bounds are 0.0617 and 0.0677.
 
     Per group: summed counts, pooled ``abnormal_ratio = sum(abnormal) / sum(total)`` and its
     Wilson score interval (``wilson_low``, ``wilson_high``, see :func:`wilson_interval`).

@@ -280,17 +280,17 @@ def _fleet(*instances):
 
 def test_ranking_prefers_evidence_over_small_samples():
     # 1/2 has ratio 0.5 but Wilson low 0.0945; 40/100 has ratio 0.4 and Wilson low 0.3094.
-    out = analysis.abnormal_ranking(_fleet(("small", 1, 2), ("big", 40, 100)))
+    out = analysis.abnormal_ranking(_fleet(("small", 1, 2), ("big", 40, 100)), confidence=0.95)
     assert out["instance_id"].tolist() == ["big", "small"]
     assert out["wilson_low"].tolist() == pytest.approx([0.309402, 0.094531], abs=1e-6)
 
 
 def test_ranking_one_of_two_against_forty_of_four_hundred():
     fleet = _fleet(("small", 1, 2), ("big", 40, 400))
-    # At 95 % the lower bounds are 0.0945 (1/2) and 0.0743 (40/400): 1/2 still ranks first.
-    assert analysis.abnormal_ranking(fleet)["instance_id"].tolist() == ["small", "big"]
-    # At 99 % (z = 2.5758) they are 0.0617 and 0.0677: the 400-task instance ranks first.
-    strict = analysis.abnormal_ranking(fleet, confidence=0.99)
+    # At 95 % the lower bounds are 0.0945 (1/2) and 0.0743 (40/400): 1/2 would rank first.
+    assert analysis.abnormal_ranking(fleet, confidence=0.95)["instance_id"].tolist() == ["small", "big"]
+    # At 99 % (z = 2.5758), the default, they are 0.0617 and 0.0677: the 400-task instance ranks first.
+    strict = analysis.abnormal_ranking(fleet)
     assert strict["instance_id"].tolist() == ["big", "small"]
     assert strict["wilson_low"].tolist() == pytest.approx([0.067649, 0.061707], abs=1e-5)
 
