@@ -48,7 +48,9 @@ def trend(
 ) -> pd.DataFrame:
     """``analysis.trend`` computed by DuckDB from the stats Parquet files under ``source``.
 
-    ``source`` is the ``stats`` directory of a history (holding ``date=YYYY-MM-DD/`` folders).
+    ``source`` is the ``stats`` directory of a history (holding ``date=YYYY-MM-DD/`` folders), or
+    the list of its files to read (``HistoryStore.files()``, which never lists a compacted file
+    together with the originals it replaces).
     ``since`` (inclusive) and ``until`` (exclusive) bound ``collected_at``; naive times mean
     UTC.  ``projects``, ``instances``, ``regions`` and ``task_types`` keep only rows whose
     column is one of the given values (a single string is one value; None keeps all; an empty
@@ -109,15 +111,23 @@ class _Scan:
     """The filtered read of the stats files of one call: SQL text plus its ``?`` parameters."""
 
     def __init__(self, source, since, until, **filters) -> None:
-        self.root = Path(source)
+        # A list of files (what HistoryStore.files() says to read, each row once) or a stats
+        # directory to glob (fine for histories that no compaction is touching).
+        self.paths: list[str] | str
+        if isinstance(source, (list, tuple)):
+            self.paths = [Path(path).as_posix() for path in source]
+            has_files = bool(self.paths)
+        else:
+            root = Path(source)
+            self.paths = (root / "date=*" / "*.parquet").as_posix()
+            has_files = root.is_dir() and next(root.glob("date=*/*.parquet"), None) is not None
         self.since = _utc_bound(since, "since")
         self.until = _utc_bound(until, "until")
         if self.since is not None and self.until is not None and self.since >= self.until:
             raise ConfigError(f"since ({self.since.isoformat()}) must be before until ({self.until.isoformat()})")
         self.filters = {name: _values(value, name) for name, value in filters.items()}
         self.empty = (
-            not self.root.is_dir()
-            or next(self.root.glob("date=*/*.parquet"), None) is None
+            not has_files
             or any(values == [] for values in self.filters.values())
         )
 
@@ -179,7 +189,6 @@ class _Scan:
         )"""
 
     def fetch(self, sql: str) -> pd.DataFrame:
-        glob = (self.root / "date=*" / "*.parquet").as_posix()
         config = {"threads": _cores(), "preserve_insertion_order": False}
         import duckdb  # only the DuckDB paths pay its import
 
@@ -189,7 +198,7 @@ class _Scan:
                 connection.execute("SET TimeZone = 'UTC'")
             except duckdb.Error:
                 pass  # no ICU extension: DuckDB then knows only UTC anyway
-            return connection.execute(sql, [glob, *self.where()[1]]).df()
+            return connection.execute(sql, [self.paths, *self.where()[1]]).df()
 
 
 def _utc_bound(value, name: str) -> pd.Timestamp | None:

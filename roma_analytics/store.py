@@ -290,8 +290,12 @@ class HistoryStore:
         from . import sqlagg  # DuckDB is imported only by those who aggregate on disk
 
         self._check_range(since, until)
-        return sqlagg.trend(self.path / "stats", freq=freq, by=by, since=since, until=until,
-                            projects=projects, instances=instances, regions=regions)
+        # Under the read lock, on the exact file list: a compaction swapping a day meanwhile
+        # can never make a row count twice.
+        with self._reading():
+            files = self._files("stats", parse_time(since, "since"), parse_time(until, "until"))
+            return sqlagg.trend(files, freq=freq, by=by, since=since, until=until,
+                                projects=projects, instances=instances, regions=regions)
 
     def cdc_vs_common(self, freq="1D", since=None, until=None, projects=None, instances=None,
                       regions=None) -> pd.DataFrame:
@@ -299,8 +303,10 @@ class HistoryStore:
         from . import sqlagg
 
         self._check_range(since, until)
-        return sqlagg.cdc_vs_common(self.path / "stats", freq=freq, since=since, until=until,
-                                    projects=projects, instances=instances, regions=regions)
+        with self._reading():
+            files = self._files("stats", parse_time(since, "since"), parse_time(until, "until"))
+            return sqlagg.cdc_vs_common(files, freq=freq, since=since, until=until,
+                                        projects=projects, instances=instances, regions=regions)
 
     # ---------------------------------------------------------------------------- compaction
     def compact(self, before=None) -> CompactReport:

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from roma_analytics import schema
+from roma_analytics import analysis, schema
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.store import CompactReport, HistoryStore
 
@@ -423,6 +423,9 @@ def test_crash_after_commit_is_read_once_and_finished(history_dir, tmp_path):
         shutil.copy2(original, day / original.name)
     assert len(list(day.iterdir())) == 5
     pd.testing.assert_frame_equal(store.load(), stats)
+    # The pushed-down aggregation reads the same files: nothing counted twice.
+    pd.testing.assert_frame_equal(store.trend(freq="1h", by=("instance_id",)),
+                                  analysis.trend(stats, freq="1h", by=("instance_id",)))
     report = store.compact(before="2024-05-02")
     assert report == CompactReport()
     assert len(list(day.iterdir())) == 1
