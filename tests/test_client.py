@@ -6,6 +6,7 @@ word.  Backoffs are tiny so the file stays fast; the only real waits are the tim
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import logging
 import math
 import socket
@@ -100,6 +101,11 @@ def test_reference_example_parses_to_documented_counts_and_ratios():
     assert cdc.abnormal_ratio == 0.0
     assert parse_task_statistics(REFERENCE_EXAMPLE) == (common, cdc)
     assert parse_task_statistics(json.loads(REFERENCE_EXAMPLE)) == (common, cdc)
+
+
+def test_bundled_example_file_is_the_reference_example():
+    bundled = Path(__file__).resolve().parent.parent / "data" / "samples" / "count-tasks-example.json"
+    assert bundled.read_text().strip() == REFERENCE_EXAMPLE
 
 
 def test_ratio_of_no_tasks_is_nan_not_zero():
