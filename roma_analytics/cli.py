@@ -181,7 +181,7 @@ def run_collect(args) -> int:
 
 
 def _collect_targets(args):
-    from roma_analytics.targets import Target, load_targets
+    from roma_analytics.targets import Target, identifier_problem, load_targets
 
     if args.config:
         given = [flag for flag, value in (("--endpoint", args.endpoint), ("--region", args.region),
@@ -195,6 +195,11 @@ def _collect_targets(args):
         raise _Usage("give --config FILE, or --endpoint URL or --region ID with --project-id ID")
     if not args.project_id:
         raise _Usage("--project-id is required with --endpoint/--region")
+    for flag, what, value in [("--project-id", "project id", args.project_id),
+                              *(("--instance-id", "instance id", i) for i in args.instance_id or ())]:
+        problem = identifier_problem(value, what)
+        if problem:
+            raise _Usage(f"{flag}: {problem}")
     auth = _token_auth(args.token_env)
     common = dict(project_id=args.project_id, endpoint=args.endpoint, region=args.region, auth=auth)
     if not args.instance_id:
@@ -219,12 +224,14 @@ def _token_auth(token_env: str | None):
 
 
 def _tls_verify(args, settings: dict) -> bool | str:
-    if args.insecure:
+    # `verify = false` in a targets file turns verification off as surely as --insecure: same warning.
+    source = "--insecure" if args.insecure else "verify = false in the targets file"
+    if args.insecure or (settings.get("verify") is False and not (args.ca_bundle or settings.get("ca_bundle"))):
         import urllib3
 
         # One clear warning instead of urllib3's warning per request.
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        print(f"{PROG}: warning: --insecure: TLS certificates are NOT verified; "
+        print(f"{PROG}: warning: {source}: TLS certificates are NOT verified; "
               "anyone on the network path can read the token", file=sys.stderr)
         return False
     bundle = args.ca_bundle or settings.get("ca_bundle")
@@ -232,7 +239,7 @@ def _tls_verify(args, settings: dict) -> bool | str:
         if not os.path.isfile(bundle):
             raise ConfigError(f"CA bundle {bundle} does not exist or is not a file")
         return bundle
-    return settings.get("verify", True)
+    return True
 
 
 @contextlib.contextmanager
@@ -303,17 +310,25 @@ class _ProgressBar:
 EXPORT_HELP = """\
 Write the rows of the history (stats or errors table) that match the filters to one CSV or
 Parquet file. Times are ISO-8601, UTC unless they carry an offset; a date alone is 00:00 UTC;
---since is inclusive and --until exclusive. The file is replaced atomically."""
+--since is inclusive and --until exclusive. The file is replaced atomically.
+
+--format openmetrics writes the latest run among the matching rows (both tables) as gauges in the
+Prometheus text format (also valid OpenMetrics, ending in "# EOF"), for node_exporter's textfile
+collector: roma_fdi_tasks{region,project_id,instance_id,task_type,state}, roma_fdi_abnormal_ratio,
+roma_fdi_instance_name, roma_fdi_collection_success and roma_fdi_collection_timestamp_seconds."""
 
 EXPORT_EXAMPLE = """\
 examples:
   roma-analytics export --format csv --out stats.csv --since 2024-05-01 --until 2024-06-01
-  roma-analytics export --format parquet --out errors.parquet --table errors --project-id 0a1b2c..."""
+  roma-analytics export --format parquet --out errors.parquet --table errors --project-id 0a1b2c...
+  roma-analytics export --format openmetrics --out /var/lib/node_exporter/textfile/roma.prom"""
 
 
 def add_export(subparsers) -> None:
-    parser = _subparser(subparsers, "export", "export the history to CSV or Parquet", EXPORT_HELP, EXPORT_EXAMPLE)
-    parser.add_argument("--format", required=True, choices=("csv", "parquet"), help="file format")
+    parser = _subparser(subparsers, "export", "export the history to CSV, Parquet or OpenMetrics", EXPORT_HELP,
+                        EXPORT_EXAMPLE)
+    parser.add_argument("--format", required=True, choices=("csv", "parquet", "openmetrics"),
+                        help="file format; openmetrics writes the latest run as Prometheus gauges")
     parser.add_argument("--out", required=True, metavar="PATH", help="output file")
     parser.add_argument("--history", metavar="DIR", default=DEFAULT_HISTORY,
                         help=f"history folder (default {DEFAULT_HISTORY})")
@@ -390,8 +405,219 @@ def run_simulate(argv: list[str]) -> int:
     return simulator.main(argv)
 
 
+# -------------------------------------------------------------------------------------------- check
+
+EXIT_FIRING = 1
+EXIT_WEBHOOK_FAILED = 5
+RATIO_LEVELS = ("instance", "instance_task_type", "task_type", "fleet")
+
+CHECK_HELP = """\
+Evaluate alerting rules at the latest run of the history (or of a fresh collection with
+--collect) and print one line per finding: "NEW" (not reported before), "ACTIVE" (reported, still
+firing) and "RESOLVED" (reported, no longer firing). Rules come from the flags or from the [rules]
+table of the targets file (--config); a flag replaces the file's rule of the same name.
+A finding counts as reported once printed or, with --webhook, once delivered. The state is kept
+in HISTORY/.alerts-state.json (one section per rule set and webhook), so a finding is sent once,
+not again while it keeps firing, and again only after it cleared and came back. With
+--new-only, ACTIVE lines are not printed: cron mails only when something changed.
+
+rules:
+  --max-abnormal-ratio R   abnormal/total > R (per --by level, groups with >= --min-tasks tasks)
+  --abnormal-increase N    abnormal tasks of an instance and task type rose by >= N since the
+                           previous run
+  --anomalies              the latest bucket is an anomaly of the abnormal ratio (robust z-score
+                           against the previous --anomaly-window buckets; rises only)
+  --failures K             an instance (or a project's discovery) failed in each of the last K runs
+  --disappeared            an instance of the previous run is not in the latest run at all
+
+--webhook URL POSTs one JSON message {"new": [...], "resolved": [...], "text": ...} when there
+are new or resolved findings, with a timeout and retries (backoff) on connection errors, 429 and
+5xx. It never carries a header or credential of the targets; error messages show only the
+webhook's host (webhook URLs often hold a secret: prefer --webhook-env VAR).
+
+exit status: 0 no rule fires; 1 at least one finding fires (new or still active); 5 the webhook
+could not be delivered (the new findings are sent again at the next check); 2 usage or
+configuration error (also: no run in the history in the last 7 days)."""
+
+CHECK_EXAMPLE = """\
+examples:
+  roma-analytics check --history data/history --max-abnormal-ratio 0.05 --by instance fleet --min-tasks 20
+  roma-analytics check --config targets.toml --failures 3 --disappeared --webhook-env ROMA_ALERT_WEBHOOK
+  */5 * * * *  roma-analytics check --config /etc/roma/targets.toml --collect --webhook-env ROMA_ALERT_WEBHOOK"""
+
+fraction = _number(float, lambda value: 0 <= value < 1, "a fraction from 0 to below 1 (0.05 = 5%)")
+
+
+def add_check(subparsers) -> None:
+    parser = _subparser(subparsers, "check", "evaluate alerting rules; exit 1 when one fires", CHECK_HELP,
+                        CHECK_EXAMPLE)
+    source = parser.add_argument_group("history")
+    source.add_argument("--config", metavar="FILE", help="targets file: its [rules] table and defaults.history")
+    source.add_argument("--history", metavar="DIR", help=f"history folder (default {DEFAULT_HISTORY})")
+    source.add_argument("--collect", action="store_true",
+                        help="collect the targets of --config first and append the run to the history")
+    rules = parser.add_argument_group("rules (override the [rules] table)")
+    rules.add_argument("--max-abnormal-ratio", metavar="R", type=fraction, help="abnormal ratio threshold")
+    rules.add_argument("--by", metavar="LEVEL", nargs="+", choices=RATIO_LEVELS,
+                       help=f"levels of --max-abnormal-ratio: {', '.join(RATIO_LEVELS)} (default instance)")
+    rules.add_argument("--min-tasks", metavar="N", type=positive_int,
+                       help="ignore groups with fewer tasks (default 10)")
+    rules.add_argument("--abnormal-increase", metavar="N", type=positive_int, help="abnormal count rise")
+    rules.add_argument("--anomalies", action="store_true", help="anomaly flags of the abnormal ratio")
+    rules.add_argument("--anomaly-freq", metavar="FREQ", help="anomaly bucket size (default 1h)")
+    rules.add_argument("--anomaly-window", metavar="N", type=positive_int, help="baseline buckets (default 24)")
+    rules.add_argument("--anomaly-z", metavar="Z", type=positive_float, help="robust z threshold (default 3)")
+    rules.add_argument("--failures", metavar="K", type=positive_int, help="consecutive failed runs")
+    rules.add_argument("--disappeared", action="store_true", help="instances gone since the previous run")
+    notify = parser.add_argument_group("notification")
+    hook = notify.add_mutually_exclusive_group()
+    hook.add_argument("--webhook", metavar="URL", help="POST new and resolved findings as JSON to URL")
+    hook.add_argument("--webhook-env", metavar="VAR", help="environment variable holding the webhook URL")
+    notify.add_argument("--webhook-timeout", metavar="S", type=positive_float, help="read timeout (default 10)")
+    notify.add_argument("--webhook-retries", metavar="N", type=non_negative_int, help="retries (default 3)")
+    notify.add_argument("--state", metavar="FILE", help="state file (default HISTORY/.alerts-state.json)")
+    notify.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    notify.add_argument("--new-only", action="store_true", help="print NEW and RESOLVED lines only")
+    parser.set_defaults(handler=run_check)
+
+
+def run_check(args) -> int:
+    from roma_analytics import alerts
+    from roma_analytics.store import HistoryStore
+    from roma_analytics.targets import load_targets, timeout_pair
+
+    loaded = load_targets(args.config) if args.config else None
+    if args.collect and loaded is None:
+        raise _Usage("--collect needs --config FILE (the targets to collect)")
+    settings = loaded.settings if loaded else {}
+    rules = alerts.parse_rules(loaded.rules, source=args.config) if loaded else alerts.Rules()
+    rules = rules.overridden_by(_flag_rules(args, alerts))
+    webhook = args.webhook
+    if args.webhook_env:
+        webhook = os.environ.get(args.webhook_env, "").strip()
+        if not webhook:
+            raise ConfigError(f"environment variable {args.webhook_env} (--webhook-env) is not set or empty; "
+                              "export the webhook URL in it")
+    store = HistoryStore(args.history or settings.get("history", DEFAULT_HISTORY))
+    if rules.empty:
+        raise _Usage("no rules to check: give a rule flag (e.g. --max-abnormal-ratio 0.05) or a [rules] "
+                     "table in the targets file")
+
+    if args.collect:
+        from roma_analytics.collect import collect
+
+        collection = collect(loaded.targets, workers=settings.get("workers", DEFAULT_WORKERS),
+                             timeout=settings.get("timeout", DEFAULT_TIMEOUT),
+                             retries=settings.get("retries", DEFAULT_RETRIES),
+                             rate_limit=settings.get("rate_limit"),
+                             verify=_tls_verify(argparse.Namespace(insecure=False, ca_bundle=None), settings))
+        with _sigint_deferred():
+            store.append(collection)
+        print(collection.summary(), file=sys.stderr, flush=True)
+
+    timeout = timeout_pair(args.webhook_timeout) if args.webhook_timeout else DEFAULT_TIMEOUT
+    retries = args.webhook_retries if args.webhook_retries is not None else DEFAULT_RETRIES
+    result = alerts.check(store, rules, state_path=args.state, webhook=webhook or None, timeout=timeout,
+                          retries=retries)
+    _report_check(result, as_json=args.json, new_only=args.new_only)
+    if result.webhook_error:
+        print(f"{PROG}: warning: {result.webhook_error}; the new findings will be sent at the next check",
+              file=sys.stderr)
+        return EXIT_WEBHOOK_FAILED
+    return EXIT_FIRING if result.findings else 0
+
+
+def _flag_rules(args, alerts):
+    if (args.by or args.min_tasks) and args.max_abnormal_ratio is None:
+        raise _Usage("--by and --min-tasks go with --max-abnormal-ratio R")
+    tuning = [flag for flag, value in (("--anomaly-freq", args.anomaly_freq), ("--anomaly-window", args.anomaly_window),
+                                       ("--anomaly-z", args.anomaly_z)) if value]
+    if tuning and not args.anomalies:
+        raise _Usage(f"{', '.join(tuning)} go(es) with --anomalies")
+    ratio = None
+    if args.max_abnormal_ratio is not None:
+        ratio = alerts.AbnormalRatioRule(threshold=args.max_abnormal_ratio, by=tuple(args.by or ("instance",)),
+                                         min_tasks=args.min_tasks or 10)
+    anomaly = None
+    if args.anomalies:
+        table = {key: value for key, value in (("freq", args.anomaly_freq), ("window", args.anomaly_window),
+                                               ("z", args.anomaly_z)) if value}
+        anomaly = alerts.parse_rules({"anomalies": table}, source="command line").anomalies
+    return alerts.Rules(abnormal_ratio=ratio, abnormal_increase=args.abnormal_increase, anomalies=anomaly,
+                        collection_failures=args.failures, disappeared=args.disappeared)
+
+
+def _report_check(result, as_json: bool, new_only: bool = False) -> None:
+    new_keys = {finding.key for finding in result.new}
+    if as_json:
+        print(json.dumps({
+            "run_id": result.run_id,
+            "collected_at": result.collected_at.isoformat() if result.collected_at is not None else None,
+            "firing": [dict(finding.as_dict(), new=finding.key in new_keys,
+                            first_seen=result.first_seen.get(finding.key)) for finding in result.findings],
+            "resolved": [{"key": entry["key"], "rule": entry.get("rule"), "message": entry.get("message")}
+                         for entry in result.resolved],
+            "notified": result.notified,
+            "webhook_error": result.webhook_error,
+        }), flush=True)
+        return
+    for finding in result.findings:
+        if finding.key in new_keys:
+            print(f"NEW      {finding.rule}: {finding.message}")
+        elif not new_only:
+            print(f"ACTIVE   {finding.rule}: {finding.message} (since {result.first_seen.get(finding.key)})")
+    for entry in result.resolved:
+        print(f"RESOLVED {entry.get('rule')}: {entry.get('message')}")
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------- report
+
+REPORT_HELP = """\
+Write one self-contained HTML file (plotly.js inlined: it opens offline, from disk or as a mail
+attachment) with the KPI summary, the worst instances, the abnormal ratio of common and CDC tasks,
+the CDC share, a per-instance heatmap, the anomalies and the collection health of the period.
+Default period: the 7 days before now. The bucket size follows the period (--freq to choose)."""
+
+REPORT_EXAMPLE = """\
+examples:
+  roma-analytics report --since 2024-05-01 --until 2024-05-08 --out report.html
+  roma-analytics report --out /srv/reports/roma-weekly.html      # the last 7 days"""
+
+
+def add_report(subparsers) -> None:
+    parser = _subparser(subparsers, "report", "write a self-contained HTML report of a period", REPORT_HELP,
+                        REPORT_EXAMPLE)
+    parser.add_argument("--out", required=True, metavar="PATH", help="output HTML file")
+    parser.add_argument("--history", metavar="DIR", default=DEFAULT_HISTORY,
+                        help=f"history folder (default {DEFAULT_HISTORY})")
+    parser.add_argument("--since", metavar="ISO", type=iso_time, help="first time included (default: 7 days ago)")
+    parser.add_argument("--until", metavar="ISO", type=iso_time, help="first time excluded (default: none)")
+    parser.add_argument("--freq", metavar="FREQ", help="bucket size, e.g. 1h or 1D (default: from the period)")
+    parser.add_argument("--threshold", metavar="R", type=fraction, help="shade worst instances above this ratio")
+    parser.add_argument("--title", metavar="TEXT", help="report title")
+    parser.add_argument("--project-id", metavar="ID", nargs="+", action="extend", help="only these projects")
+    parser.add_argument("--instance-id", metavar="ID", nargs="+", action="extend", help="only these instances")
+    parser.set_defaults(handler=run_report)
+
+
+def run_report(args) -> int:
+    from datetime import timedelta
+
+    from roma_analytics.report import write_report
+
+    since = args.since or datetime.now(timezone.utc) - timedelta(days=7)
+    if args.until and since >= args.until:
+        raise _Usage("--since must be before --until")
+    summary = write_report(args.history, args.out, since, args.until, freq=args.freq, projects=args.project_id,
+                           instances=args.instance_id, threshold=args.threshold, title=args.title)
+    print(f"wrote {summary.path} ({summary.size / 1e6:.1f} MB): {summary.runs} run(s), "
+          f"{summary.stats_rows} stats row(s), {summary.freq} buckets")
+    return 0
+
+
 #: Every subcommand: add_<name>(subparsers). Order is the order in --help.
-COMMANDS = [add_collect, add_export, add_compact, add_simulate]
+COMMANDS = [add_collect, add_export, add_compact, add_check, add_report, add_simulate]
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -1,0 +1,728 @@
+"""Alerting rules over the history: which findings fire, which are new, and a webhook to tell.
+
+``roma-analytics check`` is a thin wrapper over :func:`check`.  The pieces:
+
+* :class:`Rules` -- what to look for, from command-line flags or the ``[rules]`` table of the
+  targets file (:func:`parse_rules`; every problem is a ``ConfigError`` naming ``rules.<key>``)::
+
+      [rules]
+      abnormal_ratio = { threshold = 0.05, by = ["instance", "fleet"], min_tasks = 20 }
+      abnormal_increase = 5          # abnormal tasks of an instance and task type rose by >= 5
+      anomalies = { freq = "1h", window = 24, z = 3.0, by = "instance" }   # or: anomalies = true
+      collection_failures = 3        # an instance failed in each of the last 3 runs
+      disappeared = true             # in the previous run, absent from the latest
+
+* :func:`evaluate` -- pure: ``stats`` and ``errors`` frames -> a list of :class:`Finding`, all
+  judged at the *latest run* of the frames (see each rule in :class:`Rules`).
+* :func:`check` -- loads the needed part of a :class:`HistoryStore`, evaluates, and compares with
+  the state kept beside the history (``HISTORY/.alerts-state.json``, written atomically, under a
+  lock so that two overlapping cron jobs do not both notify): a finding is *new* until a webhook
+  has delivered it; it is not sent again while it keeps firing; once it stops firing it is
+  *resolved* (sent once as such, if it had been delivered) and would be new again if it returned.
+* :func:`send_webhook` -- one JSON POST with a timeout, retried with exponential backoff on
+  connection errors, 429 and 5xx (urllib3 ``Retry``, POST included).  It uses its own session
+  and never any header or credential of the targets; error messages show only the webhook's
+  scheme and host, since webhook URLs often embed a secret in their path.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+
+from roma_analytics import __version__, analysis
+from roma_analytics.errors import ConfigError, RomaError
+from roma_analytics.schema import SERIES_KEY, conform
+
+try:  # POSIX advisory lock; without it overlapping checks may both notify (never lose state).
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = [
+    "AbnormalRatioRule", "AnomalyRule", "Rules", "Finding", "CheckResult", "WebhookError",
+    "parse_rules", "evaluate", "check", "send_webhook", "webhook_payload", "state_path_for",
+    "RATIO_LEVELS", "STATE_NAME",
+]
+
+#: The state file's name inside the history folder (dot-prefixed: the store ignores it).
+STATE_NAME = ".alerts-state.json"
+STATE_VERSION = 1
+STATE_RETENTION = pd.Timedelta(days=30)
+#: Where an abnormal ratio can be judged: level name -> the columns summed over.
+RATIO_LEVELS: dict[str, tuple[str, ...]] = {
+    "instance": ("region", "project_id", "instance_id"),
+    "instance_task_type": ("region", "project_id", "instance_id", "task_type"),
+    "task_type": ("task_type",),
+    "fleet": (),
+}
+#: History read before the latest run when no rule needs more (cheap, and covers daily runs).
+DEFAULT_LOOKBACK = pd.Timedelta(days=7)
+_INSTANCE_KEY = ("region", "project_id", "instance_id")
+_DISCOVERY = "*"
+
+
+# ------------------------------------------------------------------------------------------ rules
+
+@dataclass(frozen=True)
+class AbnormalRatioRule:
+    """Fires where ``sum(abnormal) / sum(total) > threshold`` in the latest run, for each group of
+    each level in ``by`` with at least ``min_tasks`` tasks (few tasks make a ratio meaningless)."""
+
+    threshold: float
+    by: tuple[str, ...] = ("instance",)
+    min_tasks: int = 10
+
+
+@dataclass(frozen=True)
+class AnomalyRule:
+    """Fires where :func:`analysis.anomalies` flags the bucket of the latest run.
+
+    ``by`` is a level of :data:`RATIO_LEVELS`; ``direction`` ``"up"`` (default) fires on rises of
+    the abnormal ratio only (a drop is good news), ``"both"`` on either."""
+
+    freq: str = "1h"
+    window: int = 24
+    z: float = 3.0
+    by: str = "instance"
+    direction: str = "up"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The rules to check; ``None``/``False`` switches a rule off.
+
+    * ``abnormal_ratio``: see :class:`AbnormalRatioRule`.
+    * ``abnormal_increase = N``: an instance's abnormal count of one task type rose by at least
+      ``N`` between the previous run and the latest (both must have collected it).
+    * ``anomalies``: see :class:`AnomalyRule`.
+    * ``collection_failures = K``: an instance (or a project's discovery) failed in each of the
+      last ``K`` runs of the history.
+    * ``disappeared``: an instance in the previous run (collected or failed) that the latest run
+      did not even try -- no longer discovered, or removed from the targets.  An instance of a
+      project whose discovery failed in the latest run is not counted (that is a failure).
+    """
+
+    abnormal_ratio: AbnormalRatioRule | None = None
+    abnormal_increase: int | None = None
+    anomalies: AnomalyRule | None = None
+    collection_failures: int | None = None
+    disappeared: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.abnormal_ratio or self.abnormal_increase or self.anomalies
+                    or self.collection_failures or self.disappeared)
+
+    def overridden_by(self, other: Rules) -> Rules:
+        """These rules with every rule that ``other`` sets replaced by ``other``'s."""
+        changes = {name: value for name, value in _rules_dict(other).items() if value}
+        return replace(self, **changes)
+
+
+def _rules_dict(rules: Rules) -> dict:
+    return {name: getattr(rules, name) for name in Rules.__dataclass_fields__}
+
+
+_RULE_KEYS = {"abnormal_ratio", "abnormal_increase", "anomalies", "collection_failures", "disappeared"}
+
+
+def parse_rules(table: Mapping | None, source: str = "targets file") -> Rules:
+    """The ``[rules]`` table of a targets file as :class:`Rules` (see the module docstring).
+
+    A ``ConfigError`` saying ``SOURCE: rules.<key>: what is wrong`` for an unknown key, a wrong
+    type or a value out of range.
+    """
+    table = dict(table or {})
+
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{source}: rules.{key}: {problem}")
+
+    unknown = sorted(set(table) - _RULE_KEYS)
+    if unknown:
+        raise fail(unknown[0], f"unknown rule; use {', '.join(sorted(_RULE_KEYS))}")
+
+    ratio = None
+    if "abnormal_ratio" in table:
+        value = table["abnormal_ratio"]
+        if _is_number(value):
+            value = {"threshold": value}
+        if not isinstance(value, Mapping):
+            raise fail("abnormal_ratio", "must be a number (the threshold) or a table "
+                                         "{ threshold = 0.05, by = [\"instance\"], min_tasks = 10 }")
+        _keys(value, {"threshold", "by", "min_tasks"}, "abnormal_ratio", fail)
+        if "threshold" not in value:
+            raise fail("abnormal_ratio", "needs threshold = a fraction such as 0.05 (5 %)")
+        by = value.get("by", ["instance"])
+        by = [by] if isinstance(by, str) else by
+        ratio = AbnormalRatioRule(
+            threshold=_fraction(value["threshold"], "abnormal_ratio.threshold", fail),
+            by=_levels(by, "abnormal_ratio.by", fail),
+            min_tasks=_whole(value.get("min_tasks", 10), "abnormal_ratio.min_tasks", fail, minimum=1),
+        )
+
+    increase = None
+    if "abnormal_increase" in table:
+        increase = _whole(table["abnormal_increase"], "abnormal_increase", fail, minimum=1)
+
+    anomaly = None
+    if "anomalies" in table:
+        value = table["anomalies"]
+        if value is True:
+            value = {}
+        if value is False:
+            value = None
+        elif not isinstance(value, Mapping):
+            raise fail("anomalies", "must be true, false or a table "
+                                    "{ freq = \"1h\", window = 24, z = 3.0, by = \"instance\" }")
+        if value is not None:
+            _keys(value, {"freq", "window", "z", "by", "direction"}, "anomalies", fail)
+            anomaly = AnomalyRule()
+            if "freq" in value:
+                if not isinstance(value["freq"], str):
+                    raise fail("anomalies.freq", "must be a frequency such as \"1h\"")
+                analysis.bucket_step(value["freq"])   # raises a ConfigError saying what works
+                anomaly = replace(anomaly, freq=value["freq"])
+            if "window" in value:
+                anomaly = replace(anomaly, window=_whole(value["window"], "anomalies.window", fail, minimum=1))
+            if "z" in value:
+                if not _is_number(value["z"]) or not value["z"] > 0:
+                    raise fail("anomalies.z", "must be a positive number such as 3.0")
+                anomaly = replace(anomaly, z=float(value["z"]))
+            if "by" in value:
+                anomaly = replace(anomaly, by=_levels([value["by"]], "anomalies.by", fail)[0])
+            if "direction" in value:
+                if value["direction"] not in ("up", "both"):
+                    raise fail("anomalies.direction", "must be \"up\" (rises only) or \"both\"")
+                anomaly = replace(anomaly, direction=value["direction"])
+
+    failures = None
+    if "collection_failures" in table:
+        failures = _whole(table["collection_failures"], "collection_failures", fail, minimum=1)
+
+    disappeared = table.get("disappeared", False)
+    if not isinstance(disappeared, bool):
+        raise fail("disappeared", "must be true or false")
+
+    return Rules(abnormal_ratio=ratio, abnormal_increase=increase, anomalies=anomaly,
+                 collection_failures=failures, disappeared=disappeared)
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _keys(table: Mapping, allowed: set, key: str, fail) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise fail(f"{key}.{unknown[0]}", f"unknown key; use {', '.join(sorted(allowed))}")
+
+
+def _fraction(value, key: str, fail) -> float:
+    if not _is_number(value) or not 0 <= value < 1:
+        raise fail(key, f"must be a fraction from 0 to below 1 (0.05 = 5 %), got {value!r}")
+    return float(value)
+
+
+def _whole(value, key: str, fail, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise fail(key, f"must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def _levels(values, key: str, fail) -> tuple[str, ...]:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise fail(key, f"must be one or a list of {', '.join(RATIO_LEVELS)}")
+    for value in values:
+        if value not in RATIO_LEVELS:
+            raise fail(key, f"{value!r} is not a level; use {', '.join(RATIO_LEVELS)}")
+    if len(set(values)) != len(values):
+        raise fail(key, "names a level twice")
+    return tuple(values)
+
+
+# --------------------------------------------------------------------------------------- findings
+
+@dataclass(frozen=True)
+class Finding:
+    """One rule firing for one subject.  ``key`` identifies it across checks (rule, level and
+    subject; never the values), so a finding that keeps firing is recognised as the same one."""
+
+    key: str
+    rule: str
+    message: str
+    level: str = "instance"
+    region: str | None = None
+    project_id: str | None = None
+    instance_id: str | None = None
+    instance_name: str | None = None
+    task_type: str | None = None
+    value: float | None = None
+    threshold: float | None = None
+
+    def as_dict(self) -> dict:
+        return {name: _plain(value) for name, value in asdict(self).items()}
+
+
+def _plain(value):
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    return value
+
+
+def _subject(row: Mapping, columns: Iterable[str]) -> dict:
+    return {name: (None if pd.isna(row.get(name)) else str(row.get(name))) for name in columns}
+
+
+def _label(subject: Mapping, level: str) -> str:
+    """``instance orders (cn-north-4/p1/i1)``, ``cdc tasks``, ``fleet``."""
+    if level == "fleet":
+        return "fleet"
+    parts = []
+    if subject.get("instance_id"):
+        where = "/".join(str(subject.get(c)) for c in _INSTANCE_KEY)
+        name = subject.get("instance_name")
+        parts.append(f"instance {name} ({where})" if name else f"instance {where}")
+    if subject.get("task_type"):
+        parts.append(f"{subject['task_type']} tasks")
+    return ", ".join(parts)
+
+
+def _key(rule: str, level: str, subject: Mapping, columns: Iterable[str]) -> str:
+    return "/".join([rule, level, *(str(subject.get(c)) for c in columns)])
+
+
+# -------------------------------------------------------------------------------------- evaluate
+
+def _runs(stats: pd.DataFrame, errors: pd.DataFrame) -> pd.DataFrame:
+    runs = pd.concat([stats[["run_id", "collected_at"]], errors[["run_id", "collected_at"]]], ignore_index=True)
+    runs = runs.groupby("run_id", sort=False)["collected_at"].min().reset_index()
+    return runs.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
+
+
+def evaluate(stats: pd.DataFrame, errors: pd.DataFrame, rules: Rules) -> list[Finding]:
+    """Every finding of ``rules`` at the latest run of ``stats``/``errors`` (schema frames).
+
+    The frames must reach back far enough for the rules (the previous run, the last K runs,
+    the anomaly window); :func:`check` loads exactly that.  Findings come sorted by key.
+    """
+    stats = conform(stats, "stats")
+    errors = conform(errors, "errors")
+    runs = _runs(stats, errors)
+    if runs.empty:
+        return []
+    latest_id = runs["run_id"].iloc[-1]
+    previous_id = runs["run_id"].iloc[-2] if len(runs) >= 2 else None
+    names = _instance_names(stats)
+    findings: list[Finding] = []
+    if rules.abnormal_ratio:
+        findings += _abnormal_ratio(stats[stats["run_id"] == latest_id], rules.abnormal_ratio, names)
+    if rules.abnormal_increase and previous_id is not None:
+        pair = stats[stats["run_id"].isin([previous_id, latest_id])]
+        findings += _abnormal_increase(pair, latest_id, rules.abnormal_increase, names)
+    if rules.anomalies:
+        findings += _anomalies(stats, runs["collected_at"].iloc[-1], rules.anomalies, names)
+    if rules.collection_failures:
+        findings += _collection_failures(stats, errors, runs, rules.collection_failures, names)
+    if rules.disappeared and previous_id is not None:
+        findings += _disappeared(stats, errors, previous_id, latest_id, names)
+    return sorted(findings, key=lambda finding: finding.key)
+
+
+def _instance_names(stats: pd.DataFrame) -> dict:
+    named = stats[stats["instance_name"].notna()].sort_values(["collected_at", "run_id"], kind="stable")
+    last = named.drop_duplicates(list(_INSTANCE_KEY), keep="last")
+    return dict(zip(zip(*(last[c].astype(object) for c in _INSTANCE_KEY)), last["instance_name"].astype(object)))
+
+
+def _with_name(subject: dict, names: Mapping) -> dict:
+    if subject.get("instance_id"):
+        subject["instance_name"] = names.get(tuple(subject.get(c) for c in _INSTANCE_KEY))
+    return subject
+
+
+def _abnormal_ratio(latest_stats: pd.DataFrame, rule: AbnormalRatioRule, names) -> list[Finding]:
+    findings = []
+    for level in rule.by:
+        columns = RATIO_LEVELS[level]
+        if columns:
+            sums = latest_stats.groupby(list(columns), dropna=False, sort=True)[["abnormal", "total"]].sum().reset_index()
+        else:
+            sums = pd.DataFrame({"abnormal": [int(latest_stats["abnormal"].sum())],
+                                 "total": [int(latest_stats["total"].sum())]})
+        sums["ratio"] = analysis._pooled(sums["abnormal"], sums["total"])
+        sums["low"], sums["high"] = analysis.wilson_interval(sums["abnormal"], sums["total"])
+        firing = sums[(sums["total"] >= rule.min_tasks) & (sums["ratio"] > rule.threshold)]
+        for row in firing.to_dict("records"):
+            subject = _with_name(_subject(row, columns), names)
+            message = (f"abnormal ratio {row['ratio']:.1%} ({row['abnormal']} of {row['total']} tasks, "
+                       f"95% interval {row['low']:.1%}-{row['high']:.1%}) is above {rule.threshold:.1%} "
+                       f"for {_label(subject, level)}")
+            findings.append(Finding(key=_key("abnormal_ratio", level, subject, columns), rule="abnormal_ratio",
+                                    message=message, level=level, value=row["ratio"],
+                                    threshold=rule.threshold, **subject))
+    return findings
+
+
+def _abnormal_increase(pair: pd.DataFrame, latest_id: str, minimum: int, names) -> list[Finding]:
+    changed = analysis.changes(pair)
+    changed = changed[(changed["run_id"] == latest_id) & (changed["status"] == "changed")]
+    rising = changed[changed["abnormal_delta"].fillna(0) >= minimum]
+    findings = []
+    for row in rising.to_dict("records"):
+        subject = _with_name(_subject(row, SERIES_KEY), names)
+        message = (f"abnormal tasks rose by {row['abnormal_delta']} since the previous run "
+                   f"({row['previous_abnormal']} -> {row['abnormal']} of {row['total']}) "
+                   f"for {_label(subject, 'instance_task_type')}")
+        findings.append(Finding(key=_key("abnormal_increase", "instance_task_type", subject, SERIES_KEY),
+                                rule="abnormal_increase", message=message, level="instance_task_type",
+                                value=float(row["abnormal_delta"]), threshold=float(minimum), **subject))
+    return findings
+
+
+def _anomalies(stats: pd.DataFrame, latest_at, rule: AnomalyRule, names) -> list[Finding]:
+    columns = RATIO_LEVELS[rule.by]
+    flagged = analysis.anomalies(stats, freq=rule.freq, window=rule.window, z=rule.z, by=columns)
+    current = analysis.bucket_of(pd.Series([latest_at]), rule.freq).iloc[0]
+    flagged = flagged[(flagged["bucket"] == current) & flagged["is_anomaly"]]
+    if rule.direction == "up":
+        flagged = flagged[flagged["robust_z"] > 0]
+    findings = []
+    for row in flagged.to_dict("records"):
+        subject = _with_name(_subject(row, columns), names)
+        message = (f"abnormal ratio {row['abnormal_ratio']:.1%} departs from its usual "
+                   f"{row['baseline_median']:.1%} (robust z {row['robust_z']:+.1f}, "
+                   f"{rule.freq} buckets, window {rule.window}) for {_label(subject, rule.by)}")
+        findings.append(Finding(key=_key("anomaly", rule.by, subject, columns), rule="anomaly", message=message,
+                                level=rule.by, value=row["robust_z"], threshold=rule.z, **subject))
+    return findings
+
+
+def _collection_failures(stats, errors, runs: pd.DataFrame, k: int, names) -> list[Finding]:
+    if len(runs) < k:
+        return []
+    last = runs.tail(k)
+    recent_errors = errors[errors["run_id"].isin(last["run_id"])]
+    recent_ok = stats[stats["run_id"].isin(last["run_id"])][["run_id", *_INSTANCE_KEY]].drop_duplicates()
+    failed = recent_errors.merge(recent_ok, on=["run_id", *_INSTANCE_KEY], how="left", indicator=True)
+    failed = failed[failed["_merge"] == "left_only"]
+    streaks = failed.groupby(list(_INSTANCE_KEY), sort=True)["run_id"].nunique()
+    every_run = streaks[streaks >= k].reset_index()[list(_INSTANCE_KEY)]
+    if every_run.empty:
+        return []
+    latest = failed.sort_values(["collected_at", "run_id"], kind="stable").drop_duplicates(list(_INSTANCE_KEY), keep="last")
+    every_run = every_run.merge(latest, on=list(_INSTANCE_KEY), how="left")
+    findings = []
+    for row in every_run.to_dict("records"):
+        subject = _with_name(_subject(row, _INSTANCE_KEY), names)
+        status = f"HTTP {row['http_status']} " if not pd.isna(row["http_status"]) else ""
+        what = (f"discovery of project {subject['region']}/{subject['project_id']}"
+                if subject["instance_id"] == _DISCOVERY else _label(subject, "instance"))
+        message = (f"collection failed in each of the last {k} runs for {what} "
+                   f"(last error: {status}{row['error_code']}: {row['error_msg']})")
+        findings.append(Finding(key=_key("collection_failures", "instance", subject, _INSTANCE_KEY),
+                                rule="collection_failures", message=message, value=float(k),
+                                threshold=float(k), **subject))
+    return findings
+
+
+def _disappeared(stats, errors, previous_id: str, latest_id: str, names) -> list[Finding]:
+    def attempted(run_id):
+        frames = [stats.loc[stats["run_id"] == run_id, list(_INSTANCE_KEY)],
+                  errors.loc[errors["run_id"] == run_id, list(_INSTANCE_KEY)]]
+        return pd.concat(frames, ignore_index=True).drop_duplicates()
+
+    before, now = attempted(previous_id), attempted(latest_id)
+    gone = before.merge(now, on=list(_INSTANCE_KEY), how="left", indicator=True)
+    gone = gone[(gone["_merge"] == "left_only") & (gone["instance_id"] != _DISCOVERY)]
+    # A project whose instance list failed in the latest run: its instances are not "gone".
+    blind = now[now["instance_id"] == _DISCOVERY][["region", "project_id"]]
+    gone = gone.merge(blind.assign(_blind=True), on=["region", "project_id"], how="left")
+    gone = gone[gone["_blind"].isna()].sort_values(list(_INSTANCE_KEY), kind="stable")
+    findings = []
+    for row in gone.to_dict("records"):
+        subject = _with_name(_subject(row, _INSTANCE_KEY), names)
+        message = f"{_label(subject, 'instance')} was in the previous run and is not in the latest run"
+        findings.append(Finding(key=_key("disappeared", "instance", subject, _INSTANCE_KEY), rule="disappeared",
+                                message=message, **subject))
+    return findings
+
+
+# -------------------------------------------------------------------------------- check and state
+
+@dataclass
+class CheckResult:
+    """What :func:`check` found: every firing finding, which are ``new`` (not yet delivered by a
+    webhook), which were ``resolved`` since the last check, and the webhook's outcome."""
+
+    findings: list[Finding]
+    new: list[Finding]
+    resolved: list[dict]
+    run_id: str | None
+    collected_at: pd.Timestamp | None
+    notified: bool = False
+    webhook_error: str | None = None
+    first_seen: dict = field(default_factory=dict)
+
+
+def state_path_for(history) -> Path:
+    return Path(history) / STATE_NAME
+
+
+def _load_window(store, rules: Rules, lookback: pd.Timedelta, now: pd.Timestamp):
+    """The stats and errors rows the rules need, judged at the latest run in ``lookback``."""
+    horizon = now - lookback
+    runs = store.runs(since=horizon)
+    if runs.empty:
+        return None
+    needed = 2
+    if rules.collection_failures:
+        needed = max(needed, rules.collection_failures)
+    since = runs["collected_at"].iloc[-min(needed, len(runs))]
+    if rules.anomalies:
+        step, _ = analysis.bucket_step(rules.anomalies.freq)
+        bucket = analysis.bucket_of(pd.Series([runs["collected_at"].iloc[-1]]), rules.anomalies.freq).iloc[0]
+        since = min(since, bucket - pd.Timedelta(microseconds=step * rules.anomalies.window))
+    return store.load(since=since, table="stats"), store.load(since=since, table="errors")
+
+
+def check(store, rules: Rules, *, state_path=None, webhook: str | None = None, timeout=(3.05, 10.0),
+          retries: int = 3, backoff: float = 0.5, lookback=DEFAULT_LOOKBACK, now=None,
+          session=None) -> CheckResult:
+    """Evaluate ``rules`` on ``store``'s history, update the state file and notify the webhook.
+
+    ``state_path`` defaults to ``HISTORY/.alerts-state.json``; it keeps one section per rule set
+    and webhook.  A finding is ``new`` until it has been told: without ``webhook``, by this check
+    returning it (the caller prints it); with ``webhook``, by a delivered POST.  One POST is sent
+    when there are new findings (or resolved ones that had been delivered); a delivery failure is
+    recorded in ``webhook_error`` (the findings stay new, so the next check sends them again)
+    instead of raising.  ``lookback`` bounds how far back the latest run is looked for; no run in
+    it is a ``ConfigError`` (the collector is not running, or the history is elsewhere).
+    """
+    if rules.empty:
+        raise ConfigError("no rules to check: give at least one rule flag (e.g. --max-abnormal-ratio 0.05) "
+                          "or a [rules] table in the targets file")
+    if not store.path.is_dir():
+        raise ConfigError(f"the history folder {store.path} does not exist; run roma-analytics collect first "
+                          "(or check --collect), or pass --history")
+    state_path = Path(state_path) if state_path else state_path_for(store.path)
+    lookback = pd.Timedelta(lookback)
+    if rules.anomalies:
+        step, _ = analysis.bucket_step(rules.anomalies.freq)
+        lookback = max(lookback, pd.Timedelta(microseconds=step * (rules.anomalies.window + 1)))
+    now = pd.Timestamp(now if now is not None else datetime.now(timezone.utc))
+    now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
+    with _locked(state_path):
+        window = _load_window(store, rules, lookback, now)
+        if window is None:
+            raise ConfigError(f"no collection run in the history {store.path} in the last {lookback}; "
+                              "run roma-analytics collect first (or check --collect)")
+        stats, errors = window
+        findings = evaluate(stats, errors, rules)
+        runs = _runs(conform(stats, "stats"), conform(errors, "errors"))
+        state = _read_state(state_path)
+        section_key = _section_key(rules, webhook)
+        previous = state["checks"].get(section_key, {}).get("findings", {})
+        current = {finding.key: finding for finding in findings}
+        stamp = now.isoformat()
+        # Resolved: reported last time (or a resolution whose delivery failed) and not firing now.
+        resolved = [dict(entry, key=key) for key, entry in previous.items() if key not in current]
+        records = {}
+        for key, finding in current.items():
+            old = previous.get(key, {})
+            records[key] = {"rule": finding.rule, "message": finding.message,
+                            "first_seen": old.get("first_seen", stamp), "last_seen": stamp,
+                            "notified": bool(old.get("notified", False))}
+        new = [finding for key, finding in current.items() if not records[key]["notified"]]
+        result = CheckResult(findings=findings, new=new, resolved=resolved, run_id=str(runs["run_id"].iloc[-1]),
+                             collected_at=pd.Timestamp(runs["collected_at"].iloc[-1]),
+                             first_seen={key: record["first_seen"] for key, record in records.items()})
+        if webhook is None:
+            # Without a webhook the caller's output is the report: printed once counts as told.
+            for record in records.values():
+                record["notified"] = True
+        else:
+            # Only a resolution of something the receiver was told about is worth a message.
+            resolved_notices = [entry for entry in resolved if entry.get("notified")]
+            if new or resolved_notices:
+                payload = webhook_payload(result, new, resolved_notices, checked_at=now)
+                try:
+                    send_webhook(webhook, payload, timeout=timeout, retries=retries, backoff=backoff,
+                                 session=session)
+                except WebhookError as exc:
+                    result.webhook_error = str(exc)
+                    # Kept so that the next check tells the receiver after all.
+                    for entry in resolved_notices:
+                        records[entry["key"]] = {name: value for name, value in entry.items() if name != "key"} \
+                            | {"resolved": True}
+                else:
+                    result.notified = True
+                    for finding in new:
+                        records[finding.key]["notified"] = True
+        # Sections of rule sets nobody has checked for a month are forgotten.
+        horizon = (now - STATE_RETENTION).isoformat()
+        state["checks"] = {key: section for key, section in state["checks"].items()
+                           if str(section.get("checked_at", "")) >= horizon}
+        state["checks"][section_key] = {"rules": _describe(rules), "checked_at": stamp, "run_id": result.run_id,
+                                        "findings": records}
+        _write_state(state_path, state)
+    return result
+
+
+def webhook_payload(result: CheckResult, new: list[Finding], resolved: list[dict], checked_at=None) -> dict:
+    """The JSON body of a notification: what is new, what cleared, and a one-line ``text``
+    (which chat tools' incoming webhooks display)."""
+    checked = pd.Timestamp(checked_at if checked_at is not None else datetime.now(timezone.utc))
+    parts = []
+    if new:
+        parts.append(f"{len(new)} new finding(s): " + "; ".join(f.message for f in new[:5])
+                     + (" ..." if len(new) > 5 else ""))
+    if resolved:
+        parts.append(f"{len(resolved)} resolved")
+    return {
+        "source": "roma-analytics",
+        "version": __version__,
+        "checked_at": checked.isoformat(),
+        "run_id": result.run_id,
+        "collected_at": result.collected_at.isoformat() if result.collected_at is not None else None,
+        "firing": len(result.findings),
+        "new": [finding.as_dict() for finding in new],
+        "resolved": [{"key": entry["key"], "rule": entry.get("rule"), "message": entry.get("message")}
+                     for entry in resolved],
+        "text": "roma-analytics: " + ", ".join(parts),
+    }
+
+
+def _section_key(rules: Rules, webhook: str | None) -> str:
+    """Each rule set and destination keeps its own memory: two cron jobs with different rules or
+    webhooks on one history do not mark each other's findings as told.  Only a hash of the
+    webhook URL is stored (URLs often hold a secret)."""
+    text = _describe(rules) + "\0" + (webhook or "")
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _describe(rules: Rules) -> str:
+    return json.dumps(asdict(rules), sort_keys=True, default=str)
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {"version": STATE_VERSION, "checks": {}}
+    except OSError as exc:
+        raise ConfigError(f"cannot read the alert state {path}: {exc.strerror}") from exc
+    try:
+        state = json.loads(text)
+        if not isinstance(state.get("checks"), dict):
+            raise ValueError("no checks table")
+    except (ValueError, AttributeError) as exc:
+        raise ConfigError(f"the alert state {path} is damaged ({exc}); delete it to start afresh "
+                          "(every finding will be reported as new once)") from None
+    return state
+
+
+def _write_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as file:
+            json.dump(state, file, indent=1, sort_keys=True)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise RomaError(f"cannot write the alert state {path}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(state_path: Path) -> Iterator[None]:
+    lock_path = state_path.with_name(state_path.name + ".lock")
+    try:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")
+    except OSError as exc:
+        raise ConfigError(f"cannot use {state_path.parent} for the alert state: {exc.strerror}") from exc
+    with handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------- webhook
+
+class WebhookError(RomaError):
+    """The webhook could not be delivered after the retries (message: scheme and host only)."""
+
+    default_code = "WEBHOOK"
+
+
+def redacted(url: str) -> str:
+    """``https://hooks.example.com/...``: webhook paths and queries often carry a secret."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}/..."
+
+
+def send_webhook(url: str, payload: dict, *, timeout=(3.05, 10.0), retries: int = 3, backoff: float = 0.5,
+                 session=None) -> None:
+    """POST ``payload`` as JSON to ``url``; ``WebhookError`` unless a 2xx came back.
+
+    Connection errors, timeouts, 429 and 5xx are retried ``retries`` times with exponential
+    backoff (``backoff * 2**n`` seconds, Retry-After honoured); redirects are not followed (the
+    body stays with the host the user named).  A fresh session without auth is used unless one
+    is given (tests).
+    """
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    parts = urlsplit(url or "")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("the webhook must be an http:// or https:// URL")
+    where = redacted(url)
+    retry = Retry(total=retries, connect=retries, read=retries, status=retries, other=0,
+                  backoff_factor=backoff, backoff_max=30.0, status_forcelist=(429, 500, 502, 503, 504),
+                  allowed_methods=frozenset({"POST"}), respect_retry_after_header=True, raise_on_status=False,
+                  redirect=False)
+    own = session is None
+    if own:
+        session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    body = json.dumps(payload, default=str).encode("utf-8")
+    try:
+        response = session.post(url, data=body, timeout=timeout, allow_redirects=False,
+                                headers={"Content-Type": "application/json",
+                                         "User-Agent": f"roma-analytics/{__version__}"})
+    except requests.exceptions.Timeout:
+        raise WebhookError(f"webhook {where} did not answer in time after {retries + 1} attempt(s)") from None
+    except requests.exceptions.RequestException as exc:
+        raise WebhookError(f"webhook {where} could not be reached after {retries + 1} attempt(s) "
+                           f"({type(exc).__name__})") from None
+    finally:
+        if own:
+            session.close()
+    if not 200 <= response.status_code < 300:
+        raise WebhookError(f"webhook {where} answered HTTP {response.status_code}", status=response.status_code)

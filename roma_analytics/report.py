@@ -1,0 +1,249 @@
+"""A self-contained HTML report of a period of the history: ``roma-analytics report``.
+
+One file that opens offline in any browser (plotly.js is inlined once, ~4.5 MB), with the
+charts of :mod:`roma_analytics.charts` built from :mod:`roma_analytics.analysis` output:
+
+1. the KPI summary at the end of the period (``kpis``),
+2. the worst instances with their Wilson intervals (``abnormal_ranking``),
+3. the abnormal ratio of common and CDC tasks over time, anomalies ringed (``trend``, ``anomalies``),
+4. the CDC share and the CDC-minus-common abnormal-ratio gap (``cdc_vs_common``),
+5. an instance x time heatmap of the abnormal ratio,
+6. the anomalies flagged per instance, as a table (robust z >= 3 against up to 24 earlier
+   buckets, once at least 6 exist),
+7. collection health: failed collections by error code, the success ratio per run, and the
+   instances that failed most.
+
+The bucket size is chosen from the length of the period (about 200 buckets at most) unless
+``freq`` is given.  Every text from the data is HTML-escaped (instance names come from users).
+The file is written atomically (temporary file + rename), so a reader never sees half a report.
+"""
+from __future__ import annotations
+
+import html
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from roma_analytics import __version__, analysis, charts
+from roma_analytics.errors import ConfigError, RomaError
+from roma_analytics.store import HistoryStore, parse_time
+
+__all__ = ["build_report", "write_report", "choose_freq", "ReportSummary", "FREQ_CANDIDATES"]
+
+#: Bucket sizes the report picks from, smallest first.
+FREQ_CANDIDATES = ("5min", "15min", "1h", "6h", "1D", "1W")
+MAX_BUCKETS = 200
+ANOMALY_ROWS = 50
+ANOMALY_WINDOW = 24
+ANOMALY_MIN_PERIODS = 6
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """What :func:`write_report` wrote: ``path``, the ``runs`` and ``stats_rows`` covered, ``freq`` used."""
+
+    path: Path
+    runs: int
+    stats_rows: int
+    freq: str
+    size: int
+
+
+def choose_freq(start: pd.Timestamp, end: pd.Timestamp) -> str:
+    """The smallest of :data:`FREQ_CANDIDATES` giving at most :data:`MAX_BUCKETS` buckets."""
+    span = max(pd.Timedelta(end - start), pd.Timedelta(0))
+    for freq in FREQ_CANDIDATES:
+        if span / pd.to_timedelta(freq) <= MAX_BUCKETS:
+            return freq
+    return FREQ_CANDIDATES[-1]
+
+
+def build_report(store_or_path, since=None, until=None, *, freq: str | None = None, projects=None,
+                 instances=None, regions=None, threshold: float | None = None, title: str | None = None,
+                 now=None) -> tuple[str, dict]:
+    """The report's HTML text and a small summary dict (runs, stats_rows, freq).
+
+    ``since`` inclusive, ``until`` exclusive (naive = UTC), as everywhere.  ``threshold`` (a
+    fraction) shades the worst-instances rows above it.  No run in the period is a ConfigError.
+    """
+    store = store_or_path if isinstance(store_or_path, HistoryStore) else HistoryStore(store_or_path)
+    start, end = parse_time(since, "since"), parse_time(until, "until")
+    filters = dict(since=start, until=end, projects=projects, instances=instances, regions=regions)
+    stats = store.load(table="stats", **filters)
+    errors = store.load(table="errors", **filters)
+    times = pd.concat([stats["collected_at"], errors["collected_at"]], ignore_index=True)
+    if times.empty:
+        period = f"from {start:%Y-%m-%d %H:%M} UTC" if start is not None else "in the history"
+        raise ConfigError(f"no collection run {period}{f' until {end:%Y-%m-%d %H:%M} UTC' if end is not None else ''} "
+                          f"in {store.path} (with the given filters); nothing to report")
+    first, last = times.min(), times.max()
+    if freq is None:
+        freq = choose_freq(first, last)
+    analysis.bucket_step(freq)   # a clear ConfigError for a bad --freq
+    runs = int(pd.concat([stats["run_id"], errors["run_id"]]).nunique())
+
+    names = analysis.latest(stats).drop_duplicates("instance_id", keep="last").set_index("instance_id")["instance_name"] \
+        if len(stats) else None
+    per_type = analysis.trend(stats, freq, by=("task_type",))
+    sections = [
+        ("Summary", charts.kpi_figure(analysis.kpis(stats, errors)), None),
+        ("Worst instances", charts.worst_instances_table(
+            analysis.abnormal_ranking(stats, n=20, by="instance_id"), threshold=threshold, top=20),
+         "Latest snapshot of each instance in the period, ranked by the lower end of the 95% Wilson "
+         "interval of its abnormal ratio, so that a few tasks cannot outrank hundreds."),
+        ("Abnormal ratio: common vs CDC", charts.abnormal_ratio_trend(
+            per_type, _anomalies(stats, freq, by=("task_type",))), None),
+        ("CDC share and abnormal-ratio gap", charts.cdc_share_trend(analysis.cdc_vs_common(stats, freq)), None),
+        ("Abnormal ratio per instance", charts.abnormal_heatmap(
+            analysis.trend(stats, freq, by=("instance_id",)), instance_names=names), None),
+    ]
+    instance_anomalies = _anomalies(stats, freq, by=("region", "project_id", "instance_id"))
+    health = charts.collection_health_chart(
+        analysis.errors_by_code(errors, freq), analysis.collection_health(errors, stats))
+
+    body = [f"<h1>{html.escape(title or 'ROMA Connect task statistics')}</h1>",
+            _period_line(first, last, start, end, runs, len(stats), freq, now)]
+    for number, (heading, figure, note) in enumerate(sections):
+        body.append(f"<section><h2>{html.escape(heading)}</h2>")
+        if note:
+            body.append(f"<p class='note'>{html.escape(note)}</p>")
+        body.append(_figure_html(figure, f"chart-{number}"))
+        body.append("</section>")
+    body.append("<section><h2>Anomalies per instance</h2>")
+    body.append(_anomaly_table(instance_anomalies, names))
+    body.append("</section>")
+    body.append("<section><h2>Collection health</h2>")
+    body.append(_figure_html(health, "chart-health"))
+    body.append(_failing_instances(errors, stats))
+    body.append("</section>")
+    return _page(title or "ROMA Connect task statistics", "\n".join(body)), {
+        "runs": runs, "stats_rows": len(stats), "freq": freq}
+
+
+def write_report(store_or_path, out, since=None, until=None, **options) -> ReportSummary:
+    """Build the report (see :func:`build_report`) and write it atomically to ``out``."""
+    target = Path(out)
+    if target.is_dir():
+        raise ConfigError(f"--out {target} is a directory; give a file name such as {target / 'report.html'}")
+    if not target.parent.is_dir():
+        raise ConfigError(f"cannot write {target}: the directory {target.parent} does not exist; create it first")
+    text, summary = build_report(store_or_path, since, until, **options)
+    data = text.encode("utf-8")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, target)
+    except PermissionError as exc:
+        raise ConfigError(f"cannot write {target}: permission denied; choose a writable place") from exc
+    except OSError as exc:
+        raise RomaError(f"cannot write {target}: {exc.strerror or exc}; nothing was written") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ReportSummary(path=target, size=len(data), **summary)
+
+
+def _anomalies(stats: pd.DataFrame, freq: str, by) -> pd.DataFrame:
+    # A report often covers few buckets: judge a bucket once 6 earlier ones exist (analysis'
+    # default wants half the window, 12), against at most the 24 before it.
+    return analysis.anomalies(stats, freq=freq, by=by, window=ANOMALY_WINDOW, min_periods=ANOMALY_MIN_PERIODS)
+
+
+def _period_line(first, last, start, end, runs, rows, freq, now) -> str:
+    generated = pd.Timestamp(now if now is not None else datetime.now(timezone.utc))
+    shown_start = start if start is not None else first
+    until = f"until {end:%Y-%m-%d %H:%M} UTC" if end is not None else f"to {last:%Y-%m-%d %H:%M} UTC"
+    return (f"<p class='period'>Period from {shown_start:%Y-%m-%d %H:%M} UTC {html.escape(until)}: "
+            f"{runs:,} collection run(s), {rows:,} statistics rows, {html.escape(freq)} buckets. "
+            f"Generated {generated:%Y-%m-%d %H:%M} UTC by roma-analytics {html.escape(__version__)}.</p>")
+
+
+def _figure_html(figure, div_id: str) -> str:
+    import plotly.io as pio
+
+    height = figure.layout.height or 450
+    return pio.to_html(figure, include_plotlyjs=False, full_html=False, div_id=div_id,
+                       default_height=f"{height}px", default_width="100%",
+                       config={"displaylogo": False, "responsive": True})
+
+
+def _table(headers: list[str], rows: pd.DataFrame, numeric: set[str]) -> str:
+    """An HTML table of ``rows`` (already formatted text), every cell escaped."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    cells = []
+    for name in headers:
+        align = " class='num'" if name in numeric else ""
+        cells.append(f"<td{align}>" + rows[name].astype(str).map(html.escape) + "</td>")
+    lines = pd.concat(cells, axis=1).sum(axis=1) if len(rows) else pd.Series(dtype=str)
+    body = "".join("<tr>" + lines + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _anomaly_table(flagged: pd.DataFrame, names) -> str:
+    rows = flagged[flagged["is_anomaly"]].sort_values(["bucket", "robust_z"], ascending=[False, False])
+    if rows.empty:
+        return "<p class='empty'>No anomalies in the period.</p>"
+    shown = rows.head(ANOMALY_ROWS)
+    label = shown["instance_id"].astype(str)
+    if names is not None:
+        named = shown["instance_id"].map(names)
+        label = named.where(named.notna(), label).astype(str) + " (" + shown["instance_id"].astype(str) + ")"
+    text = pd.DataFrame({
+        "Bucket (UTC)": shown["bucket"].dt.strftime("%Y-%m-%d %H:%M"),
+        "Instance": label,
+        "Project": shown["project_id"].astype(str),
+        "Abnormal ratio": (shown["abnormal_ratio"] * 100).map("{:.1f} %".format),
+        "Usual ratio": (shown["baseline_median"] * 100).map("{:.1f} %".format),
+        "Robust z": shown["robust_z"].map("{:+.1f}".format),
+        "Abnormal / tasks": shown["abnormal"].astype(str) + " / " + shown["total"].astype(str),
+    })
+    more = (f"<p class='note'>{len(rows) - ANOMALY_ROWS} more not shown.</p>" if len(rows) > ANOMALY_ROWS else "")
+    return _table(list(text.columns), text, {"Abnormal ratio", "Usual ratio", "Robust z", "Abnormal / tasks"}) + more
+
+
+def _failing_instances(errors: pd.DataFrame, stats: pd.DataFrame) -> str:
+    health = analysis.instance_health(errors, stats)
+    failing = health[health["failed"] > 0].head(20)
+    if failing.empty:
+        return "<p class='empty'>Every collection in the period succeeded.</p>"
+    status = failing["last_http_status"].astype("string").fillna("")
+    text = pd.DataFrame({
+        "Instance": failing["region"].astype(str) + "/" + failing["project_id"].astype(str) + "/"
+        + failing["instance_id"].astype(str),
+        "Failed runs": failing["failed"].astype(str),
+        "Collected runs": failing["collected"].astype(str),
+        "Last error": (status + " " + failing["last_error_code"].astype("string").fillna("")).str.strip(),
+        "Message": failing["last_error_msg"].astype("string").fillna(""),
+    })
+    return "<h3>Instances that failed to collect</h3>" + _table(
+        list(text.columns), text, {"Failed runs", "Collected runs"})
+
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
+       max-width: 1200px; padding: 0 1rem; color: #222; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2.5rem; border-bottom: 1px solid #ddd; }
+.period, .note, .empty { color: #555; }
+table { border-collapse: collapse; width: 100%; font-size: 0.9rem; margin: 0.5rem 0 1rem; }
+th, td { border-bottom: 1px solid #e3e3e3; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #E7E9EE; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+"""
+
+
+def _page(title: str, body: str) -> str:
+    from plotly.offline import get_plotlyjs
+
+    return (
+        "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
+        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n"
+        # Inlined, so the file opens offline and from disk; plotly.js is MIT-licensed.
+        f"<script type='text/javascript'>{get_plotlyjs()}</script>\n"
+        f"</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
