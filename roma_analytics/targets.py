@@ -348,13 +348,25 @@ class _Loader:
         return value
 
     def _identifier(self, value: Any, path: tuple, what: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.fail(path, f"{what} must be a non-empty string")
-        if len(value) > MAX_ID_LENGTH:
-            raise self.fail(path, f"{what} is {len(value)} characters; the API allows 1-{MAX_ID_LENGTH}")
-        if "/" in value or any(c.isspace() for c in value):
-            raise self.fail(path, f"{what} {value!r} must not contain '/' or spaces")
+        problem = identifier_problem(value, what)
+        if problem:
+            raise self.fail(path, problem)
         return value
+
+
+def identifier_problem(value: Any, what: str) -> str | None:
+    """Why ``value`` cannot be a project or instance id (a segment of the API's path), or None.
+
+    Checked when the targets are read, so that a bad id stops the run at start-up (exit 2)
+    instead of becoming an error row of every run.
+    """
+    if not isinstance(value, str) or not value:
+        return f"{what} must be a non-empty string"
+    if len(value) > MAX_ID_LENGTH:
+        return f"{what} is {len(value)} characters; the API allows 1-{MAX_ID_LENGTH}"
+    if "/" in value or value in (".", "..") or any(c.isspace() or not c.isprintable() for c in value):
+        return f"{what} {value!r} must not contain '/', spaces or control characters, nor be '.' or '..'"
+    return None
 
 
 def _format_path(path: tuple) -> str:
