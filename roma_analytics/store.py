@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ COMPACTED_PREFIX = "compacted-"
 READ_LOCK_NAME = ".lock"
 #: Serialises compactions (two compactors merging the same day would duplicate it).
 COMPACT_LOCK_NAME = ".compact.lock"
+#: A temporary file of an append older than this was abandoned by a killed writer.
+STALE_TEMP_SECONDS = 15 * 60
 #: Rows per Parquet row group: big enough for good compression and few footers, small enough
 #: that a time filter on a compacted day skips most of it (files are sorted by collected_at).
 ROW_GROUP_ROWS = 128 * 1024
@@ -352,8 +355,14 @@ class HistoryStore:
         return CompactReport(days=len(days), files_merged=files_merged, rows=rows)
 
     def _compact_day(self, folder: Path, table: str) -> tuple[int, int]:
-        for entry in folder.iterdir():  # stale temporaries of a killed compaction
-            if entry.name.startswith("." + COMPACTED_PREFIX) and ".tmp-" in entry.name:
+        now = time.time()
+        for entry in folder.iterdir():
+            if ".tmp-" not in entry.name or not entry.name.startswith("."):
+                continue
+            # A killed compaction's temporaries go at once (compactions are serialised by the
+            # lock); a killed append's only once clearly abandoned, since on a finished day a
+            # late append could still be writing one.
+            if entry.name.startswith("." + COMPACTED_PREFIX) or _age(entry, now) > STALE_TEMP_SECONDS:
                 entry.unlink(missing_ok=True)
         self._finish_compactions(folder)
         sources = _visible_files(folder)
@@ -622,6 +631,13 @@ def _write_temp(target: Path, write) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _link_into_place(tmp: Path, target: Path) -> None:

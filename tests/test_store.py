@@ -565,3 +565,18 @@ def test_trend_and_cdc_vs_common_match_analysis_on_load(history_dir):
     pd.testing.assert_frame_equal(store.cdc_vs_common(freq="12h", since="2024-05-02"), expected)
     with pytest.raises(ConfigError):
         store.trend(since="2024-05-03", until="2024-05-01")
+
+
+def test_compact_removes_abandoned_append_temporaries_but_not_fresh_ones(history_dir):
+    store = HistoryStore(history_dir)
+    build_days(store, days=1)
+    day = history_dir / "stats" / "date=2024-05-01"
+    abandoned = day / ".20240501T000000Z-deadbeef.parquet.tmp-99999-abcd1234"
+    fresh = day / ".20240501T010000Z-deadbeef.parquet.tmp-99998-abcd1234"
+    abandoned.write_bytes(b"half a parquet file")
+    fresh.write_bytes(b"being written right now")
+    old = time.time() - 16 * 60
+    os.utime(abandoned, (old, old))
+    store.compact(before="2024-05-02")
+    assert not abandoned.exists()
+    assert fresh.exists()
