@@ -340,11 +340,21 @@ def add_export(subparsers) -> None:
     parser.set_defaults(handler=run_export)
 
 
+def _existing_history(path: str) -> str:
+    """Commands that read a history stop on a missing folder: in cron, a mistyped path must fail
+    loudly instead of exporting or compacting nothing, run after run."""
+    if not os.path.exists(path):  # a file or a foreign folder: HistoryStore says what it is
+        raise _Usage(f"history folder {path} does not exist; collect into it first "
+                     f"(roma-analytics collect --history {path}) or pass the right --history")
+    return path
+
+
 def run_export(args) -> int:
     from roma_analytics.export import export_table
 
     if args.since and args.until and args.since >= args.until:
         raise _Usage("--since must be before --until")
+    _existing_history(args.history)
     report = export_table(args.history, args.out, format=args.format, table=args.table, since=args.since,
                           until=args.until, projects=args.project_id, instances=args.instance_id)
     print(f"exported {report.rows} {args.table} row(s) to {report.path}")
@@ -376,7 +386,7 @@ def add_compact(subparsers) -> None:
 def run_compact(args) -> int:
     from roma_analytics.store import HistoryStore
 
-    report = HistoryStore(args.history).compact(before=args.before)
+    report = HistoryStore(_existing_history(args.history)).compact(before=args.before)
     print(f"compacted {report.days} day(s): {report.files_merged} file(s) merged, {report.rows} row(s)")
     return 0
 
@@ -609,7 +619,7 @@ def run_report(args) -> int:
     since = args.since or datetime.now(timezone.utc) - timedelta(days=7)
     if args.until and since >= args.until:
         raise _Usage("--since must be before --until")
-    summary = write_report(args.history, args.out, since, args.until, freq=args.freq, projects=args.project_id,
+    summary = write_report(_existing_history(args.history), args.out, since, args.until, freq=args.freq, projects=args.project_id,
                            instances=args.instance_id, threshold=args.threshold, title=args.title)
     print(f"wrote {summary.path} ({summary.size / 1e6:.1f} MB): {summary.runs} run(s), "
           f"{summary.stats_rows} stats row(s), {summary.freq} buckets")

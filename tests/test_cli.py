@@ -325,3 +325,17 @@ def test_signal_during_a_run_leaves_no_file(tmp_path, signal_number, expected):
     assert proc.returncode == expected, err
     assert "Traceback" not in err
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "--format", "csv", "--out", "{tmp}/out.csv"],
+    ["compact"],
+    ["report", "--out", "{tmp}/r.html"],
+])
+def test_commands_reading_a_missing_history_exit_2(argv, tmp_path, capsys):
+    history = tmp_path / "no-such-history"
+    argv = [part.format(tmp=tmp_path) for part in argv] + ["--history", str(history)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and str(history) in err
+    assert not history.exists() and not (tmp_path / "out.csv").exists() and not (tmp_path / "r.html").exists()

@@ -131,8 +131,9 @@ def test_empty_history_and_wrong_table(tmp_path, capsys):
     out = tmp_path / "roma.prom"
     report = export_table(tmp_path / "none", out, format="openmetrics")
     assert report.rows == 0 and out.read_text() == "# EOF\n"
+    (tmp_path / "empty").mkdir()
     code = main(["export", "--format", "openmetrics", "--table", "errors", "--out", str(out),
-                 "--history", str(tmp_path / "none")])
+                 "--history", str(tmp_path / "empty")])
     assert code == 2 and "--table" in capsys.readouterr().err
 
 
