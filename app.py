@@ -1,6 +1,402 @@
-"""roma-analytics dashboard (placeholder until the dashboard lands)."""
+"""roma-analytics dashboard: `streamlit run app.py`.
+
+Widgets and calls only: the data comes from roma_analytics.dashboard (sources, filters, downloads)
+and roma_analytics.analysis, the figures from roma_analytics.charts.  Caching lives here, not in
+the package.  With the environment variable ROMA_HISTORY set, it opens that history folder
+instead of the bundled sample.  The server listens on localhost only (.streamlit/config.toml); see the sidebar's
+"About" for how to share it safely.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+
+import pandas as pd
 import streamlit as st
 
+from roma_analytics import analysis, charts, dashboard
+from roma_analytics.collect import collect
+from roma_analytics.errors import ConfigError, RomaError
+from roma_analytics.samples import SAMPLE_HISTORY
+from roma_analytics.store import HistoryStore
+from roma_analytics.targets import load_targets
+
 st.set_page_config(page_title="ROMA Connect task analytics", page_icon="📊", layout="wide")
+
+SOURCES = ("Sample history", "History folder", "Uploaded export", "Live collection")
+TABS = ("Overview", "Trends", "Heatmap", "Collection health", "Instance drill-down", "Data")
+PLOT_CONFIG = {"displaylogo": False}
+
+
+# ------------------------------------------------------------------------------- cached data
+# The million-row history is kept once per source (cache_resource: no per-rerun copy; it is never
+# mutated).  Parquet reads are cache_data; per-filter results are cache_data keyed on the filters,
+# so flipping between two selections is a cache hit.
+
+@st.cache_data(max_entries=2, show_spinner="Reading the history…")
+def read_folder(path: str, fingerprint: tuple[int, int]):
+    return dashboard.load_history(path)
+
+
+@st.cache_data(max_entries=4, show_spinner="Reading the upload…")
+def read_files(digest: str, _files: tuple[tuple[str, bytes], ...]):
+    return dashboard.read_uploads(_files)
+
+
+@st.cache_data(max_entries=8)
+def folder_resolution(path: str, fingerprint: tuple[int, int]) -> str:
+    return dashboard.auto_resolution(read_folder(path, fingerprint)[0])
+
+
+@st.cache_data(max_entries=8)
+def upload_resolution(digest: str, _files) -> str:
+    return dashboard.auto_resolution(read_files(digest, _files)[0])
+
+
+@st.cache_resource(max_entries=4, show_spinner="Indexing the history…")
+def prepared_folder(path: str, fingerprint: tuple[int, int], freq: str) -> dashboard.PreparedHistory:
+    return dashboard.prepare(*read_folder(path, fingerprint), freq)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Indexing the upload…")
+def prepared_upload(digest: str, freq: str, _files) -> dashboard.PreparedHistory:
+    return dashboard.prepare(*read_files(digest, _files), freq)
+
+
+@st.cache_resource(max_entries=4, ttl=dt.timedelta(hours=1))
+def prepared_live(run_ids: tuple[str, ...], freq: str, _stats, _errors) -> dashboard.PreparedHistory:
+    return dashboard.prepare(_stats, _errors, freq)
+
+
+@st.cache_data(max_entries=64)
+def overview(source: tuple, filters: dashboard.Filters, _prepared):
+    selection = dashboard.apply_filters(_prepared, filters)
+    changes = analysis.changes(selection.last_runs)
+    return {
+        "kpis": analysis.kpis(selection.kpi_rows, selection.errors),
+        "latest": analysis.latest(selection.latest),
+        "ranking": analysis.abnormal_ranking(selection.latest, n=None),
+        "changes": changes[changes["run_id"] == changes["run_id"].max()] if len(changes) else changes,
+    }
+
+
+# Building a plotly figure costs about 0.1 s whatever its size (template and validation), so the
+# figures themselves are kept per selection too; Streamlit only reads them (to_dict).
+@st.cache_resource(max_entries=64)
+def overview_figures(source: tuple, filters: dashboard.Filters, threshold: float, _prepared):
+    numbers = overview(source, filters, _prepared)
+    return (charts.state_breakdown(numbers["latest"]),
+            charts.worst_instances_table(numbers["ranking"], threshold, top=20),
+            charts.changes_table(numbers["changes"], top=20))
+
+
+@st.cache_resource(max_entries=32)
+def trend_figures(source: tuple, filters: dashboard.Filters, _prepared):
+    selection = dashboard.apply_filters(_prepared, filters)
+    freq = selection.freq
+    flagged = analysis.anomalies(selection.snapshots, freq, by="task_type")
+    return (charts.abnormal_ratio_trend(analysis.trend(selection.snapshots, freq), flagged),
+            charts.cdc_share_trend(analysis.cdc_vs_common(selection.snapshots, freq)),
+            int(flagged["is_anomaly"].sum()))
+
+
+@st.cache_resource(max_entries=32)
+def heatmap_figure(source: tuple, filters: dashboard.Filters, _prepared):
+    selection = dashboard.apply_filters(_prepared, filters)
+    names = selection.latest.drop_duplicates("instance_id", keep="last").set_index("instance_id")["instance_name"]
+    return charts.abnormal_heatmap(analysis.trend(selection.snapshots, selection.freq, by=("instance_id",)),
+                                   instance_names=names)
+
+
+@st.cache_resource(max_entries=16)
+def health_views(source: tuple, filters: dashboard.Filters, _prepared):
+    selection = dashboard.apply_filters(_prepared, filters)
+    stats = selection.raw_stats()
+    per_instance = analysis.instance_health(selection.errors, stats)
+    return (charts.collection_health_chart(analysis.errors_by_code(selection.errors, selection.freq),
+                                           analysis.collection_health(selection.errors, stats)),
+            per_instance[per_instance["failed"] > 0].reset_index(drop=True))
+
+
+@st.cache_data(max_entries=8)
+def choices(source: tuple, _prepared) -> dict[str, object]:
+    """The values the filters offer (scanning the snapshots for them is too slow per rerun)."""
+    return {"region": _prepared.values("region"), "project_id": _prepared.values("project_id"),
+            "instance": dashboard.instance_options(_prepared.snapshots.drop_duplicates("instance_id", keep="last"))}
+
+
+@st.cache_data(ttl=dt.timedelta(minutes=1))
+def fingerprint(folder: str) -> tuple[int, int]:
+    """New runs in a history folder show up within a minute (or at once with "Reload")."""
+    return dashboard.history_fingerprint(folder)
+
+
+@st.cache_data(max_entries=32)
+def instance_rows(source: tuple, filters: dashboard.Filters, instance_id: str, _prepared):
+    return dashboard.apply_filters(_prepared, filters).instance_stats(instance_id)
+
+
+@st.cache_data(ttl=dt.timedelta(minutes=1), show_spinner="Asking the task-list API…")
+def error_tasks(run_ids: tuple[str, ...], region: str, project_id: str, instance_id: str, _targets):
+    return dashboard.error_tasks(_targets, region, project_id, instance_id)
+
+
+def secrets() -> dict:
+    try:
+        return st.secrets.to_dict()
+    except FileNotFoundError:  # no secrets.toml: credentials come from the environment
+        return {}
+
+
+# ------------------------------------------------------------------------------- sidebar: source
+st.sidebar.title("ROMA Connect analytics")
+env_history = dashboard.history_from_env()
+source_kind = st.sidebar.radio("Data source", SOURCES, index=1 if env_history else 0, key="source")
+resolution = st.sidebar.selectbox(
+    "Resolution", ("Auto", *dashboard.RESOLUTIONS), key="resolution",
+    help="Width of a time bucket. Each instance counts with its last snapshot in a bucket.")
+
+prepared = None
+source_key: tuple = ()
+source_text = ""
+live_targets = None
+try:
+    if source_kind in ("Sample history", "History folder"):
+        if source_kind == "Sample history":
+            folder = str(SAMPLE_HISTORY)
+        else:
+            folder = st.sidebar.text_input(
+                "History folder", value=str(env_history or "data/history"), key="folder",
+                help=f"A folder written by `roma-analytics collect --history`; ${dashboard.HISTORY_ENV} sets the default.")
+        stamp = fingerprint(folder)
+        if stamp[0] == 0:
+            raise ConfigError(f"no history in {folder}: it holds no stats/date=…/*.parquet files; "
+                              "collect a run into it or choose another folder")
+        freq = folder_resolution(folder, stamp) if resolution == "Auto" else resolution
+        prepared = prepared_folder(folder, stamp, freq)
+        source_key = ("folder", folder, stamp, freq)
+        source_text = "the bundled sample history" if source_kind == "Sample history" else f"history folder `{folder}`"
+    elif source_kind == "Uploaded export":
+        uploads = st.sidebar.file_uploader(
+            "CSV or Parquet exports (stats, optionally errors)", type=["csv", "parquet"],
+            accept_multiple_files=True, key="upload",
+            help="Files written by `roma-analytics export`.")
+        if uploads:
+            files = tuple((upload.name, upload.getvalue()) for upload in uploads)
+            digest = hashlib.sha256(b"".join(name.encode() + b"\0" + data for name, data in files)).hexdigest()
+            freq = upload_resolution(digest, files) if resolution == "Auto" else resolution
+            prepared = prepared_upload(digest, freq, files)
+            source_key = ("upload", digest, freq)
+            source_text = "the uploaded " + ", ".join(f"`{name}`" for name, _ in files)
+    else:
+        how = st.sidebar.radio("Targets", ("Form", "Targets file"), horizontal=True, key="live_how")
+        with st.sidebar.form("live"):
+            if how == "Form":
+                endpoint = st.text_input("Endpoint URL", key="live_endpoint", placeholder="https://roma.cn-north-4.myhuaweicloud.com")
+                region = st.text_input("or region", key="live_region", placeholder="cn-north-4")
+                project_ids = st.text_input("Project ids", key="live_projects", help="Comma separated.")
+                instance_ids = st.text_input("Instance ids (empty: discover RUNNING ones)", key="live_instances")
+            else:
+                targets_path = st.text_input("Targets file", value="data/samples/targets.toml", key="live_targets_path")
+            append = st.checkbox("Append the run to the history", key="live_append")
+            append_to = st.text_input("History folder to append to", value=str(env_history or "data/history"), key="live_history")
+            collect_now = st.form_submit_button("Collect now", type="primary")
+        st.sidebar.caption("Credentials come from `st.secrets` ([roma] token, or ak/sk, or iam_*) or the "
+                           "environment (ROMA_AUTH_TOKEN, ROMA_AK/ROMA_SK, ROMA_IAM_*). They are never shown.")
+        if collect_now:
+            if how == "Form":
+                auth, auth_source = dashboard.auth_from_settings(secrets(), region=region.strip() or None)
+                targets = dashboard.form_targets(endpoint, region, project_ids, instance_ids, auth)
+                settings = {}
+            else:
+                loaded = load_targets(targets_path)
+                targets, settings = loaded.targets, loaded.settings
+                auth_source = "the targets file"
+            bar = st.progress(0.0, text="Discovering instances…")
+            collection = collect(
+                targets, workers=int(settings.get("workers", 16)), retries=int(settings.get("retries", 1)),
+                progress=lambda done, total: bar.progress(done / total if total else 1.0,
+                                                          text=f"Collected {done:,} of {total:,} instances"))
+            bar.empty()
+            if collection.collected == 0:
+                first = collection.errors.iloc[0] if len(collection.errors) else None
+                detail = f" First error: {first['error_code']}: {first['error_msg']}" if first is not None else ""
+                st.error(f"Nothing was collected ({collection.summary()}).{detail} Check the endpoint, "
+                         f"the project ids and the credentials ({auth_source}).")
+            else:
+                st.session_state.setdefault("live_runs", []).append((collection.run_id, collection.stats, collection.errors))
+                st.session_state["live_target_list"] = targets
+                note = f"Collected: {collection.summary()}."
+                if append:
+                    files = HistoryStore(append_to).append(collection)
+                    note += f" Appended to `{append_to}` ({len(files)} file(s))."
+                st.success(note)
+        runs = st.session_state.get("live_runs", [])
+        if runs:
+            run_ids = tuple(run_id for run_id, _, _ in runs)
+            stats = pd.concat([s for _, s, _ in runs], ignore_index=True)
+            errors = pd.concat([e for _, _, e in runs], ignore_index=True)
+            freq = dashboard.auto_resolution(stats) if resolution == "Auto" else resolution
+            prepared = prepared_live(run_ids, freq, stats, errors)
+            source_key = ("live", run_ids, freq)
+            live_targets = st.session_state.get("live_target_list")
+            source_text = f"live collection ({len(runs)} run{'s' if len(runs) > 1 else ''} this session)"
+except (ConfigError, RomaError) as exc:
+    st.error(f"**Cannot use this data source.** {exc}")
+    prepared = None
+
 st.title("ROMA Connect task analytics")
-st.info("The dashboard is being built; the sample history will appear here.")
+if prepared is None:
+    st.info("Choose a data source in the sidebar: the bundled sample history needs no credentials.")
+    st.stop()
+if prepared.stats.empty:
+    st.warning(f"{source_text} holds no task statistics yet.")
+    st.stop()
+
+# ------------------------------------------------------------------------------- sidebar: filters
+st.sidebar.header("Filters")
+first_day, last_day = prepared.first_day.date(), prepared.last_day.date()
+days = st.sidebar.date_input("Time range (UTC days)", value=(first_day, last_day), min_value=first_day,
+                             max_value=last_day, key="days")
+days = tuple(days) if isinstance(days, (tuple, list)) else (days,)
+since = pd.Timestamp(days[0], tz="UTC") if days else None
+until = pd.Timestamp(days[-1], tz="UTC") + pd.Timedelta(days=1) if days else None
+offered = choices(source_key, prepared)
+names = offered["instance"]
+regions = st.sidebar.multiselect("Region", offered["region"], key="regions", placeholder="All regions")
+projects = st.sidebar.multiselect("Project", offered["project_id"], key="projects", placeholder="All projects")
+instances = st.sidebar.multiselect("Instance", list(names), format_func=names.get, key="instances",
+                                   placeholder="All instances (type to search)")
+task_types = st.sidebar.multiselect("Task type", ["common", "cdc"], format_func=charts.TASK_TYPE_LABELS.get,
+                                    key="task_types", placeholder="Common and CDC")
+threshold_percent = st.sidebar.slider("Abnormal-ratio threshold (%)", 0.0, 50.0, 5.0, 0.5, key="threshold",
+                                      help="Instances above it are shaded in the worst-instances table.")
+threshold = threshold_percent / 100
+
+with st.sidebar.expander("About and sharing safely"):
+    st.markdown(
+        "Times are UTC. Counts are point-in-time gauges: each instance counts with its last snapshot.\n\n"
+        "The server listens on **localhost only** (`.streamlit/config.toml`). To share the dashboard, "
+        "keep it there and put an authenticating reverse proxy (SSO, basic auth over HTTPS) in front, "
+        "or reach it through an SSH tunnel (`ssh -L 8501:localhost:8501 host`). Do not set "
+        "`server.address = 0.0.0.0` on a network you do not trust: anyone who can reach the port sees "
+        "your fleet, and the live mode uses the server's credentials.")
+
+try:
+    filters = dashboard.Filters(since=since, until=until, regions=regions, projects=projects,
+                                instances=instances, task_types=task_types)
+except ConfigError as exc:
+    st.error(str(exc))
+    st.stop()
+
+# ------------------------------------------------------------------------------- KPI row
+numbers = overview(source_key, filters, prepared)
+kpis = numbers["kpis"]
+last_run = kpis["last_collected_at"]
+st.caption(f"Source: {source_text} · resolution {prepared.freq} · last run "
+           f"{last_run:%Y-%m-%d %H:%M} UTC · all times UTC" if last_run is not None else f"Source: {source_text}")
+tiles = st.columns(7)
+tiles[0].metric("Instances", dashboard.count_text(kpis["instances"]))
+for tile, state in zip(tiles[1:5], ("running", "abnormal", "terminated", "completed")):
+    tile.metric(f"{charts.STATE_LABELS[state]} tasks", dashboard.count_text(kpis[state]))
+tiles[5].metric("Fleet abnormal ratio", dashboard.ratio_text(kpis["abnormal_ratio"]),
+                delta=dashboard.delta_points_text(kpis["abnormal_ratio_delta"]), delta_color="inverse",
+                help="Abnormal tasks / all tasks over the latest snapshots; the change is against the previous run.")
+tiles[6].metric("Failed collections", dashboard.count_text(kpis["failed_collections"]),
+                help="Instances the last run could not collect.")
+
+# ------------------------------------------------------------------------------- views
+tabs = dict(zip(TABS, st.tabs(TABS, key="view", on_change="rerun")))
+
+
+def pick_from_bar() -> None:
+    """A click on a bar of the state breakdown opens that instance's drill-down."""
+    points = st.session_state["breakdown"].selection.points
+    if points:
+        chosen = dashboard.instance_from_label(points[0].get("y"), numbers["latest"])
+        if chosen:
+            st.session_state["drill"] = chosen
+            st.session_state["view"] = "Instance drill-down"
+
+
+with tabs["Overview"]:
+    if tabs["Overview"].open:
+        breakdown, worst, changed = overview_figures(source_key, filters, threshold, prepared)
+        st.plotly_chart(breakdown, key="breakdown", on_select=pick_from_bar,
+                        selection_mode="points", config=PLOT_CONFIG)
+        st.caption("Click a bar to open that instance's drill-down.")
+        above = numbers["ranking"]
+        flagged = int((above["wilson_low"] > threshold).sum())
+        st.markdown(f"**{flagged:,}** instance(s) are above {threshold:.1%} even at the low end of their "
+                    f"99 % Wilson interval.")
+        # Full width: the tables' instance labels and change summaries are long.
+        st.plotly_chart(worst, config=PLOT_CONFIG)
+        st.plotly_chart(changed, config=PLOT_CONFIG)
+
+with tabs["Trends"]:
+    if tabs["Trends"].open:
+        ratio_trend, share_trend, anomaly_count = trend_figures(source_key, filters, prepared)
+        st.plotly_chart(ratio_trend, config=PLOT_CONFIG)
+        st.caption(f"Rings mark anomalies: a bucket more than 3 robust standard deviations from the median "
+                   f"of the previous 24 buckets ({anomaly_count:,} found).")
+        st.plotly_chart(share_trend, config=PLOT_CONFIG)
+
+with tabs["Heatmap"]:
+    if tabs["Heatmap"].open:
+        st.plotly_chart(heatmap_figure(source_key, filters, prepared), config=PLOT_CONFIG)
+
+with tabs["Collection health"]:
+    if tabs["Collection health"].open:
+        health_chart, failing = health_views(source_key, filters, prepared)
+        st.plotly_chart(health_chart, config=PLOT_CONFIG)
+        st.subheader("Instances that failed to collect")
+        if failing.empty:
+            st.success("Every instance was collected in every run of the selection.")
+        else:
+            st.dataframe(failing, hide_index=True, column_config={
+                "failure_ratio": st.column_config.NumberColumn("failure ratio", format="percent"),
+                "last_error_at": st.column_config.DatetimeColumn("last error (UTC)", format="YYYY-MM-DD HH:mm"),
+            })
+
+with tabs["Instance drill-down"]:
+    if tabs["Instance drill-down"].open:
+        choices = [None, *names]
+        if st.session_state.get("drill") not in choices:
+            st.session_state["drill"] = None
+        chosen = st.selectbox("Instance", choices, key="drill", placeholder="Choose an instance (type to search)",
+                              format_func=lambda value: "–" if value is None else names.get(value, value))
+        if chosen is None:
+            st.info("Choose an instance, or click its bar in the Overview.")
+        else:
+            rows = instance_rows(source_key, filters, chosen, prepared)
+            st.plotly_chart(charts.instance_history(rows), config=PLOT_CONFIG)
+            if live_targets is not None and len(rows):
+                last = rows.iloc[-1]
+                st.subheader("Tasks in ERROR now")
+                try:
+                    tasks = error_tasks(source_key[1], last["region"], last["project_id"], chosen, live_targets)
+                except (ConfigError, RomaError) as exc:
+                    st.error(f"Cannot list the instance's tasks: {exc}")
+                else:
+                    if tasks.empty:
+                        st.success("No task of this instance is in ERROR.")
+                    else:
+                        st.dataframe(tasks, hide_index=True)
+            elif live_targets is None:
+                st.caption("The list of tasks in ERROR is available in live mode (Data source → Live collection).")
+
+with tabs["Data"]:
+    if tabs["Data"].open:
+        selection = dashboard.apply_filters(prepared, filters)
+        stats = selection.raw_stats()
+        st.markdown(f"**{len(stats):,}** stats rows and **{len(selection.errors):,}** errors rows match the filters.")
+        columns = st.columns(4)
+        columns[0].download_button("Stats as CSV", lambda: dashboard.csv_bytes(stats), "roma-stats.csv", "text/csv")
+        columns[1].download_button("Stats as Parquet", lambda: dashboard.parquet_bytes(stats, "stats"),
+                                   "roma-stats.parquet", "application/vnd.apache.parquet")
+        columns[2].download_button("Errors as CSV", lambda: dashboard.csv_bytes(selection.errors), "roma-errors.csv", "text/csv")
+        columns[3].download_button("Errors as Parquet", lambda: dashboard.parquet_bytes(selection.errors, "errors"),
+                                   "roma-errors.parquet", "application/vnd.apache.parquet")
+        st.dataframe(stats.tail(1000), hide_index=True)
+        st.caption("The last 1,000 rows; download for all of them.")

@@ -1,0 +1,680 @@
+"""What the Streamlit dashboard (``app.py``) computes, as plain functions that never import streamlit.
+
+``app.py`` is widgets and calls; everything it shows comes from here, from
+:mod:`roma_analytics.analysis` and from :mod:`roma_analytics.charts`, so it can be tested without a
+browser or a Streamlit runtime:
+
+* **sources**: the bundled sample history, a history folder (``ROMA_HISTORY``), uploaded CSV or
+  Parquet exports (:func:`read_uploads`, strict: a bad file is one :class:`ConfigError` saying what
+  is wrong), and live collection (:func:`form_targets`, :func:`auth_from_settings`);
+* **filters**: :class:`Filters`, applied to a :class:`PreparedHistory` by :func:`apply_filters`;
+* **downloads**: :func:`csv_bytes` (the CLI export's formula neutralisation) and
+  :func:`parquet_bytes`.
+
+Why a :class:`PreparedHistory`: the dashboard must stay interactive on a million rows.  Once per
+source and resolution it keeps, per time bucket and series, only the last snapshot (the gauge the
+aggregation semantics would pick anyway), sorted, with integer codes for the filter columns.
+Because the time filter is whole UTC days and every resolution divides a day, each analysis run on
+those rows returns exactly what it returns on the filtered raw history — but on a twelfth of the
+rows for 5-minute collection at hourly resolution, and without re-sorting strings per filter.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from roma_analytics import analysis, schema
+from roma_analytics.errors import ConfigError
+from roma_analytics.export import FORMULA_TRIGGERS, csv_safe
+from roma_analytics.store import HistoryStore, to_arrow, write_parquet
+
+__all__ = [
+    "HISTORY_ENV",
+    "RESOLUTIONS",
+    "Filters",
+    "PreparedHistory",
+    "FilteredHistory",
+    "history_from_env",
+    "load_history",
+    "history_fingerprint",
+    "read_upload",
+    "read_uploads",
+    "prepare",
+    "apply_filters",
+    "auto_resolution",
+    "instance_options",
+    "instance_from_label",
+    "auth_from_settings",
+    "form_targets",
+    "error_tasks",
+    "csv_bytes",
+    "parquet_bytes",
+    "ratio_text",
+    "count_text",
+    "delta_points_text",
+]
+
+#: The environment variable naming the history folder the dashboard opens.
+HISTORY_ENV = "ROMA_HISTORY"
+#: Time resolutions offered; each divides a day, so whole-day time filters cut at bucket edges.
+RESOLUTIONS: tuple[str, ...] = ("5min", "15min", "1h", "6h", "1D")
+_US_PER_DAY = 86_400_000_000
+#: Uploads larger than this are refused before parsing (a history export, not a data lake).
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+_STRING_COLUMNS = {name for name, dtype in schema.STATS_DTYPES.items() if dtype is schema.STRING_DTYPE} | {
+    name for name, dtype in schema.ERRORS_DTYPES.items() if dtype is schema.STRING_DTYPE
+}
+_INTEGER_COLUMNS = (*analysis.TOTAL_COLUMNS, "attempts")
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+def history_from_env(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The history folder named by ``ROMA_HISTORY`` (``None`` when unset or blank)."""
+    value = (os.environ if environ is None else environ).get(HISTORY_ENV, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def load_history(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(stats, errors)`` of the history folder ``path``; ConfigError when there is none."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"history folder {folder} does not exist; give the folder `roma-analytics collect "
+            "--history` writes to (it holds stats/ and errors/)"
+        )
+    store = HistoryStore(folder)
+    if not (folder / "stats").is_dir():
+        raise ConfigError(f"{folder} holds no stats/ folder yet; collect a run into it first")
+    return store.load(), store.load(table="errors")
+
+
+def history_fingerprint(path: str | os.PathLike) -> tuple[int, int]:
+    """``(files, newest mtime in ns)`` of a history's Parquet files: changes when a run is appended
+    or a day compacted, so a cache keyed on it reloads exactly then."""
+    newest, count = 0, 0
+    for table in schema.TABLES:
+        for file in Path(path).expanduser().glob(f"{table}/date=*/*.parquet"):
+            try:
+                newest = max(newest, file.stat().st_mtime_ns)
+            except OSError:  # swapped by a compaction between listing and stat
+                continue
+            count += 1
+    return count, newest
+
+
+def read_uploads(files: Iterable[tuple[str, bytes]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(stats, errors)`` from uploaded exports ``(file name, content)``, each a stats or errors
+    table (told apart by its columns).  ConfigError naming the file on any problem; uploading no
+    stats file at all is one too, since there would be nothing to show."""
+    stats, errors = [], []
+    for name, content in files:
+        table, frame = read_upload(content, name)
+        (stats if table == "stats" else errors).append(frame)
+    if not stats:
+        raise ConfigError(
+            "no stats table among the uploaded files; upload the output of "
+            "`roma-analytics export --table stats` (CSV or Parquet), with the errors export beside it if you like"
+        )
+    return (
+        pd.concat(stats, ignore_index=True) if len(stats) > 1 else stats[0],
+        pd.concat(errors, ignore_index=True) if len(errors) > 1 else errors[0] if errors else schema.empty_errors(),
+    )
+
+
+def read_upload(content: bytes, file_name: str = "upload") -> tuple[str, pd.DataFrame]:
+    """Parse one uploaded export into ``(table, frame)`` with ``table`` ``"stats"`` or ``"errors"``.
+
+    Parquet is recognised by its magic bytes, anything else is read as UTF-8 CSV (as written by
+    ``roma-analytics export``: the ``'`` that neutralised a formula-like cell is removed again).
+    The frame has exactly the schema's columns and dtypes; extra columns are dropped.  Missing
+    columns, unparseable times, counts that are not non-negative integers, a ``total`` that is not
+    the sum of the four counts, or an unknown task type are a :class:`ConfigError` naming the file
+    and the problem; no other exception escapes.
+    """
+    label = Path(str(file_name)).name or "upload"
+    if not isinstance(content, (bytes, bytearray, memoryview)):
+        raise ConfigError(f"{label}: expected the file's bytes, got {type(content).__name__}")
+    content = bytes(content)
+    if len(content) > MAX_UPLOAD_BYTES:
+        raise ConfigError(f"{label} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; export a shorter time range")
+    if not content.strip():
+        raise ConfigError(f"{label} is empty; upload a CSV or Parquet export of the history")
+    raw = _read_parquet(content, label) if content[:4] == b"PAR1" else _read_csv(content, label)
+    raw.columns = [str(name).strip() for name in raw.columns]
+    if raw.columns.duplicated().any():
+        duplicated = sorted(set(raw.columns[raw.columns.duplicated()]))
+        raise ConfigError(f"{label} has the column(s) {', '.join(duplicated)} more than once")
+    table = _table_of(raw, label)
+    return table, _validated(raw, table, label)
+
+
+def _read_parquet(content: bytes, label: str) -> pd.DataFrame:
+    try:
+        arrow = pq.read_table(io.BytesIO(content))
+    except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ConfigError(f"{label} is not a readable Parquet file ({_short(exc)}); upload a roma-analytics export") from None
+    # Unknown Parquet types (lists, structs, dictionaries of them) are refused column by column in
+    # _validated; converting to pandas first keeps everything in one place.
+    try:
+        return arrow.to_pandas(types_mapper=_string_mapper, ignore_metadata=True)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(f"{label}: cannot convert the Parquet columns ({_short(exc)})") from None
+
+
+def _string_mapper(arrow_type):
+    return pd.StringDtype() if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) else None
+
+
+def _read_csv(content: bytes, label: str) -> pd.DataFrame:
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{label} is neither Parquet nor UTF-8 text (byte {exc.start} is not UTF-8); "
+            "upload a CSV or Parquet export"
+        ) from None
+    if "\x00" in text:
+        raise ConfigError(f"{label} contains NUL bytes: not a CSV export; upload a CSV or Parquet export")
+    try:
+        # Everything as text first: the counts are checked to be integers below rather than
+        # silently turned into floats, and ids such as "007" keep their zeros.
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""],
+                            skipinitialspace=False, engine="c")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeError, OverflowError) as exc:
+        raise ConfigError(f"{label} is not a readable CSV file ({_short(exc)})") from None
+    for name in frame.columns:
+        column = frame[name].astype(schema.STRING_DTYPE)
+        # Undo export.csv_safe: "'=x" was "=x" in the history.
+        neutralised = column.str.len().gt(1).fillna(False) & column.str.startswith("'").fillna(False) \
+            & column.str.slice(1, 2).isin(list(FORMULA_TRIGGERS)).fillna(False)
+        frame[name] = column.mask(neutralised.astype(bool), column.str.slice(1))
+    return frame
+
+
+def _table_of(frame: pd.DataFrame, label: str) -> str:
+    columns = set(frame.columns)
+    missing = {table: [c for c in dtypes if c not in columns] for table, dtypes in schema.TABLES.items()}
+    if not missing["stats"]:
+        return "stats"
+    if not missing["errors"]:
+        return "errors"
+    table = min(missing, key=lambda t: len(missing[t]))
+    raise ConfigError(
+        f"{label} is not a roma-analytics {table} export: it lacks the column(s) "
+        f"{', '.join(missing[table])}; export it with `roma-analytics export --table {table}`"
+    )
+
+
+def _validated(raw: pd.DataFrame, table: str, label: str) -> pd.DataFrame:
+    dtypes = schema.TABLES[table]
+    columns: dict[str, pd.Series] = {}
+    for name, dtype in dtypes.items():
+        column = raw[name].reset_index(drop=True)
+        if column.dtype == object and column.map(lambda v: isinstance(v, (list, dict, bytes, np.ndarray))).any():
+            raise ConfigError(f"{label}: column {name} holds nested values; expected {dtype}")
+        if dtype is schema.TIMESTAMP_DTYPE:
+            columns[name] = _times(column, name, label)
+        elif name in _INTEGER_COLUMNS:
+            columns[name] = _whole_numbers(column, name, label)
+        elif name == "http_status":
+            columns[name] = _whole_numbers(column, name, label, nullable=True)
+        else:
+            columns[name] = _text(column, name, label, required=name not in ("instance_name", "request_id", "error_msg", "http_status"))
+    frame = pd.DataFrame(columns)
+    if table == "stats":
+        counted = frame[list(schema.COUNT_COLUMNS)].sum(axis=1)
+        wrong = counted != frame["total"]
+        if wrong.any():
+            row = int(np.flatnonzero(wrong.to_numpy())[0])
+            raise ConfigError(
+                f"{label}: total is not running + abnormal + terminated + completed in {int(wrong.sum())} "
+                f"row(s), first at data row {row + 1}; the file was edited or is not an export"
+            )
+        unknown = sorted(set(frame["task_type"].dropna()) - set(schema.TASK_TYPES))
+        if unknown:
+            raise ConfigError(f"{label}: unknown task_type {', '.join(map(repr, unknown[:3]))}; expected common or cdc")
+    try:
+        return schema.conform(frame, table)
+    except (ValueError, TypeError, OverflowError, pa.ArrowException) as exc:  # defensive: checked above
+        raise ConfigError(f"{label}: {_short(exc)}") from None
+
+
+def _times(column: pd.Series, name: str, label: str) -> pd.Series:
+    try:
+        if pd.api.types.is_datetime64_any_dtype(column):
+            times = column.dt.tz_localize("UTC") if column.dt.tz is None else column.dt.tz_convert("UTC")
+        else:
+            times = pd.to_datetime(column.astype(schema.STRING_DTYPE), utc=True, format="ISO8601")
+        times = times.astype(schema.TIMESTAMP_DTYPE)
+    except (ValueError, TypeError, OverflowError, pa.ArrowException) as exc:
+        raise ConfigError(f"{label}: column {name} holds a value that is not an ISO-8601 time ({_short(exc)})") from None
+    if times.isna().any():
+        raise ConfigError(f"{label}: column {name} is empty in {int(times.isna().sum())} row(s)")
+    return times
+
+
+def _whole_numbers(column: pd.Series, name: str, label: str, nullable: bool = False) -> pd.Series:
+    if pd.api.types.is_bool_dtype(column) or pd.api.types.is_datetime64_any_dtype(column):
+        raise ConfigError(f"{label}: column {name} must hold whole numbers, not {column.dtype}")
+    try:
+        numbers = pd.to_numeric(column.astype(object) if column.dtype == object else column, errors="coerce")
+        values = numbers.astype("Float64") if not pd.api.types.is_integer_dtype(numbers) else numbers.astype("Int64")
+    except (ValueError, TypeError, OverflowError, pa.ArrowException) as exc:
+        raise ConfigError(f"{label}: column {name} must hold whole numbers ({_short(exc)})") from None
+    given = column.notna() if not pd.api.types.is_string_dtype(column) else column.fillna("").astype(str).str.strip().ne("")
+    bad = given.to_numpy(dtype=bool) & values.isna().to_numpy(dtype=bool)
+    if not nullable:
+        bad |= values.isna().to_numpy(dtype=bool)
+    finite = values.fillna(0)
+    bad |= ~(finite.astype("float64").map(float.is_integer).to_numpy(dtype=bool)) if values.dtype == "Float64" else False
+    bad |= (finite < 0).to_numpy(dtype=bool)
+    bad |= (finite.astype("float64") > 2.0**62).to_numpy(dtype=bool)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ConfigError(
+            f"{label}: column {name} must hold whole numbers >= 0, but data row {row + 1} holds "
+            f"{_cell(column.iloc[row])}"
+        )
+    return values.astype("Int64") if nullable else values.astype("int64")
+
+
+def _text(column: pd.Series, name: str, label: str, required: bool) -> pd.Series:
+    try:
+        text = column.astype(schema.STRING_DTYPE)
+    except (ValueError, TypeError, pa.ArrowException) as exc:
+        raise ConfigError(f"{label}: column {name} must hold text ({_short(exc)})") from None
+    if required and text.isna().any():
+        raise ConfigError(f"{label}: column {name} is empty in {int(text.isna().sum())} row(s)")
+    return text
+
+
+def _cell(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing and filtering
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the sidebar selected.  ``since``/``until``: UTC days (``until`` exclusive, ``None`` =
+    open); the collections: values to keep (``None`` or empty = all)."""
+
+    since: pd.Timestamp | None = None
+    until: pd.Timestamp | None = None
+    regions: tuple[str, ...] | None = None
+    projects: tuple[str, ...] | None = None
+    instances: tuple[str, ...] | None = None
+    task_types: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None:
+                stamp = pd.Timestamp(value)
+                stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+                if stamp != stamp.floor("D"):
+                    raise ConfigError(f"{name} must be a whole UTC day (midnight), got {stamp.isoformat()}")
+                object.__setattr__(self, name, stamp)
+        for name in ("regions", "projects", "instances", "task_types"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, tuple(str(v) for v in value) if value else None)
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ConfigError("the time range ends before it starts; pick an end date on or after the start date")
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedHistory:
+    """A history ready for instant filtering (see the module docstring).  Read-only.
+
+    ``stats``/``errors``: the full tables, stats sorted by ``analysis.GAUGE_ORDER``;
+    ``snapshots``: per ``freq`` bucket and series the last snapshot (real stats rows), sorted by
+    bucket; ``snapshot_bucket`` its bucket (int64 µs) and ``snapshot_series`` a series code.
+    """
+
+    stats: pd.DataFrame
+    errors: pd.DataFrame
+    freq: str
+    snapshots: pd.DataFrame
+    snapshot_bucket: np.ndarray
+    snapshot_series: np.ndarray
+    stats_time: np.ndarray = field(repr=False)
+
+    @property
+    def first_day(self) -> pd.Timestamp | None:
+        return None if self.stats.empty else self.stats["collected_at"].iloc[0].floor("D")
+
+    @property
+    def last_day(self) -> pd.Timestamp | None:
+        return None if self.stats.empty else self.stats["collected_at"].iloc[-1].floor("D")
+
+    def values(self, column: str) -> list[str]:
+        """The distinct values of a filter column, sorted (for the multiselects)."""
+        return sorted(self.snapshots[column].dropna().unique().tolist())
+
+
+def auto_resolution(stats: pd.DataFrame) -> str:
+    """A resolution giving a few hundred points over the history's time span."""
+    if stats.empty:
+        return "1h"
+    span = stats["collected_at"].max() - stats["collected_at"].min()
+    if span <= pd.Timedelta(days=2):
+        return "15min"
+    if span <= pd.Timedelta(days=45):
+        return "1h"
+    if span <= pd.Timedelta(days=180):
+        return "6h"
+    return "1D"
+
+
+def prepare(stats: pd.DataFrame, errors: pd.DataFrame | None, freq: str = "1h") -> PreparedHistory:
+    """Sort ``stats`` once and reduce it to the last snapshot per ``freq`` bucket and series."""
+    step, _ = analysis.bucket_step(freq)
+    if _US_PER_DAY % step:
+        raise ConfigError(f"resolution {freq!r} must divide a day; use one of {', '.join(RESOLUTIONS)}")
+    stats = schema.conform(stats, "stats")
+    errors = schema.empty_errors() if errors is None else schema.conform(errors, "errors")
+    stats = stats.sort_values(list(analysis.GAUGE_ORDER), kind="stable").reset_index(drop=True)
+    micros = _micros(stats["collected_at"])
+    bucket = micros - micros % step
+    series = stats.groupby(list(schema.SERIES_KEY), sort=False, dropna=False).ngroup().to_numpy(dtype="int64")
+    # Rows are in gauge order, so the last row of each (bucket, series) is its gauge.
+    span = int(series.max()) + 1 if len(series) else 1
+    key = (bucket // step) * span + series
+    last = np.ones(len(key), dtype=bool)
+    if len(key):
+        order = np.argsort(key, kind="stable")
+        ordered = key[order]
+        keep = np.r_[ordered[1:] != ordered[:-1], True]
+        last = np.zeros(len(key), dtype=bool)
+        last[order[keep]] = True
+    rows = np.flatnonzero(last)
+    rows = rows[np.argsort(bucket[rows], kind="stable")]
+    snapshots = stats.take(rows).reset_index(drop=True)
+    errors = errors.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
+    return PreparedHistory(stats=stats, errors=errors, freq=freq, snapshots=snapshots,
+                           snapshot_bucket=bucket[rows], snapshot_series=series[rows], stats_time=micros)
+
+
+def _micros(times: pd.Series) -> np.ndarray:
+    return times.dt.tz_localize(None).to_numpy(dtype="datetime64[us]").view("int64")
+
+
+def _mask(frame: pd.DataFrame, filters: Filters, with_task_type: bool = True) -> np.ndarray:
+    mask = np.ones(len(frame), dtype=bool)
+    wanted = {"region": filters.regions, "project_id": filters.projects, "instance_id": filters.instances}
+    if with_task_type:
+        wanted["task_type"] = filters.task_types
+    for column, values in wanted.items():
+        if values is not None:
+            mask &= frame[column].isin(values).to_numpy(dtype=bool, na_value=False)
+    return mask
+
+
+def _time_range(times: np.ndarray, filters: Filters) -> slice:
+    start = 0 if filters.since is None else int(np.searchsorted(times, filters.since.value // 1000, "left"))
+    stop = len(times) if filters.until is None else int(np.searchsorted(times, filters.until.value // 1000, "left"))
+    return slice(start, stop)
+
+
+@dataclass(frozen=True, eq=False)
+class FilteredHistory:
+    """The selection, as small frames every analysis function accepts.
+
+    ``snapshots``: per bucket and series the last snapshot (``analysis.trend``, ``cdc_vs_common``,
+    ``anomalies`` on it equal their result on the selected raw rows); ``latest``: the last snapshot
+    of each series (``latest``, ``abnormal_ranking``); ``kpi_rows``: enough rows for
+    ``analysis.kpis`` to give its exact result; ``last_runs``: the rows of the last two runs
+    (``analysis.changes``); ``errors``: the selected errors rows.
+    """
+
+    filters: Filters
+    freq: str
+    snapshots: pd.DataFrame
+    latest: pd.DataFrame
+    kpi_rows: pd.DataFrame
+    last_runs: pd.DataFrame
+    errors: pd.DataFrame
+    prepared: PreparedHistory = field(repr=False)
+
+    def raw_stats(self) -> pd.DataFrame:
+        """Every selected stats row (for downloads and collection health: the costly path)."""
+        stats = self.prepared.stats.iloc[_time_range(self.prepared.stats_time, self.filters)]
+        return stats[_mask(stats, self.filters)].sort_values(
+            ["collected_at", *schema.SERIES_KEY, "run_id"], kind="stable").reset_index(drop=True)
+
+    def instance_stats(self, instance_id: str) -> pd.DataFrame:
+        """The selected snapshots of one instance (its history at the chosen resolution)."""
+        rows = self.snapshots[self.snapshots["instance_id"] == instance_id]
+        return rows.reset_index(drop=True)
+
+
+def apply_filters(prepared: PreparedHistory, filters: Filters) -> FilteredHistory:
+    """Select ``filters`` from ``prepared``; costs a pass over the bucket snapshots, not the history."""
+    window = _time_range(prepared.snapshot_bucket, filters)
+    bucket = prepared.snapshot_bucket[window]
+    snapshots_all = prepared.snapshots.iloc[window]
+    keep = _mask(snapshots_all, filters)
+    snapshots = snapshots_all[keep].reset_index(drop=True)
+    bucket, series = bucket[keep], prepared.snapshot_series[window][keep]
+
+    # The last row of each series among the snapshots is its latest snapshot overall.
+    reverse = series[::-1]
+    _, first_from_end = np.unique(reverse, return_index=True)
+    latest_rows = np.sort(len(series) - 1 - first_from_end)
+    latest = snapshots.take(latest_rows).reset_index(drop=True)
+
+    stats_window = _time_range(prepared.stats_time, filters)
+    if len(snapshots):
+        last_bucket = int(bucket[-1])
+        raw_from = stats_window.start + int(np.searchsorted(prepared.stats_time[stats_window], last_bucket, "left"))
+        recent = prepared.stats.iloc[raw_from:stats_window.stop]
+        recent = recent[_mask(recent, filters)]
+        earlier = bucket < last_bucket
+        earlier_series = series[earlier]
+        _, first_from_end = np.unique(earlier_series[::-1], return_index=True)
+        earlier_latest = snapshots.take(np.flatnonzero(earlier)[len(earlier_series) - 1 - first_from_end])
+        kpi_rows = pd.concat([earlier_latest, recent], ignore_index=True)
+        last_runs = _last_two_runs(prepared, filters, stats_window, snapshots, recent)
+    else:
+        kpi_rows = last_runs = snapshots
+    errors = prepared.errors
+    if filters.since is not None:
+        errors = errors[errors["collected_at"] >= filters.since]
+    if filters.until is not None:
+        errors = errors[errors["collected_at"] < filters.until]
+    errors = errors[_mask(errors, filters, with_task_type=False)].reset_index(drop=True)
+    return FilteredHistory(filters=filters, freq=prepared.freq, snapshots=snapshots, latest=latest,
+                           kpi_rows=kpi_rows, last_runs=last_runs, errors=errors, prepared=prepared)
+
+
+def _last_two_runs(prepared, filters, stats_window, snapshots, recent) -> pd.DataFrame:
+    """Selected rows of the last run and the run before it.  The latest run of every bucket is
+    among its snapshots, so the run before the last is in ``recent`` or among the snapshots."""
+    candidates = pd.concat([snapshots[["collected_at", "run_id"]], recent[["collected_at", "run_id"]]])
+    runs = candidates.drop_duplicates().sort_values(["collected_at", "run_id"], kind="stable").tail(2)
+    first_time = runs["collected_at"].iloc[0]
+    start = stats_window.start + int(np.searchsorted(
+        prepared.stats_time[stats_window], pd.Timestamp(first_time).value // 1000, "left"))
+    rows = prepared.stats.iloc[start:stats_window.stop]
+    rows = rows[rows["run_id"].isin(runs["run_id"].tolist()).to_numpy(dtype=bool) & _mask(rows, filters)]
+    return rows.reset_index(drop=True)
+
+
+def instance_options(latest: pd.DataFrame) -> dict[str, str]:
+    """instance_id -> "name (id)" labels for the instance pickers, sorted by label."""
+    if latest.empty:
+        return {}
+    pairs = latest.drop_duplicates("instance_id", keep="last")[["instance_id", "instance_name"]]
+    labels = {
+        str(row.instance_id): (f"{row.instance_name} ({row.instance_id})" if isinstance(row.instance_name, str) and row.instance_name
+                               else str(row.instance_id))
+        for row in pairs.itertuples(index=False)
+    }
+    return dict(sorted(labels.items(), key=lambda item: item[1]))
+
+
+def instance_from_label(label: str, latest: pd.DataFrame) -> str | None:
+    """The instance_id behind a bar label of ``charts.state_breakdown`` (a name, an id, "name
+    (id)" or "project/label"), or ``None`` when it names no single selected instance."""
+    if not label or latest.empty:
+        return None
+    text = str(label)
+    ids = latest["instance_id"].astype(str)
+    if (ids == text).any():
+        return text
+    suffix = re.search(r"\(([^()]+)\)\s*$", text)
+    if suffix and (ids == suffix.group(1)).any():
+        return suffix.group(1)
+    if "/" in text:
+        text = text.split("/", 1)[1]
+    named = latest.loc[latest["instance_name"].astype(str) == text, "instance_id"].unique()
+    return str(named[0]) if len(named) == 1 else None
+
+
+# --------------------------------------------------------------------------------------------
+# Live collection
+
+
+#: Environment variables read for live collection when st.secrets names no credential.
+ENV_TOKEN = "ROMA_AUTH_TOKEN"
+ENV_AK, ENV_SK, ENV_SECURITY_TOKEN = "ROMA_AK", "ROMA_SK", "ROMA_SECURITY_TOKEN"
+ENV_IAM = ("ROMA_IAM_USER", "ROMA_IAM_PASSWORD", "ROMA_IAM_DOMAIN")
+
+
+def auth_from_settings(secrets: Mapping | None = None, environ: Mapping[str, str] | None = None,
+                       region: str | None = None, project_id: str | None = None):
+    """``(auth, where)``: credentials for live collection and a description of their source.
+
+    First ``secrets["roma"]`` (Streamlit's ``st.secrets``): ``token``; or ``ak`` and ``sk``
+    (optional ``security_token``); or ``iam_user``, ``iam_password``, ``iam_domain`` (optional
+    ``iam_endpoint``).  Then the environment: ``ROMA_AUTH_TOKEN``; ``ROMA_AK``/``ROMA_SK``;
+    ``ROMA_IAM_USER``/``ROMA_IAM_PASSWORD``/``ROMA_IAM_DOMAIN``.  ``(None, "none")`` when nothing
+    is set (fine for the local simulator).  ``where`` never contains a secret value.
+    """
+    from roma_analytics.auth import AkSkAuth, IamPasswordAuth, TokenAuth
+
+    environ = os.environ if environ is None else environ
+    section = {}
+    if secrets:
+        roma = secrets.get("roma", {})
+        section = dict(roma) if isinstance(roma, Mapping) else {}
+    def value(key):
+        item = section.get(key)
+        return str(item).strip() if item is not None and str(item).strip() else None
+    if value("token"):
+        return TokenAuth(value("token")), "token from st.secrets"
+    if value("ak") and value("sk"):
+        return AkSkAuth(value("ak"), value("sk"), project_id=project_id,
+                        security_token=value("security_token")), "AK/SK from st.secrets"
+    if value("iam_user") and value("iam_password") and value("iam_domain"):
+        return IamPasswordAuth(value("iam_user"), value("iam_password"), value("iam_domain"),
+                               project_id=project_id, region=region,
+                               iam_endpoint=value("iam_endpoint")), "IAM password from st.secrets"
+    env = {key: (environ.get(key) or "").strip() for key in (ENV_TOKEN, ENV_AK, ENV_SK, ENV_SECURITY_TOKEN, *ENV_IAM)}
+    if env[ENV_TOKEN]:
+        return TokenAuth.from_env(ENV_TOKEN) if environ is os.environ else TokenAuth(env[ENV_TOKEN]), f"token from ${ENV_TOKEN}"
+    if env[ENV_AK] and env[ENV_SK]:
+        return AkSkAuth(env[ENV_AK], env[ENV_SK], project_id=project_id,
+                        security_token=env[ENV_SECURITY_TOKEN] or None), f"AK/SK from ${ENV_AK}/${ENV_SK}"
+    if all(env[key] for key in ENV_IAM):
+        return IamPasswordAuth(*(env[key] for key in ENV_IAM), project_id=project_id, region=region), \
+            "IAM password from $ROMA_IAM_*"
+    return None, "none"
+
+
+def form_targets(endpoint: str = "", region: str = "", project_ids: str = "", instance_ids: str = "",
+                 auth=None) -> list:
+    """Targets from the live form: an endpoint URL or a region, comma/space separated project ids
+    and optional instance ids (none: discover each project's RUNNING instances)."""
+    from roma_analytics.targets import Target
+
+    endpoint, region = (endpoint or "").strip(), (region or "").strip()
+    if not endpoint and not region:
+        raise ConfigError("give an endpoint URL or a region to collect from")
+    if endpoint and not re.match(r"^https?://[^\s/]+", endpoint):
+        raise ConfigError(f"endpoint {endpoint!r} must be an http(s) URL such as https://roma.cn-north-4.myhuaweicloud.com")
+    projects = [p for p in re.split(r"[\s,;]+", project_ids or "") if p]
+    if not projects:
+        raise ConfigError("give at least one project id")
+    instances = [i for i in re.split(r"[\s,;]+", instance_ids or "") if i]
+    where = dict(endpoint=endpoint or None, region=region or None, auth=auth)
+    if not instances:
+        return [Target(project_id=p, **where) for p in dict.fromkeys(projects)]
+    return [Target(project_id=p, instance_id=i, **where) for p in dict.fromkeys(projects) for i in dict.fromkeys(instances)]
+
+
+#: Columns of the ERROR task list shown in the drill-down, when the API returns them.
+TASK_COLUMNS = ("task_name", "task_id", "task_type", "execute_status", "task_tag", "last_modified_time", "created_date")
+
+
+def error_tasks(targets: Sequence, region: str, project_id: str, instance_id: str, timeout=(3.05, 10.0)) -> pd.DataFrame:
+    """The instance's tasks whose ``execute_status`` is ERROR (task-list API, every page), via the
+    endpoint and credentials of the live target that covers its project.  RomaError on failure."""
+    from roma_analytics.client import RomaClient
+
+    matching = [t for t in targets if t.project_id == project_id]
+    target = next((t for t in matching if (t.region or "") == region), matching[0] if matching else None)
+    if target is None:
+        raise ConfigError(f"project {project_id} is not among the live targets; collect it first")
+    where = dict(endpoint=target.endpoint) if target.endpoint else dict(region=target.region)
+    with RomaClient(**where, auth=target.auth, timeout=timeout, retries=1) as client:
+        tasks = client.list_tasks(project_id, instance_id, execute_status="ERROR")
+    frame = pd.DataFrame(tasks)
+    if frame.empty:
+        return pd.DataFrame(columns=list(TASK_COLUMNS))
+    if "last_modified_time" in frame:
+        frame["last_modified_time"] = pd.to_datetime(pd.to_numeric(frame["last_modified_time"], errors="coerce"),
+                                                     unit="ms", utc=True)
+    shown = [c for c in TASK_COLUMNS if c in frame.columns]
+    return frame[shown + [c for c in frame.columns if c not in shown]]
+
+
+# --------------------------------------------------------------------------------------------
+# Downloads and number formats
+
+
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    """``frame`` as UTF-8 CSV, with the CLI export's neutralisation of formula-like cells."""
+    return csv_safe(frame).to_csv(index=False, lineterminator="\n", na_rep="").encode("utf-8")
+
+
+def parquet_bytes(frame: pd.DataFrame, table: str = "stats") -> bytes:
+    """``frame`` (a stats or errors table) as Parquet bytes, with the history's own schema."""
+    sink = io.BytesIO()
+    write_parquet(to_arrow(frame, table), sink)
+    return sink.getvalue()
+
+
+def ratio_text(value) -> str:
+    """A ratio as "2.9 %" ("–" when undefined)."""
+    return "–" if value is None or pd.isna(value) else f"{value:.1%}"
+
+
+def count_text(value) -> str:
+    """A count with thousands separators ("–" when undefined)."""
+    return "–" if value is None or pd.isna(value) else f"{int(value):,}"
+
+
+def delta_points_text(value) -> str | None:
+    """A change of a ratio in percentage points ("-2.0 pts"), ``None`` when undefined."""
+    return None if value is None or pd.isna(value) else f"{value * 100:+.1f} pts"

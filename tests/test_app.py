@@ -1,0 +1,188 @@
+"""The Streamlit dashboard (app.py) driven with streamlit.testing.v1.AppTest, no browser."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from roma_analytics import analysis, dashboard
+from roma_analytics.samples import SAMPLE_HISTORY
+from roma_analytics.simulator import Simulator
+from roma_analytics.store import HistoryStore
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+FIXED_CLOCK = pd.Timestamp("2026-12-01T10:00:00Z").timestamp()
+
+pytestmark = pytest.mark.skipif(not (SAMPLE_HISTORY / "stats").is_dir(), reason="sample history not built")
+
+
+@pytest.fixture
+def app(monkeypatch):
+    monkeypatch.delenv("ROMA_HISTORY", raising=False)
+    for name in ("ROMA_AUTH_TOKEN", "ROMA_AK", "ROMA_SK", "ROMA_IAM_USER"):
+        monkeypatch.delenv(name, raising=False)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metrics(at) -> dict[str, str]:
+    return {metric.label: metric.value for metric in at.metric}
+
+
+def expected_metrics(stats: pd.DataFrame, errors: pd.DataFrame) -> dict[str, str]:
+    kpis = analysis.kpis(stats, errors)
+    return {
+        "Instances": f"{kpis['instances']:,}",
+        "Running tasks": f"{kpis['running']:,}",
+        "Abnormal tasks": f"{kpis['abnormal']:,}",
+        "Terminated tasks": f"{kpis['terminated']:,}",
+        "Completed tasks": f"{kpis['completed']:,}",
+        "Fleet abnormal ratio": f"{kpis['abnormal_ratio']:.1%}",
+        "Failed collections": f"{kpis['failed_collections']:,}",
+    }
+
+
+def test_default_run_shows_the_sample_kpis(app):
+    store = HistoryStore(SAMPLE_HISTORY)
+    assert metrics(app) == expected_metrics(store.load(), store.load(table="errors"))
+    ratio = next(m for m in app.metric if m.label == "Fleet abnormal ratio")
+    kpis = analysis.kpis(store.load(), store.load(table="errors"))
+    assert ratio.delta == f"{kpis['abnormal_ratio_delta'] * 100:+.1f} pts"
+    assert "UTC" in app.caption[0].value
+    assert len(app.get("plotly_chart")) == 3
+
+
+@pytest.mark.parametrize("view, charts", [("Trends", 2), ("Heatmap", 1), ("Collection health", 1), ("Data", 0)])
+def test_every_view_renders(app, view, charts):
+    app.session_state["view"] = view
+    app.run()
+    assert not app.exception, app.exception
+    assert len(app.get("plotly_chart")) == charts
+    if view == "Data":
+        assert [b.label for b in app.get("download_button")] == [
+            "Stats as CSV", "Stats as Parquet", "Errors as CSV", "Errors as Parquet"]
+
+
+def test_project_filter(app):
+    store = HistoryStore(SAMPLE_HISTORY)
+    project = app.sidebar.multiselect(key="projects").options[1]
+    app.sidebar.multiselect(key="projects").set_value([project]).run()
+    assert not app.exception
+    expected = expected_metrics(store.load(projects=[project]), store.load(projects=[project], table="errors"))
+    assert metrics(app) == expected
+    assert int(expected["Instances"]) < 30
+
+
+def test_region_instance_and_task_type_filters(app):
+    store = HistoryStore(SAMPLE_HISTORY)
+    app.sidebar.multiselect(key="regions").set_value(["ap-southeast-1"]).run()
+    assert metrics(app) == expected_metrics(store.load(regions=["ap-southeast-1"]),
+                                            store.load(regions=["ap-southeast-1"], table="errors"))
+    app.sidebar.multiselect(key="regions").set_value([])
+    app.sidebar.multiselect(key="task_types").set_value(["cdc"]).run()
+    assert metrics(app) == expected_metrics(store.load(task_types=["cdc"]), store.load(table="errors"))
+    chosen = app.sidebar.multiselect(key="instances").options[:2]
+    ids = [option.rsplit("(", 1)[-1].rstrip(")") for option in chosen]
+    app.sidebar.multiselect(key="task_types").set_value([])
+    app.sidebar.multiselect(key="instances").set_value(ids).run()
+    assert metrics(app)["Instances"] == "2"
+
+
+def test_time_range_filter(app):
+    store = HistoryStore(SAMPLE_HISTORY)
+    app.sidebar.date_input(key="days").set_value((pd.Timestamp("2026-11-03").date(), pd.Timestamp("2026-11-04").date())).run()
+    assert not app.exception
+    since, until = "2026-11-03", "2026-11-05"
+    assert metrics(app) == expected_metrics(store.load(since=since, until=until),
+                                            store.load(since=since, until=until, table="errors"))
+    assert "2026-11-04 23:00 UTC" in app.caption[0].value
+
+
+def test_threshold_changes_the_flagged_count(app):
+    def flagged():
+        return next(m.value for m in app.markdown if "Wilson interval" in m.value)
+    ranking = analysis.abnormal_ranking(HistoryStore(SAMPLE_HISTORY).load(), n=None)
+    assert flagged().startswith(f"**{int((ranking['wilson_low'] > 0.05).sum()):,}**")
+    app.sidebar.slider(key="threshold").set_value(0.0).run()
+    assert flagged().startswith(f"**{int((ranking['wilson_low'] > 0).sum()):,}**")
+
+
+def test_bad_upload_shows_an_error_not_a_traceback(app):
+    app.sidebar.radio(key="source").set_value("Uploaded export").run()
+    app.sidebar.get("file_uploader")[0].set_value(("stats.csv", b"this,is\nnot,an export\n", "text/csv"))
+    app.run()
+    assert not app.exception
+    assert any("lacks the column" in error.value for error in app.error)
+
+
+def test_good_upload_is_shown(app):
+    store = HistoryStore(SAMPLE_HISTORY)
+    stats = store.load(since="2026-11-10")
+    app.sidebar.radio(key="source").set_value("Uploaded export").run()
+    app.sidebar.get("file_uploader")[0].set_value(("stats.csv", dashboard.csv_bytes(stats), "text/csv"))
+    app.run()
+    assert not app.exception
+    expected = expected_metrics(stats, None)
+    assert metrics(app) == expected
+
+
+def test_history_folder_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("ROMA_HISTORY", str(SAMPLE_HISTORY))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert at.sidebar.radio(key="source").value == "History folder"
+    monkeypatch.setenv("ROMA_HISTORY", str(tmp_path / "nowhere"))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception
+    assert any("no history" in error.value for error in at.error)
+
+
+def test_live_collection_against_the_simulator(app, tmp_path):
+    with Simulator(projects=1, instances=4, seed=11, clock=lambda: FIXED_CLOCK) as sim:
+        project = sim.project_ids[0]
+        running = [i["id"] for i in sim.instances(project) if i["status"] == "RUNNING"]
+        expected = [sim.expected_counts(project, instance) for instance in running]
+        app.sidebar.radio(key="source").set_value("Live collection").run()
+        app.sidebar.text_input(key="live_endpoint").set_value(sim.base_url)
+        app.sidebar.text_input(key="live_projects").set_value(project)
+        app.sidebar.checkbox(key="live_append").check()
+        app.sidebar.text_input(key="live_history").set_value(str(tmp_path / "history"))
+        app.sidebar.button[0].click().run()
+        assert not app.exception, app.exception
+        assert any("Collected" in s.value for s in app.success)
+        shown = metrics(app)
+        assert shown["Instances"] == str(len(running))
+        assert shown["Abnormal tasks"] == f"{sum(c['common']['abnormal'] + c['cdc']['abnormal'] for c in expected):,}"
+        assert shown["Running tasks"] == f"{sum(c['common']['running'] + c['cdc']['running'] for c in expected):,}"
+        assert len(HistoryStore(tmp_path / "history").load()) == 2 * len(running)
+
+        # Drill-down: the instance's tasks in ERROR come from the task-list API.
+        worst = max(running, key=lambda i: sum(c["abnormal"] for c in sim.expected_counts(project, i).values()))
+        app.session_state["view"] = "Instance drill-down"
+        app.run()
+        app.selectbox(key="drill").set_value(worst).run()
+        assert not app.exception, app.exception
+        abnormal = sum(c["abnormal"] for c in sim.expected_counts(project, worst).values())
+        table = app.dataframe[0].value
+        assert len(table) == abnormal and set(table["execute_status"]) == {"ERROR"}
+
+
+def test_unreachable_endpoint_is_a_message(app):
+    app.sidebar.radio(key="source").set_value("Live collection").run()
+    app.sidebar.text_input(key="live_endpoint").set_value("http://127.0.0.1:9")
+    app.sidebar.text_input(key="live_projects").set_value("p1")
+    app.sidebar.button[0].click().run()
+    assert not app.exception
+    assert any("Nothing was collected" in error.value for error in app.error)
+
+
+def test_live_form_errors_are_messages(app):
+    app.sidebar.radio(key="source").set_value("Live collection").run()
+    app.sidebar.button[0].click().run()
+    assert not app.exception
+    assert any("endpoint URL or a region" in error.value for error in app.error)

@@ -1,0 +1,132 @@
+"""A real `streamlit run app.py` on a free localhost port, driven in headless Chromium."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from roma_analytics import analysis
+from roma_analytics.samples import SAMPLE_HISTORY
+from roma_analytics.store import HistoryStore
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+SECRET = "browser-test-secret-token-5f1c9a"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed"),
+    pytest.mark.skipif(not (SAMPLE_HISTORY / "stats").is_dir(), reason="sample history not built"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "ROMA_AUTH_TOKEN": SECRET}
+    env.pop("ROMA_HISTORY", None)
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+             "--client.toolbarMode", "viewer"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{url}/_stcore/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start: {log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    assert SECRET not in log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(server)
+        yield page
+        browser.close()
+
+
+def wait_until_idle(page, timeout_ms: int = 90_000) -> None:
+    """Until the script has finished: no running indicator, and the charts drawn."""
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=timeout_ms)
+    deadline = time.monotonic() + timeout_ms / 1000
+    quiet_since = None
+    while time.monotonic() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        if running:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 1.5:
+            return
+        time.sleep(0.2)
+    pytest.fail("the dashboard kept running")
+
+
+def metric(page, label: str) -> str:
+    tile = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
+    return tile.locator('[data-testid="stMetricValue"]').inner_text().strip()
+
+
+def test_dashboard_renders_filters_and_hides_secrets(page):
+    wait_until_idle(page)
+    assert page.locator(".js-plotly-plot .main-svg").count() > 0
+    assert page.locator('[data-testid="stException"]').count() == 0
+    store = HistoryStore(SAMPLE_HISTORY)
+    everything = analysis.kpis(store.load())
+    cdc_only = analysis.kpis(store.load(task_types=["cdc"]))
+    assert metric(page, "Abnormal tasks") == f"{everything['abnormal']:,}"
+    # Streamlit scrolls inside its own container, so a "full page" needs a tall window.
+    page.set_viewport_size({"width": 1600, "height": 2600})
+    wait_until_idle(page)
+    artifacts = REPO / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
+
+    # Task type -> CDC only: the abnormal tile must show the CDC count.
+    page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]').filter(has_text="Task type").click()
+    page.get_by_role("option", name="CDC").click()
+    page.keyboard.press("Escape")
+    page.wait_for_function(
+        """expected => [...document.querySelectorAll('[data-testid="stMetric"]')]
+               .some(m => m.innerText.includes('Abnormal tasks') && m.innerText.includes(expected))""",
+        arg=f"{cdc_only['abnormal']:,}", timeout=60_000)
+    wait_until_idle(page)
+    assert metric(page, "Abnormal tasks") == f"{cdc_only['abnormal']:,}"
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+    assert SECRET not in page.content()
