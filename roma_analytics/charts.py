@@ -781,6 +781,7 @@ def collection_health_chart(
         return empty_figure("No collection errors for the selected filters", title=title)
 
     fig = go.Figure()
+    highest_stack = 0.0
     if frame is not None:
         frame = frame.assign(
             bucket=_utc_naive(frame["bucket"]),
@@ -796,6 +797,7 @@ def collection_health_chart(
         grid = frame.pivot_table(index="bucket", columns="error_code", values="errors", aggfunc="sum")
         # No error row for a code in a bucket means no such error: 0, so stacks and hovers add up.
         grid = grid.reindex(columns=by_code).sort_index().fillna(0.0)
+        highest_stack = float(grid.sum(axis=1).max())
         code_colors = ERROR_CODE_COLORS[:-1]  # the last (grey) is kept for "Other codes"
         for position, code in enumerate(by_code):
             fig.add_trace(
@@ -832,11 +834,11 @@ def collection_health_chart(
             }
         )
     apply_layout(fig, title, x_title=TIME_AXIS_TITLE)
-    fig.update_layout(
-        barmode="stack",
-        hovermode="x unified",
-        yaxis={"title": {"text": "Failed collections"}, "tickformat": ",d", "rangemode": "tozero"},
-    )
+    counts_axis = {"title": {"text": "Failed collections"}, "tickformat": ",d", "rangemode": "tozero"}
+    if highest_stack < 8:
+        # Left to itself plotly puts ticks at 0.5 steps, which ",d" prints as "0, 1, 1, 2".
+        counts_axis["dtick"] = 1
+    fig.update_layout(barmode="stack", hovermode="x unified", yaxis=counts_axis)
     return fig
 
 

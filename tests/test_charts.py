@@ -770,3 +770,15 @@ def test_real_changes_errors_and_kpis(analysis):
     assert floats(history.data[5].y) == [0, 5]
     for fig in (changes, health, kpis, history):
         pio.to_html(fig, include_plotlyjs=False)
+
+
+def test_collection_health_counts_axis_ticks_whole_numbers_when_counts_are_small():
+    few = pd.DataFrame({
+        "bucket": pd.to_datetime(["2024-05-01T00:00Z", "2024-05-01T01:00Z"]),
+        "error_code": ["FDI.9999", "TIMEOUT"],
+        "errors": [1, 2],
+    })
+    fig = charts.collection_health_chart(few)
+    assert fig.layout.yaxis.dtick == 1
+    many = few.assign(errors=[40, 70])
+    assert charts.collection_health_chart(many).layout.yaxis.dtick is None
