@@ -692,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (RomaError, OSError) as exc:
-        log.debug("command failed", exc_info=True)
+        if not isinstance(exc, ConfigError):  # a usage mistake needs its message, not a traceback
+            log.debug("command failed", exc_info=True)
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -419,7 +419,7 @@ class RomaClient:
 
             elapsed = time.monotonic() - started
             log.debug("%s %s -> %d (attempt %d, %.3fs)", method, shown, status, attempts, elapsed)
-            request_id = headers.get("X-Request-Id") or None
+            request_id = _request_id(headers.get("X-Request-Id"))
             if 200 <= status < 300:
                 return _Reply(status, body, request_id, attempts)
             if 300 <= status < 400:
@@ -529,7 +529,7 @@ class RomaClient:
                 f"{reason}: {excerpt}" if excerpt else reason)
         code = _clean(str(code), 64) if code else f"HTTP_{status}"
         message = self._redact(_clean(str(message), 512))
-        request_id = _clean(str(request_id), 128) if request_id else (headers.get("X-Request-Id") or None)
+        request_id = _request_id(request_id) or _request_id(headers.get("X-Request-Id"))
         cls = AuthenticationError if status in (401, 403) else ThrottledError if status == 429 else RomaApiError
         return cls(message, status=status, error_code=code, request_id=request_id, attempts=attempts)
 
@@ -683,6 +683,18 @@ def _excerpt(body: bytes, limit: int = 160) -> str:
         text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", text, flags=re.IGNORECASE | re.DOTALL)
         text = re.sub(r"<[^>]*>", " ", text)
     return _clean(text, limit)
+
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def _request_id(value) -> str | None:
+    """A request id as gateways make them (hex, UUIDs), or None: whatever else a server puts
+    there (a URL with a token in its query, markup) must not travel into error rows and logs."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text if _REQUEST_ID_RE.fullmatch(text) else None
 
 
 def _clean(text: str, limit: int) -> str:

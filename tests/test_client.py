@@ -671,3 +671,16 @@ def test_secrets_never_reach_reprs_messages_or_debug_logs(secure_sim, caplog):
     for secret in (TOKEN, SK, AK, IAM_PASSWORD, "sec-token-xyz", issued):
         assert secret not in logged
         assert all(secret not in text for text in texts)
+
+
+@pytest.mark.parametrize("header, kept", [
+    ("0f3c2a1b-9d8e-4c7b-a6f5-e4d3c2b1a098", True),
+    ("req_1234:abc.def", True),
+    ("http://evil.example/x?token=1", False),
+    ("<script>alert(1)</script>", False),
+    ("x" * 200, False),
+])
+def test_request_ids_that_do_not_look_like_ids_are_dropped(header, kept):
+    from roma_analytics.client import _request_id
+
+    assert _request_id(header) == (header if kept else None)
