@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -58,15 +59,27 @@ def run_cli_times(argv: list[str], times: int) -> None:
     sys.exit(0)
 
 
+@pytest.fixture(autouse=True)
+def plain_main_module(monkeypatch):
+    """Children re-import ``__main__`` from its file.  Streamlit's AppTest (other test modules)
+    leaves a script of its own there, which a child cannot run: give children a bare one."""
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+
+
 @pytest.fixture(scope="module")
 def forkserver():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["roma_analytics.cli", "roma_analytics.collect", "roma_analytics.store",
                                     "roma_analytics.export", "pyarrow.parquet", "pyarrow.dataset"])
     # Start the server now, so that no measured duration includes its own start-up.
-    warm_up = context.Process(target=os.getpid)
-    warm_up.start()
-    warm_up.join(60)
+    saved_main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")  # see plain_main_module
+    try:
+        warm_up = context.Process(target=os.getpid)
+        warm_up.start()
+        warm_up.join(60)
+    finally:
+        sys.modules["__main__"] = saved_main
     return context
 
 
