@@ -7,6 +7,8 @@ when a command needs them.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -46,3 +48,22 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return __all__
+
+
+class _Package(types.ModuleType):
+    """Keeps ``roma_analytics.collect`` the function once the ``collect`` submodule is imported.
+
+    Importing a submodule binds its name on the package; for ``collect`` that would replace the
+    public function with the module, so ``from roma_analytics import collect`` would depend on
+    what was imported before.  The submodule stays reachable through
+    ``from roma_analytics.collect import Collection`` and ``sys.modules["roma_analytics.collect"]``
+    (``import roma_analytics.collect as m`` gives the function: use the ``from`` form).
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "collect" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
