@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from roma_analytics.errors import ConfigError
+
 #: Bump when the stored columns change; written into every Parquet file's metadata.
 SCHEMA_VERSION = 1
 
@@ -97,3 +99,25 @@ def conform(frame: pd.DataFrame, table: str = "stats") -> pd.DataFrame:
             column = column.astype(dtype)
         out[name] = column.reset_index(drop=True)
     return pd.DataFrame(out)
+
+
+def parse_time(value, name: str = "time") -> pd.Timestamp | None:
+    """``value`` (ISO string, date, datetime, Timestamp or None) as a UTC Timestamp; naive = UTC.
+
+    The one reading of user-given time bounds (``since``, ``until``, ``before``) for the store,
+    the DuckDB aggregation, exports and reports, so they all agree on an instant.  Floored to the
+    microsecond, the resolution of ``collected_at``.
+    """
+    if value is None:
+        return None
+    try:
+        stamp = pd.Timestamp(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{name}={value!r} is not a date or time; use ISO-8601 such as 2024-05-01 or "
+            "2024-05-01T10:00:00Z"
+        ) from exc
+    if pd.isna(stamp):
+        raise ConfigError(f"{name} must be a date or time, not {value!r}")
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    return stamp.as_unit("us").floor("us")

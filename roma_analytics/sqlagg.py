@@ -23,6 +23,7 @@ import pandas as pd
 
 from roma_analytics import analysis
 from roma_analytics.errors import ConfigError
+from roma_analytics.schema import parse_time
 
 #: Buckets shorter than this (microseconds) hold few snapshots per series: see gauges_cte.
 _FINE_BUCKET_US = 3_600_000_000
@@ -121,8 +122,8 @@ class _Scan:
             root = Path(source)
             self.paths = (root / "date=*" / "*.parquet").as_posix()
             has_files = root.is_dir() and next(root.glob("date=*/*.parquet"), None) is not None
-        self.since = _utc_bound(since, "since")
-        self.until = _utc_bound(until, "until")
+        self.since = parse_time(since, "since")
+        self.until = parse_time(until, "until")
         if self.since is not None and self.until is not None and self.since >= self.until:
             raise ConfigError(f"since ({self.since.isoformat()}) must be before until ({self.until.isoformat()})")
         self.filters = {name: _values(value, name) for name, value in filters.items()}
@@ -199,19 +200,6 @@ class _Scan:
             except duckdb.Error:
                 pass  # no ICU extension: DuckDB then knows only UTC anyway
             return connection.execute(sql, [self.paths, *self.where()[1]]).df()
-
-
-def _utc_bound(value, name: str) -> pd.Timestamp | None:
-    if value is None:
-        return None
-    try:
-        stamp = pd.Timestamp(value)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{name}={value!r} is not a time; use ISO-8601 such as 2024-05-01T00:00Z") from exc
-    if pd.isna(stamp):
-        raise ConfigError(f"{name} must be a time, not {value!r}")
-    stamp = stamp.tz_localize("UTC") if stamp.tz is None else stamp.tz_convert("UTC")
-    return stamp.as_unit("us").floor("us")
 
 
 def _values(value, name: str) -> list[str] | None:

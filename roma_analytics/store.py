@@ -39,6 +39,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import schema
+from .schema import parse_time
 from .errors import ConfigError, RomaError
 
 try:  # POSIX advisory locks; without them compaction still never loses a row (see compact()).
@@ -120,22 +121,6 @@ def write_parquet(arrow: pa.Table, file) -> None:
         row_group_size=ROW_GROUP_ROWS,
         write_statistics=True,
     )
-
-
-def parse_time(value, name: str = "time") -> pd.Timestamp | None:
-    """``value`` (ISO string, date, datetime, Timestamp or None) as a UTC Timestamp; naive = UTC."""
-    if value is None:
-        return None
-    try:
-        stamp = pd.Timestamp(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"{name}={value!r} is not a date or time; use ISO-8601 such as 2024-05-01 or "
-            "2024-05-01T10:00:00Z"
-        ) from exc
-    if stamp is pd.NaT:
-        raise ConfigError(f"{name} must be a date or time, not {value!r}")
-    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
 # --------------------------------------------------------------------------------------------
