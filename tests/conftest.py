@@ -1,6 +1,8 @@
 """Shared fixtures: a real simulator on loopback, temporary histories."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from roma_analytics.simulator import Simulator
@@ -16,3 +18,12 @@ def simulator():
 @pytest.fixture
 def history_dir(tmp_path):
     return tmp_path / "history"
+
+
+@pytest.fixture(autouse=True)
+def _working_directory_is_restored():
+    """A test that changes directory must put it back: later tests and the notebooks (nbval
+    reads its sanitize file relative to it) run from the project folder."""
+    before = os.getcwd()
+    yield
+    assert os.getcwd() == before, f"the test left the working directory at {os.getcwd()}"

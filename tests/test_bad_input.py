@@ -86,13 +86,10 @@ def test_long_project_id_is_refused(tmp_path, capsys):
     ('[[endpoints]]\nregion = "cn-north-4"\n  [[endpoints.projects]]\n  project_id = "p"\n  instances = [".."]\n',
      "t.toml:5: endpoints[0].projects[0].instances[0]: instance id '..' must not contain"),
 ])
-def test_bad_targets_file(body, message, tmp_path, capsys):
+def test_bad_targets_file(body, message, tmp_path, capsys, monkeypatch):
     (tmp_path / "t.toml").write_text(body)
-    os.chdir(tmp_path)
-    try:
-        code, err = run(capsys, "collect", "--config", "t.toml", "--history", tmp_path / "h")
-    finally:
-        os.chdir("/")
+    monkeypatch.chdir(tmp_path)  # the message names the file as given: t.toml
+    code, err = run(capsys, "collect", "--config", "t.toml", "--history", tmp_path / "h")
     assert code == EXIT_USAGE and message in err, err
     assert len(err.strip().splitlines()) == 1
 
