@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbval.plugin import get_sanitize_patterns
+from nbval.plugin import find_comment_markers, find_metadata_tags, get_sanitize_patterns
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO / "notebooks"
@@ -38,13 +38,15 @@ def code_cells(notebook) -> list:
 
 
 def marker(cell) -> str | None:
-    """The nbval marker of a cell (from its comments or tags), or None when it is compared."""
-    tags = {tag.lower() for tag in cell.metadata.get("tags", [])}
-    if "NBVAL_SKIP" in cell.source or "nbval-skip" in tags:
+    """The nbval marker of a cell, read by nbval's own parser (a comment must be exactly
+    ``# NBVAL_IGNORE_OUTPUT``: text after it makes nbval compare the cell), or None when compared."""
+    options = dict(find_comment_markers(cell.source))
+    options.update(find_metadata_tags(cell.metadata))
+    if options.get("skip"):
         return "skip"
-    if "NBVAL_IGNORE_OUTPUT" in cell.source or "nbval-ignore-output" in tags:
+    if options.get("check") is False:
         return "ignore"
-    if "NBVAL_RAISES_EXCEPTION" in cell.source or "raises-exception" in tags:
+    if options.get("check_exception"):
         return "raises"
     return None
 
