@@ -36,7 +36,9 @@ DETAIL_KEYS = ("common_task_details", "cdc_task_details")
 # The statistics parser
 
 json_scalars = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
-                | st.floats(allow_nan=False) | st.text(max_size=20))
+                # No infinities: json.dumps would write them as Infinity, which is not JSON
+                # (the parser's refusal of NaN/Infinity is tested on its own below).
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=20)
 # Values a count may take: in range, at the edges, just outside, and wrong types.
@@ -111,6 +113,8 @@ def test_parser_keeps_valid_counts_exactly(counts, extra):
 def test_parser_rejects_nan_and_deep_nesting():
     with pytest.raises(InvalidResponse):
         parse_task_statistics(b'{"common_task_details": NaN}')
+    with pytest.raises(InvalidResponse):
+        parse_task_statistics(b'{"x": Infinity, "common_task_details": {}, "cdc_task_details": {}}')
     with pytest.raises(InvalidResponse):
         parse_task_statistics(b"[" * 100_000 + b"]" * 100_000)
 
