@@ -27,3 +27,13 @@ def _working_directory_is_restored():
     before = os.getcwd()
     yield
     assert os.getcwd() == before, f"the test left the working directory at {os.getcwd()}"
+
+
+# Property tests explore the same examples on every run (a CI failure is reproducible and never
+# a coin toss) and have no deadline (the machine is shared).  `--hypothesis-profile explore`
+# draws new examples each time, for hunting bugs locally.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("repeatable", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile("repeatable")
