@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -14,12 +13,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from unprivileged import as_unprivileged
+
 from roma_analytics import schema
 from roma_analytics.errors import ConfigError
 from roma_analytics.export import WRITERS, ExportReport, export_table
 from roma_analytics.store import HistoryStore
 
-FORK = multiprocessing.get_context("fork")
 
 
 @dataclass
@@ -166,43 +166,6 @@ def test_bad_targets_are_clear_errors(store, tmp_path):
     with pytest.raises(ConfigError, match="unknown table"):
         export_table(store, tmp_path / "x.csv", table="metrics")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "history"]
-
-
-def as_unprivileged(action):
-    """Run ``action`` as an ordinary user (root ignores permissions); return (error type, message)."""
-    def attempt():
-        try:
-            action()
-        except Exception as exc:  # reported to the test, which checks the type
-            return type(exc).__name__, str(exc)
-        return None, ""
-
-    if os.geteuid() != 0:
-        return attempt()
-    results = FORK.Queue()
-
-    def child():
-        os.setgid(65534)
-        os.setuid(65534)  # nobody
-        results.put(attempt())
-
-    process = FORK.Process(target=child, daemon=True)
-    process.start()
-    outcome = results.get(timeout=60)
-    process.join(60)
-    return outcome
-
-
-@pytest.fixture
-def shared_dir():
-    """A folder every user may traverse (pytest's tmp_path is private to its owner)."""
-    path = Path(tempfile.mkdtemp(prefix="roma-export-"))
-    path.chmod(0o755)
-    yield path
-    for folder in path.rglob("*"):
-        if folder.is_dir():
-            folder.chmod(0o755)
-    shutil.rmtree(path)
 
 
 def test_read_only_directory_is_a_clear_error_and_leaves_nothing(store, shared_dir):

@@ -17,6 +17,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from unprivileged import as_unprivileged
+
 from roma_analytics import analysis, schema
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.store import CompactReport, HistoryStore
@@ -293,31 +295,6 @@ def test_bad_history_paths(tmp_path):
     hidden_only.mkdir()
     (hidden_only / ".gitkeep").write_text("")
     HistoryStore(hidden_only).append(make_run("r1", "2024-05-01T10:00Z"))  # an empty folder is fine
-
-
-def as_unprivileged(action):
-    """Run ``action`` as an ordinary user (root ignores permissions); return (error type, message)."""
-    def attempt():
-        try:
-            action()
-        except Exception as exc:  # reported to the test, which checks the type
-            return type(exc).__name__, str(exc)
-        return None, ""
-
-    if os.geteuid() != 0:
-        return attempt()
-    results = FORK.Queue()
-
-    def child():
-        os.setgid(65534)
-        os.setuid(65534)  # nobody
-        results.put(attempt())
-
-    process = FORK.Process(target=child, daemon=True)
-    process.start()
-    outcome = results.get(timeout=60)
-    process.join(60)
-    return outcome
 
 
 def test_read_only_location_is_a_clear_error():
