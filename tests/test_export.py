@@ -168,6 +168,18 @@ def test_bad_targets_are_clear_errors(store, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "history"]
 
 
+@pytest.fixture
+def shared_dir():
+    """A folder every user may traverse (pytest's tmp_path is private to its owner)."""
+    path = Path(tempfile.mkdtemp(prefix="roma-export-"))
+    path.chmod(0o755)
+    yield path
+    for folder in path.rglob("*"):
+        if folder.is_dir():
+            folder.chmod(0o755)
+    shutil.rmtree(path)
+
+
 def test_read_only_directory_is_a_clear_error_and_leaves_nothing(store, shared_dir):
     history = shared_dir / "history"
     shutil.copytree(store.path, history)
