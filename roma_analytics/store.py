@@ -160,7 +160,11 @@ class HistoryStore:
         name = f"{run_id}.parquet"
         targets = {table: self.path / table / f"date={day}" / name for table in TABLE_NAMES}
         for table, target in targets.items():
-            if target.exists() or run_id in self._compacted_run_ids(target.parent):
+            # Under the read lock, like any reader: a compaction swapping the day could
+            # otherwise delete a merged file between listing it and reading its run list.
+            with self._reading():
+                duplicate = target.exists() or run_id in self._compacted_run_ids(target.parent)
+            if duplicate:
                 raise ConfigError(
                     f"run {run_id} of {day} is already in the {table} history ({target.parent}); "
                     "run ids must be unique, refusing to overwrite"
