@@ -6,7 +6,6 @@ import io
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -16,18 +15,10 @@ import pytest
 from unprivileged import as_unprivileged
 
 from roma_analytics import schema
+from roma_analytics.collect import Collection
 from roma_analytics.errors import ConfigError
 from roma_analytics.export import WRITERS, ExportReport, export_table
 from roma_analytics.store import HistoryStore
-
-
-
-@dataclass
-class FakeCollection:
-    stats: pd.DataFrame
-    errors: pd.DataFrame
-    run_id: str
-    collected_at: pd.Timestamp
 
 
 def stats_rows(run_id, at, rows):
@@ -44,7 +35,7 @@ def stats_rows(run_id, at, rows):
 @pytest.fixture
 def store(history_dir):
     store = HistoryStore(history_dir)
-    store.append(FakeCollection(
+    store.append(Collection(
         stats_rows("r1", "2024-05-01T10:00:00Z", [
             ("p1", "i1", "=1+1", "common", 5, 1, 0, 4),
             ("p1", "i1", "=1+1", "cdc", 2, 0, 1, 0),
@@ -58,7 +49,7 @@ def store(history_dir):
             "attempts": [1, 4],
         }), "errors"),
         "r1", pd.Timestamp("2024-05-01T10:00:00Z")))
-    store.append(FakeCollection(
+    store.append(Collection(
         stats_rows("r2", "2024-05-02T08:30:00Z", [
             ("p1", "i1", "+cmd|' /C calc'!A0", "common", 6, 2, 0, 4),
             ("p2", "i2", "plain name", "cdc", 1, 1, 1, 1),
@@ -110,7 +101,7 @@ def test_csv_neutralises_formula_cells(store, tmp_path):
 def test_csv_keeps_sub_second_times(history_dir, tmp_path):
     store = HistoryStore(history_dir)
     at = pd.Timestamp("2024-05-01T10:00:00.25Z")
-    store.append(FakeCollection(stats_rows("r1", at, [("p1", "i1", "n", "cdc", 1, 0, 0, 0)]),
+    store.append(Collection(stats_rows("r1", at, [("p1", "i1", "n", "cdc", 1, 0, 0, 0)]),
                                 schema.empty_errors(), "r1", at))
     export_table(store, tmp_path / "s.csv")
     assert read_csv_cells(tmp_path / "s.csv")[1][0] == "2024-05-01T10:00:00.250000Z"

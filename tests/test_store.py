@@ -8,7 +8,6 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -20,20 +19,11 @@ import pytest
 from unprivileged import as_unprivileged
 
 from roma_analytics import analysis, schema
+from roma_analytics.collect import Collection
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.store import CompactReport, HistoryStore
 
 FORK = multiprocessing.get_context("fork")
-
-
-@dataclass
-class FakeCollection:
-    """The four attributes of collect.Collection that HistoryStore.append relies on."""
-
-    stats: pd.DataFrame
-    errors: pd.DataFrame
-    run_id: str
-    collected_at: pd.Timestamp
 
 
 def make_run(run_id, at, instances=("i1", "i2"), project="p1", region="cn-north-4", errors=()):
@@ -57,7 +47,7 @@ def make_run(run_id, at, instances=("i1", "i2"), project="p1", region="cn-north-
         "error_msg": "gone", "request_id": "req-1" if status else None, "attempts": 3,
     } for instance, status in errors]
     errors_frame = schema.conform(pd.DataFrame(error_rows, columns=list(schema.ERRORS_DTYPES)), "errors")
-    return FakeCollection(stats, errors_frame, run_id, at)
+    return Collection(stats, errors_frame, run_id, at)
 
 
 def sorted_rows(frame, table="stats"):
@@ -106,7 +96,7 @@ def test_utc_day_decides_the_partition(history_dir):
 
 def test_empty_run_is_listed_and_writes_no_errors_file(history_dir):
     store = HistoryStore(history_dir)
-    empty = FakeCollection(schema.empty_stats(), schema.empty_errors(), "r-empty",
+    empty = Collection(schema.empty_stats(), schema.empty_errors(), "r-empty",
                            pd.Timestamp("2024-05-01T10:00Z"))
     written = store.append(empty)
     assert [p.relative_to(history_dir).as_posix() for p in written] == ["stats/date=2024-05-01/r-empty.parquet"]
@@ -156,7 +146,7 @@ def test_empty_and_missing_history_give_typed_empty_frames(tmp_path):
     assert list(missing.runs().columns) == ["run_id", "collected_at", "stats_rows", "error_rows"]
     assert missing.runs().empty
     store = HistoryStore(tmp_path / "h")
-    store.append(FakeCollection(schema.empty_stats(), schema.empty_errors(), "r0", pd.Timestamp("2024-05-01")))
+    store.append(Collection(schema.empty_stats(), schema.empty_errors(), "r0", pd.Timestamp("2024-05-01")))
     pd.testing.assert_frame_equal(store.load(), schema.empty_stats())
     assert not (tmp_path / "nowhere").exists()  # reading never creates anything
 
@@ -337,7 +327,7 @@ def build_days(store, days=3, runs_per_day=3):
                            errors=[("i9", 500)] if r == 0 else ())
             store.append(run)
             expected.append(run)
-    empty = FakeCollection(schema.empty_stats(), schema.empty_errors(), "r-empty", pd.Timestamp("2024-05-01T23:00Z"))
+    empty = Collection(schema.empty_stats(), schema.empty_errors(), "r-empty", pd.Timestamp("2024-05-01T23:00Z"))
     store.append(empty)
     stats = sorted_rows(pd.concat([run.stats for run in expected], ignore_index=True))
     errors = sorted_rows(pd.concat([run.errors for run in expected], ignore_index=True), "errors")
