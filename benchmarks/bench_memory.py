@@ -15,6 +15,7 @@ import gc
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
 from benchmarks.harness import Row, SimulatorProcess, mib, rss, seconds_text
 
@@ -28,37 +29,57 @@ def _targets(sim: SimulatorProcess):
             for i in sim.instance_ids()]
 
 
-def run_memory(runs: int = 1000, instances: int = 20, workers: int = 16, warmup: int = 50) -> list[Row]:
+@dataclass
+class _LoopFigures:
+    start_rss: int = 0
+    after_warmup: int = 0
+    end_rss: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def growth(self) -> int:
+        return self.end_rss - self.after_warmup
+
+    def row(self, benchmark: str, measure: str, warmup: int, reference: str = "") -> Row:
+        return Row(benchmark, measure,
+                   f"RSS start {mib(self.start_rss)}, after {warmup} runs {mib(self.after_warmup)}, "
+                   f"end {mib(self.end_rss)}",
+                   reference, f"+{self.growth / 2**20:.1f} MiB after warm-up", f"growth <= {mib(GROWTH_BAR)}",
+                   self.growth <= GROWTH_BAR)
+
+
+def _collect_repeatedly(targets, runs: int, workers: int, warmup: int, figures: _LoopFigures, **options):
+    """Yield ``runs`` collections over one session and one set of clients, as ``collect --every``
+    does, recording this process's RSS at the start, after ``warmup`` runs and at the end."""
     from roma_analytics.collect import collect, session_for
 
+    session, clients = session_for(targets, workers), {}
+    figures.start_rss = figures.after_warmup = rss()
+    started = time.perf_counter()
+    try:
+        for i in range(runs):
+            yield collect(targets, workers=workers, session=session, clients=clients, **options)
+            if i + 1 == warmup:
+                gc.collect()
+                figures.after_warmup = rss()
+    finally:
+        for client in clients.values():
+            client.close()
+        session.close()
+    figures.elapsed = time.perf_counter() - started
+    gc.collect()
+    figures.end_rss = rss()
+
+
+def run_memory(runs: int = 1000, instances: int = 20, workers: int = 16, warmup: int = 50) -> list[Row]:
     warmup = min(warmup, max(1, runs // 5))
+    figures = _LoopFigures()
     with SimulatorProcess(instances) as sim:
-        targets = _targets(sim)
-        session, clients = session_for(targets, workers), {}
-        start_rss = rss()
-        after_warmup = start_rss
-        collected = 0
-        started = time.perf_counter()
-        try:
-            for i in range(runs):
-                collection = collect(targets, workers=workers, session=session, clients=clients)
-                collected += collection.collected
-                if i + 1 == warmup:
-                    gc.collect()
-                    after_warmup = rss()
-        finally:
-            for client in clients.values():
-                client.close()
-            session.close()
-        elapsed = time.perf_counter() - started
-        gc.collect()
-        end_rss = rss()
-    growth = end_rss - after_warmup
+        collected = sum(collection.collected
+                        for collection in _collect_repeatedly(_targets(sim), runs, workers, warmup, figures))
     return [
-        Row("4 memory", f"{runs} consecutive collect runs of {instances} instances in one process",
-            f"RSS start {mib(start_rss)}, after {warmup} runs {mib(after_warmup)}, end {mib(end_rss)}",
-            f"{runs} runs in {seconds_text(elapsed)}", f"+{growth / 2**20:.1f} MiB after warm-up",
-            f"growth <= {mib(GROWTH_BAR)}", growth <= GROWTH_BAR),
+        figures.row("4 memory", f"{runs} consecutive collect runs of {instances} instances in one process",
+                    warmup, f"{runs} runs in {seconds_text(figures.elapsed)}"),
         Row("4 memory", "every instance of every run collected", f"{collected:,} of {runs * instances:,}",
             "", "", "all collected", collected == runs * instances, check=True),
     ]
@@ -67,50 +88,32 @@ def run_memory(runs: int = 1000, instances: int = 20, workers: int = 16, warmup:
 def run_soak(runs: int = 2000, instances: int = 20, workers: int = 16, fault_rate: float = 0.1,
              retries: int = 0, warmup: int = 100) -> list[Row]:
     from roma_analytics import HistoryStore
-    from roma_analytics.collect import collect, session_for
 
     warmup = min(warmup, max(1, runs // 5))
+    figures = _LoopFigures()
     folder = tempfile.mkdtemp(prefix="roma-soak-")
     try:
         store = HistoryStore(folder)
         with SimulatorProcess(instances, fault_rate=fault_rate) as sim:
-            targets = _targets(sim)
-            session, clients = session_for(targets, workers), {}
-            start_rss = after_warmup = rss()
             stats_rows = error_rows = unaccounted = 0
             codes: dict[str, int] = {}
-            started = time.perf_counter()
-            try:
-                for i in range(runs):
-                    collection = collect(targets, workers=workers, retries=retries, session=session,
-                                         clients=clients)
-                    store.append(collection)
-                    stats_rows += len(collection.stats)
-                    error_rows += len(collection.errors)
-                    # every instance is either two stats rows or one error row, never both or neither
-                    ok = set(collection.stats["instance_id"].astype(str))
-                    failed = set(collection.errors["instance_id"].astype(str))
-                    if (len(collection.stats) != 2 * len(ok) or len(collection.errors) != len(failed)
-                            or ok & failed or len(ok | failed) != instances):
-                        unaccounted += 1
-                    for code in collection.errors["error_code"].astype(str):
-                        codes[code] = codes.get(code, 0) + 1
-                    if i + 1 == warmup:
-                        gc.collect()
-                        after_warmup = rss()
-            finally:
-                for client in clients.values():
-                    client.close()
-                session.close()
-            elapsed = time.perf_counter() - started
-            gc.collect()
-            end_rss = rss()
+            for collection in _collect_repeatedly(_targets(sim), runs, workers, warmup, figures, retries=retries):
+                store.append(collection)
+                stats_rows += len(collection.stats)
+                error_rows += len(collection.errors)
+                # every instance is either two stats rows or one error row, never both or neither
+                ok = set(collection.stats["instance_id"].astype(str))
+                failed = set(collection.errors["instance_id"].astype(str))
+                if (len(collection.stats) != 2 * len(ok) or len(collection.errors) != len(failed)
+                        or ok & failed or len(ok | failed) != instances):
+                    unaccounted += 1
+                for code in collection.errors["error_code"].astype(str):
+                    codes[code] = codes.get(code, 0) + 1
         stored_stats = len(store.load())
         stored_errors = len(store.load(table="errors"))
         stored_runs = store.runs()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    growth = end_rss - after_warmup
     accounted = (unaccounted == 0 and stats_rows // 2 + error_rows == runs * instances)
     kept = (stored_stats == stats_rows and stored_errors == error_rows and len(stored_runs) == runs
             and int(stored_runs["stats_rows"].sum()) == stats_rows)
@@ -119,12 +122,10 @@ def run_soak(runs: int = 2000, instances: int = 20, workers: int = 16, fault_rat
         Row("5 soak", f"{runs} runs of {instances} instances, fault rate {fault_rate:g}, retries {retries}, "
                       f"each run appended to a HistoryStore",
             f"{stats_rows // 2:,} collected + {error_rows:,} failed ({code_text or 'no errors'})",
-            f"{runs * instances:,} instance-runs in {seconds_text(elapsed)}", "",
+            f"{runs * instances:,} instance-runs in {seconds_text(figures.elapsed)}", "",
             "every instance of every run is a stats or an error row", accounted, check=True),
         Row("5 soak", "history keeps every snapshot and every failure",
             f"stored {stored_stats:,} stats rows, {stored_errors:,} error rows, {len(stored_runs):,} runs",
             f"collected {stats_rows:,} stats rows, {error_rows:,} error rows", "", "all kept", kept, check=True),
-        Row("5 soak", "memory of the soak loop",
-            f"RSS start {mib(start_rss)}, after {warmup} runs {mib(after_warmup)}, end {mib(end_rss)}",
-            "", f"+{growth / 2**20:.1f} MiB after warm-up", f"growth <= {mib(GROWTH_BAR)}", growth <= GROWTH_BAR),
+        figures.row("5 soak", "memory of the soak loop", warmup),
     ]
