@@ -975,8 +975,8 @@ def _build_parser() -> argparse.ArgumentParser:
     projects = parser.add_mutually_exclusive_group()
     projects.add_argument("--projects", type=int, default=None, metavar="N",
                           help="number of generated projects (default 2)")
-    projects.add_argument("--project-id", action="append", default=None, metavar="ID",
-                          help="use this project id (repeat for several)")
+    projects.add_argument("--project-id", nargs="+", action="extend", default=None, metavar="ID",
+                          help="use these project ids (several after one flag, or the flag repeated)")
     parser.add_argument("--instances", type=int, default=5, metavar="N", help="instances per project (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic fleet (default 0)")
     parser.add_argument("--latency-ms", type=float, default=0.0, metavar="MS",

@@ -950,3 +950,23 @@ def test_main_reports_a_port_in_use(capsys):
 def test_main_help_exits_0(capsys):
     assert main(["--help"]) == 0
     assert "--fault-rate" in capsys.readouterr().out
+
+
+def test_main_takes_several_project_ids_after_one_flag_or_repeated():
+    process = subprocess.Popen(
+        [sys.executable, "-c", _RUN_MAIN, "--port", "0", "--instances", "1",
+         "--project-id", "proj-a", "proj-b", "--project-id", "proj-c"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        while not lines or "Ctrl-C" not in lines[-1]:
+            line = process.stdout.readline()
+            assert line, f"simulator exited early: {process.stderr.read()}"
+            lines.append(line)
+        base_url = re.search(r"(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
+        for project_id in ("proj-a", "proj-b", "proj-c"):
+            assert requests.get(f"{base_url}/v2/{project_id}/instances").json()["total"] == 1
+        assert requests.get(f"{base_url}/v2/proj-d/instances").status_code != 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=20)
