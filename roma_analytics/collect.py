@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
@@ -40,7 +40,8 @@ from requests.adapters import HTTPAdapter
 from roma_analytics.client import RomaClient
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.schema import (
-    COUNT_COLUMNS, ERRORS_DTYPES, STATS_DTYPES, TASK_TYPES, TIMESTAMP_DTYPE, conform, empty_errors,
+    COUNT_COLUMNS, ERRORS_DTYPES, SCOPES_DTYPES, STATS_DTYPES, TASK_TYPES, TIMESTAMP_DTYPE, conform,
+    empty_errors, empty_scopes,
 )
 from roma_analytics.targets import Target
 
@@ -56,10 +57,13 @@ EXIT_NONE = 4
 
 @dataclass
 class Collection:
-    """The result of one collection run: the ``stats`` and ``errors`` tables (schema.py dtypes).
+    """The result of one collection run: the ``stats``, ``errors`` and ``scopes`` tables
+    (schema.py dtypes).
 
-    ``instances`` is how many instances the run tried to collect (after discovery);
-    ``elapsed`` the wall time of the run in seconds.
+    ``scopes`` has one row per (region, project_id) the run covered -- also a project whose
+    discovery found no instance or failed -- so that readers can tell "gone" from "not
+    collected" (see :mod:`roma_analytics.fleet`).  ``instances`` is how many instances the run
+    tried to collect (after discovery); ``elapsed`` the wall time of the run in seconds.
     """
 
     stats: pd.DataFrame
@@ -68,6 +72,7 @@ class Collection:
     collected_at: pd.Timestamp
     instances: int = 0
     elapsed: float = 0.0
+    scopes: pd.DataFrame = field(default_factory=empty_scopes)
 
     @property
     def collected(self) -> int:
@@ -250,7 +255,7 @@ def collect(
             session.close()
     return Collection(stats=run.stats_frame(), errors=run.errors_frame(), run_id=run_id,
                       collected_at=collected_at, instances=len(instances),
-                      elapsed=time.monotonic() - started)
+                      elapsed=time.monotonic() - started, scopes=run.scopes_frame())
 
 
 class _Run:
@@ -262,6 +267,12 @@ class _Run:
         self.keys: list[tuple[str, str, str, str | None]] = []     # region, project, instance, name
         self.counts: list[tuple[int, ...]] = []                      # common 4 counts + cdc 4 counts
         self.error_rows: list[dict] = []
+        # (region, project_id) -> {"discovery": ..., "instances": n, "collected": n, "failed": n}
+        self.scopes: dict[tuple[str, str], dict] = {}
+
+    def _scope(self, target: Target, client: RomaClient) -> dict:
+        key = (target.region or client.region, target.project_id)
+        return self.scopes.setdefault(key, {"discovery": "explicit", "instances": 0, "collected": 0, "failed": 0})
 
     # -- the two phases ------------------------------------------------------------------------
     def discover(self, pool, targets, client_for, limited) -> list[Target]:
@@ -269,6 +280,8 @@ class _Run:
         listed = [t for t in targets if t.instance_id is not None]
         known = {(client_key(t), t.project_id, t.instance_id) for t in listed}
         discoveries = [t for t in targets if t.instance_id is None]
+        for target in targets:
+            self._scope(target, client_for(target))
 
         def list_running(target: Target) -> list[dict]:
             client = client_for(target)
@@ -282,7 +295,11 @@ class _Run:
                 instances = future.result()
             except Exception as exc:   # noqa: BLE001 - one project's failure must not end the run
                 self._record_error(target, DISCOVERY_INSTANCE_ID, exc, client_for(target))
+                self._scope(target, client_for(target))["discovery"] = "failed"
                 continue
+            scope = self._scope(target, client_for(target))
+            if scope["discovery"] != "failed":
+                scope["discovery"] = "listed"
             for item in instances:
                 instance_id = str(item.get("id", ""))
                 key = (client_key(target), target.project_id, instance_id)
@@ -316,12 +333,16 @@ class _Run:
             if progress:
                 progress(done_count, total)
         # Rows in target order, so that a run's output does not depend on thread timing.
+        for target in instances:
+            self._scope(target, client_for(target))["instances"] += 1
         for index in sorted(failures):
             target = instances[index]
             self._record_error(target, target.instance_id, failures[index], client_for(target))
+            self._scope(target, client_for(target))["failed"] += 1
         for index in sorted(results):
             target, statistics = instances[index], results[index]
             client = client_for(target)
+            self._scope(target, client)["collected"] += 1
             self.keys.append((target.region or client.region, target.project_id, target.instance_id,
                               target.instance_name))
             common, cdc = statistics.common, statistics.cdc
@@ -365,6 +386,17 @@ class _Run:
             columns[name] = counts[:, position]
         columns["total"] = counts.sum(axis=1)
         return pd.DataFrame(columns)
+
+    def scopes_frame(self) -> pd.DataFrame:
+        """One row per (region, project_id) the run covered, sorted by scope."""
+        if not self.scopes:
+            return empty_scopes()
+        rows = [dict(region=region, project_id=project, **numbers)
+                for (region, project), numbers in sorted(self.scopes.items())]
+        frame = pd.DataFrame(rows)
+        frame["collected_at"] = self.collected_at
+        frame["run_id"] = self.run_id
+        return conform(frame[list(SCOPES_DTYPES)], "scopes")
 
     def errors_frame(self) -> pd.DataFrame:
         if not self.error_rows:

@@ -1,4 +1,4 @@
-"""The two tables every part of roma-analytics shares: ``stats`` and ``errors``.
+"""The tables every part of roma-analytics shares: ``stats``, ``errors`` and ``scopes``.
 
 DESIGN.md fixes their columns and meaning; this module fixes their pandas dtypes, so that
 ``collect``, the history, the exports and the analysis all agree on one shape, also when a
@@ -52,10 +52,32 @@ ERRORS_DTYPES: dict[str, object] = {
     "attempts": "int64",
 }
 
+#: What a run covered, one row per scope (region, project_id): so that "absent from the run"
+#: can be told from "not collected".  ``discovery`` is ``listed`` (the project's RUNNING
+#: instances were listed), ``explicit`` (only instances named in the targets), or ``failed``
+#: (the instance list could not be read: absence proves nothing).  ``instances`` is how many
+#: instances the run tried in the scope, ``collected`` and ``failed`` how that went.
+SCOPES_DTYPES: dict[str, object] = {
+    "collected_at": TIMESTAMP_DTYPE,
+    "run_id": STRING_DTYPE,
+    "region": STRING_DTYPE,
+    "project_id": STRING_DTYPE,
+    "discovery": STRING_DTYPE,
+    "instances": "int64",
+    "collected": "int64",
+    "failed": "int64",
+}
+#: ``scopes.discovery`` values.  A run of a scope is *complete* (absence in it means gone) unless
+#: its discovery failed.
+DISCOVERY_VALUES: tuple[str, ...] = ("listed", "explicit", "failed")
+#: What identifies a scope: what one run covers for one project.
+SCOPE_KEY: tuple[str, ...] = ("region", "project_id")
+
 STATS_COLUMNS: tuple[str, ...] = tuple(STATS_DTYPES)
 ERRORS_COLUMNS: tuple[str, ...] = tuple(ERRORS_DTYPES)
 
-TABLES: dict[str, dict[str, object]] = {"stats": STATS_DTYPES, "errors": ERRORS_DTYPES}
+TABLES: dict[str, dict[str, object]] = {"stats": STATS_DTYPES, "errors": ERRORS_DTYPES,
+                                        "scopes": SCOPES_DTYPES}
 
 
 def empty_stats() -> pd.DataFrame:
@@ -66,6 +88,11 @@ def empty_stats() -> pd.DataFrame:
 def empty_errors() -> pd.DataFrame:
     """An empty ``errors`` frame with the contract's columns and dtypes."""
     return _empty(ERRORS_DTYPES)
+
+
+def empty_scopes() -> pd.DataFrame:
+    """An empty ``scopes`` frame with its columns and dtypes."""
+    return _empty(SCOPES_DTYPES)
 
 
 def _empty(dtypes: dict[str, object]) -> pd.DataFrame:

@@ -190,6 +190,10 @@ class _Scan:
         )"""
 
     def fetch(self, sql: str) -> pd.DataFrame:
+        return self.fetch_params(sql, self.where()[1])
+
+    def fetch_params(self, sql: str, params: list) -> pd.DataFrame:
+        """Run ``sql`` whose first parameter is the file list, then ``params``."""
         config = {"threads": _cores(), "preserve_insertion_order": False}
         import duckdb  # only the DuckDB paths pay its import
 
@@ -199,7 +203,7 @@ class _Scan:
                 connection.execute("SET TimeZone = 'UTC'")
             except duckdb.Error:
                 pass  # no ICU extension: DuckDB then knows only UTC anyway
-            return connection.execute(sql, [self.paths, *self.where()[1]]).df()
+            return connection.execute(sql, [self.paths, *params]).df()
 
 
 def _values(value, name: str) -> list[str] | None:
@@ -222,3 +226,72 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def fleet_rows(files: dict[str, list], cutoff: pd.Timestamp, projects=None, instances=None, regions=None):
+    """The DuckDB twin of :func:`roma_analytics.fleet.reduce_history`, over Parquet files.
+
+    ``files`` maps ``stats``, ``errors`` and ``scopes`` to the files to read (each row once, as
+    ``HistoryStore.files`` lists them).  Returns ``(top_stats, top_errors, inferred, scopes,
+    future)``: the last ``fleet.SNAPSHOTS_KEPT`` snapshots of each series and errors rows of each
+    instance at or before ``cutoff``; one row per (run, scope) found in stats or errors with
+    ``_discovery_failed``; the recorded scope rows at or before ``cutoff``; and the (run, scope)
+    pairs stamped after it.  Only these rows reach pandas, whatever the history's length.
+    """
+    from roma_analytics import fleet, schema
+
+    kept = int(fleet.SNAPSHOTS_KEPT)
+    filters = dict(projects=projects, instances=instances, regions=regions)
+    scope_filters = dict(projects=projects, regions=regions)
+    cut = cutoff.to_pydatetime()
+
+    def frame(table, sql_of, with_filters, extra_params=()):
+        scan = _Scan(files.get(table, []), None, None, **with_filters)
+        if scan.empty:
+            return None
+        condition, params = scan.where()
+        return scan.fetch_params(sql_of(condition), [*params, *extra_params])
+
+    def columns(table):
+        return ", ".join(_quote(name) for name in schema.TABLES[table])
+
+    source = "read_parquet(?, hive_partitioning = true, hive_types = {'date': DATE})"
+    series = ", ".join(schema.SERIES_KEY)
+    instance = "region, project_id, instance_id"
+    top_stats = frame("stats", lambda where: f"""
+        SELECT {columns('stats')} FROM {source} WHERE {where} AND collected_at <= ?
+        QUALIFY row_number() OVER (PARTITION BY {series} ORDER BY collected_at DESC, run_id DESC) <= {kept}""",
+                      filters, [cut])
+    top_errors = frame("errors", lambda where: f"""
+        SELECT {columns('errors')} FROM {source} WHERE {where} AND collected_at <= ?
+        QUALIFY row_number() OVER (PARTITION BY {instance} ORDER BY collected_at DESC, run_id DESC) <= {kept}""",
+                       filters, [cut])
+    # Scope runs are judged over every instance of the scope: an instance filter must not make
+    # a later run of its project look like it never happened.
+    inferred_stats = frame("stats", lambda where: f"""
+        SELECT DISTINCT collected_at, run_id, region, project_id, false AS _discovery_failed
+        FROM {source} WHERE {where} AND collected_at <= ?""", scope_filters, [cut])
+    inferred_errors = frame("errors", lambda where: f"""
+        SELECT collected_at, run_id, region, project_id, bool_or(instance_id = '*') AS _discovery_failed
+        FROM {source} WHERE {where} AND collected_at <= ? GROUP BY ALL""", scope_filters, [cut])
+    scopes = frame("scopes", lambda where: f"""
+        SELECT {columns('scopes')} FROM {source} WHERE {where} AND collected_at <= ?""", scope_filters, [cut])
+    future = [frame(table, lambda where: f"""
+        SELECT DISTINCT run_id, collected_at, region, project_id FROM {source}
+        WHERE {where} AND date >= ? AND collected_at > ?""", scope_filters, [cutoff.date(), cut])
+        for table in ("stats", "errors", "scopes")]
+
+    def conformed(result, table):
+        return schema._empty(schema.TABLES[table]) if result is None else schema.conform(result, table)
+
+    inferred = pd.concat([part for part in (inferred_stats, inferred_errors) if part is not None]
+                         or [pd.DataFrame(columns=["collected_at", "run_id", "region", "project_id",
+                                                   "_discovery_failed"])], ignore_index=True)
+    if len(inferred):
+        inferred = inferred.groupby(["collected_at", "run_id", "region", "project_id"], sort=False,
+                                    dropna=False)["_discovery_failed"].any().reset_index()
+    future = pd.concat([part for part in future if part is not None]
+                       or [pd.DataFrame(columns=["run_id", "collected_at", "region", "project_id"])],
+                       ignore_index=True)
+    return (conformed(top_stats, "stats"), conformed(top_errors, "errors"), inferred,
+            conformed(scopes, "scopes"), future)

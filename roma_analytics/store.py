@@ -4,6 +4,7 @@ Layout (DESIGN.md, "history on disk")::
 
     HISTORY/stats/date=YYYY-MM-DD/<run_id>.parquet       one file per run (written even when empty)
     HISTORY/errors/date=YYYY-MM-DD/<run_id>.parquet      only for runs that had errors
+    HISTORY/scopes/date=YYYY-MM-DD/<run_id>.parquet      what the run covered (region, project)
     HISTORY/<table>/date=YYYY-MM-DD/compacted-<first>-<last>-<hash>.parquet   after ``compact``
 
 ``date`` is the UTC day of the run's ``collected_at``.  It lives in the directory names only (hive
@@ -70,7 +71,10 @@ _DATE_DIR = re.compile(r"date=(\d{4}-\d{2}-\d{2})")
 _SORT_KEYS = {
     "stats": ("collected_at", *schema.SERIES_KEY, "run_id"),
     "errors": ("collected_at", "region", "project_id", "instance_id", "run_id"),
+    "scopes": ("collected_at", "region", "project_id", "run_id"),
 }
+#: Tables written for every run, even without a row (so that every run is listed).
+_ALWAYS_WRITTEN = ("stats",)
 
 
 @dataclass(frozen=True)
@@ -139,9 +143,10 @@ class HistoryStore:
     def append(self, collection) -> list[Path]:
         """Store one collection run; return the files written (stats, then errors if any).
 
-        Uses only ``collection.stats``, ``.errors``, ``.run_id`` and ``.collected_at``.  The stats
+        Uses ``collection.stats``, ``.errors``, ``.run_id``, ``.collected_at`` and, when it has
+        one, ``.scopes`` (what the run covered; see :mod:`roma_analytics.fleet`).  The stats
         file is written even for a run without rows, so every run is listed by :meth:`runs`; an
-        errors file is written only when the run had errors.  A run id already in the history is
+        errors or scopes file only when it has rows.  A run id already in the history is
         a :class:`ConfigError`: nothing is ever overwritten.
         """
         run_id = str(collection.run_id)
@@ -155,6 +160,7 @@ class HistoryStore:
         frames = {
             "stats": self._run_rows(collection.stats, "stats", run_id, day),
             "errors": self._run_rows(collection.errors, "errors", run_id, day),
+            "scopes": self._run_rows(getattr(collection, "scopes", None), "scopes", run_id, day),
         }
         runs_meta = json.dumps([{"run_id": run_id, "collected_at": collected_at.isoformat()}])
         name = f"{run_id}.parquet"
@@ -174,7 +180,7 @@ class HistoryStore:
         with _os_errors(f"cannot write to the history folder {self.path}"):
             self._ensure_layout()
             for table in TABLE_NAMES:
-                if table == "errors" and frames[table].empty:
+                if table not in _ALWAYS_WRITTEN and frames[table].empty:
                     continue
                 arrow = to_arrow(frames[table], table, {META_RUNS: runs_meta})
                 target = targets[table]
@@ -212,11 +218,12 @@ class HistoryStore:
         dtypes = _table_dtypes(table)
         wanted = list(dtypes) if columns is None else _checked_columns(columns, dtypes, table)
         start, end = parse_time(since, "since"), parse_time(until, "until")
-        filters = {"project_id": projects, "instance_id": instances, "region": regions}
-        if table == "stats":
-            filters["task_type"] = task_types
-        elif task_types is not None:
-            raise ConfigError("task_types filters the stats table only; the errors table has no task_type")
+        filters = {"project_id": projects, "instance_id": instances, "region": regions,
+                   "task_type": task_types}
+        for column in ("instance_id", "task_type"):
+            if column not in dtypes:
+                if filters.pop(column) is not None:
+                    raise ConfigError(f"the {table} table has no {column} column to filter on")
         expression = _row_filter(start, end, filters)
         # Sort keys are read even when not asked for, so the order is the same either way.
         read_columns = list(dict.fromkeys([*wanted, *(k for k in _SORT_KEYS[table] if k in dtypes)]))
@@ -299,6 +306,28 @@ class HistoryStore:
             files = self._files("stats", parse_time(since, "since"), parse_time(until, "until"))
             return sqlagg.cdc_vs_common(files, freq=freq, since=since, until=until,
                                         projects=projects, instances=instances, regions=regions)
+
+    def fleet_state(self, as_of=None, *, staleness=None, tolerance=None, projects=None, instances=None,
+                    regions=None):
+        """The :class:`roma_analytics.fleet.FleetState` of the history as of ``as_of`` (default now).
+
+        Equal to ``fleet.fleet_state`` on the loaded ``stats``, ``errors`` and ``scopes`` tables,
+        but DuckDB reduces the files to the few rows the state needs (the last two snapshots of
+        each series, the last two errors of each instance, one row per run and scope), so the
+        cost follows the fleet's size rather than the history's length.  Filters as in
+        :meth:`load`; ``staleness``/``tolerance`` as in ``fleet.fleet_state``.
+        """
+        from . import fleet, sqlagg
+
+        as_of, cutoff, staleness = fleet._settings(
+            as_of, staleness, fleet.DEFAULT_TOLERANCE if tolerance is None else tolerance)
+        with self._reading():
+            files = {table: self._files(table, None, None) for table in TABLE_NAMES}
+            top_stats, top_errors, inferred, scopes, future = sqlagg.fleet_rows(
+                files, cutoff, projects=projects, instances=instances, regions=regions)
+        scope_runs = fleet.scope_runs_frame(inferred, scopes)
+        return fleet.finish(top_stats, top_errors, scope_runs, fleet._future_frame(future), as_of=as_of,
+                            staleness=staleness)
 
     # ---------------------------------------------------------------------------- compaction
     def compact(self, before=None) -> CompactReport:
@@ -522,7 +551,7 @@ def _table_dtypes(table: str) -> dict[str, object]:
 
 
 def _empty(table: str) -> pd.DataFrame:
-    return schema.empty_stats() if table == "stats" else schema.empty_errors()
+    return schema._empty(schema.TABLES[table])
 
 
 def _conform(frame: pd.DataFrame, table: str) -> pd.DataFrame:
