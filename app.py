@@ -161,6 +161,7 @@ prepared = None
 source_key: tuple = ()
 source_text = ""
 live_targets = None
+watched_folder = None  # a history folder an open page watches for new runs
 try:
     if source_kind in ("Sample history", "History folder"):
         if source_kind == "Sample history":
@@ -176,6 +177,7 @@ try:
         freq = folder_resolution(folder, stamp) if resolution == "Auto" else resolution
         prepared = prepared_folder(folder, stamp, freq)
         source_key = ("folder", folder, stamp, freq)
+        watched_folder = (folder, stamp)
         source_text = "the bundled sample history" if source_kind == "Sample history" else f"history folder `{folder}`"
     elif source_kind == "Uploaded export":
         uploads = st.sidebar.file_uploader(
@@ -257,8 +259,12 @@ if prepared.stats.empty:
 # ------------------------------------------------------------------------------- sidebar: filters
 st.sidebar.header("Filters")
 first_day, last_day = prepared.first_day.date(), prepared.last_day.date()
-days = st.sidebar.date_input("Time range (UTC days)", value=(first_day, last_day), min_value=first_day,
-                             max_value=last_day, key="days")
+# A range left at "everything" grows with the history when new days arrive.
+chosen_days = st.session_state.get("days")
+if chosen_days is None or chosen_days == st.session_state.get("days_offered") or not all(first_day <= day <= last_day for day in chosen_days):
+    st.session_state["days"] = (first_day, last_day)
+st.session_state["days_offered"] = (first_day, last_day)
+days = st.sidebar.date_input("Time range (UTC days)", min_value=first_day, max_value=last_day, key="days")
 days = tuple(days) if isinstance(days, (tuple, list)) else (days,)
 since = pd.Timestamp(days[0], tz="UTC") if days else None
 until = pd.Timestamp(days[-1], tz="UTC") + pd.Timedelta(days=1) if days else None
@@ -294,8 +300,30 @@ except ConfigError as exc:
 numbers = overview(source_key, filters, prepared)
 kpis = numbers["kpis"]
 last_run = kpis["last_collected_at"]
-st.caption(f"Source: {source_text} · resolution {prepared.freq} · last run "
-           f"{last_run:%Y-%m-%d %H:%M} UTC · all times UTC" if last_run is not None else f"Source: {source_text}")
+try:
+    refresh = dashboard.refresh_seconds()
+except ConfigError as exc:
+    refresh = dashboard.DEFAULT_REFRESH_SECONDS
+    st.warning(f"{exc}; checking for new runs every {refresh:g} s instead.")
+
+
+@st.fragment(run_every=refresh if watched_folder else None)
+def freshness() -> None:
+    """How fresh the data is; on a history folder, a new run in it reruns the whole page (the
+    fragment alone runs every `refresh` seconds, so an open page needs no click)."""
+    if watched_folder and dashboard.history_fingerprint(watched_folder[0]) != watched_folder[1]:
+        fingerprint.clear()
+        st.rerun()
+    now = pd.Timestamp.now(tz="UTC")
+    parts = [f"Source: {source_text}", f"resolution {prepared.freq}"]
+    if last_run is not None:
+        parts.append(f"data as of the last run, {last_run:%Y-%m-%d %H:%M} UTC ({dashboard.age_text(last_run, now)})")
+    if watched_folder:
+        parts.append(f"checked for new runs at {now:%H:%M:%S} UTC, every {refresh:g} s")
+    st.caption(" · ".join(parts) + " · all times UTC")
+
+
+freshness()
 tiles = st.columns(7)
 tiles[0].metric("Instances", dashboard.count_text(kpis["instances"]))
 for tile, state in zip(tiles[1:5], ("running", "abnormal", "terminated", "completed")):

@@ -626,8 +626,92 @@ def run_report(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- dashboard
+
+DASHBOARD_HELP = """\
+Start the Streamlit dashboard on http://127.0.0.1:PORT (this machine only) with usage statistics
+off, whatever the working directory and whatever .streamlit/config.toml is found there. Without
+--history (or $ROMA_HISTORY) it opens the bundled sample history. While the page is open it checks
+the history for new runs every --refresh period and shows them without a click. To share it, keep
+it on 127.0.0.1 behind an authenticating reverse proxy or an SSH tunnel (README, "Sharing the
+dashboard safely"). Runs until interrupted (Ctrl-C)."""
+
+DASHBOARD_EXAMPLE = """\
+examples:
+  roma-analytics dashboard                                # the bundled sample
+  roma-analytics dashboard --history data/history --port 8502 --refresh 1m"""
+
+#: Streamlit settings the dashboard always runs with.  Passed as flags, which Streamlit ranks above
+#: environment variables and every config.toml: a project folder's `.streamlit/config.toml` with
+#: `server.address = "0.0.0.0"` must not expose the fleet's data.
+DASHBOARD_STREAMLIT_SETTINGS = {
+    "server.address": "127.0.0.1",
+    "server.headless": "true",
+    "browser.gatherUsageStats": "false",
+    "browser.serverAddress": "127.0.0.1",
+    "client.toolbarMode": "viewer",      # no "Deploy" button: this dashboard is never deployed publicly
+    "server.fileWatcherType": "none",    # an installed app does not change under it
+    "global.developmentMode": "false",
+    "theme.base": "light",
+    "theme.primaryColor": "#2563eb",
+}
+DEFAULT_DASHBOARD_PORT = 8501
+
+
+def add_dashboard(subparsers) -> None:
+    parser = _subparser(subparsers, "dashboard", "start the dashboard on 127.0.0.1", DASHBOARD_HELP,
+                        DASHBOARD_EXAMPLE)
+    parser.add_argument("--history", metavar="DIR",
+                        help="history folder to open (default $ROMA_HISTORY, else the bundled sample)")
+    parser.add_argument("--port", metavar="N", type=_number(int, lambda value: 1 <= value <= 65535,
+                                                            "a TCP port from 1 to 65535"),
+                        default=DEFAULT_DASHBOARD_PORT, help=f"TCP port on 127.0.0.1 (default {DEFAULT_DASHBOARD_PORT})")
+    parser.add_argument("--refresh", metavar="PERIOD", type=period,
+                        help="how often an open page checks for new runs: 30s, 5m... (default 30s)")
+    parser.set_defaults(handler=run_dashboard)
+
+
+def dashboard_command(app: str, port: int = DEFAULT_DASHBOARD_PORT) -> list[str]:
+    """The ``python -m streamlit run`` command line of ``roma-analytics dashboard``."""
+    flags = [f"--{name}={value}" for name, value in DASHBOARD_STREAMLIT_SETTINGS.items()]
+    return [sys.executable, "-m", "streamlit", "run", app, f"--server.port={port}", *flags]
+
+
+def run_dashboard(args) -> int:
+    import importlib.util
+
+    from roma_analytics.dashboard import HISTORY_ENV, REFRESH_ENV, app_path
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise _Usage("the dashboard needs Streamlit and plotly: pip install 'roma-analytics[dashboard]'")
+    env = dict(os.environ)
+    if args.history is not None:
+        history = os.path.abspath(os.path.expanduser(args.history))
+        if not os.path.isdir(history):
+            raise _Usage(f"history folder {args.history} does not exist; collect into it first "
+                         f"(roma-analytics collect --history {args.history}) or pass the right --history")
+        env[HISTORY_ENV] = history  # absolute: the app does not run in the caller's folder
+    if args.refresh is not None:
+        env[REFRESH_ENV] = f"{args.refresh:g}"
+    app = app_path()
+    command = dashboard_command(str(app), args.port)
+    print(f"dashboard on http://127.0.0.1:{args.port} (this machine only); Ctrl-C stops it", flush=True)
+    if os.name == "posix":
+        # Become the server: Ctrl-C and SIGTERM reach Streamlit itself, and no wrapper process
+        # is left behind when it is killed.
+        os.execve(sys.executable, command, env)
+    import subprocess
+
+    with subprocess.Popen(command, env=env) as server:
+        try:
+            return server.wait()
+        except KeyboardInterrupt:  # the server got the same Ctrl-C: let it shut down
+            server.wait()
+            raise
+
+
 #: Every subcommand: add_<name>(subparsers). Order is the order in --help.
-COMMANDS = [add_collect, add_export, add_compact, add_check, add_report, add_simulate]
+COMMANDS = [add_collect, add_export, add_compact, add_check, add_report, add_dashboard, add_simulate]
 
 
 # --------------------------------------------------------------------------------------------- main

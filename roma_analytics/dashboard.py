@@ -39,6 +39,10 @@ from roma_analytics.store import HistoryStore, to_arrow, write_parquet
 
 __all__ = [
     "HISTORY_ENV",
+    "REFRESH_ENV",
+    "app_path",
+    "refresh_seconds",
+    "age_text",
     "RESOLUTIONS",
     "Filters",
     "PreparedHistory",
@@ -65,6 +69,9 @@ __all__ = [
 
 #: The environment variable naming the history folder the dashboard opens.
 HISTORY_ENV = "ROMA_HISTORY"
+#: The environment variable giving how often (seconds) an open dashboard checks for new runs.
+REFRESH_ENV = "ROMA_DASHBOARD_REFRESH"
+DEFAULT_REFRESH_SECONDS = 30.0
 #: Time resolutions offered; each divides a day, so whole-day time filters cut at bucket edges.
 RESOLUTIONS: tuple[str, ...] = ("5min", "15min", "1h", "6h", "1D")
 _US_PER_DAY = 86_400_000_000
@@ -78,6 +85,49 @@ _INTEGER_COLUMNS = (*analysis.TOTAL_COLUMNS, "attempts")
 
 # --------------------------------------------------------------------------------------------
 # Sources
+
+
+def app_path() -> Path:
+    """Where the Streamlit script of the dashboard is: shipped inside the package when installed,
+    ``app.py`` at the top of a source checkout otherwise.  ConfigError when neither exists."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "app.py", package.parent / "app.py"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"the dashboard script is missing (looked for app.py in {package} and {package.parent}); "
+                      "reinstall roma-analytics with the dashboard extra")
+
+
+def refresh_seconds(environ: Mapping[str, str] | None = None) -> float:
+    """How often an open dashboard looks for new runs: ``ROMA_DASHBOARD_REFRESH`` seconds (at
+    least 1), else 30.  ConfigError on a value that is not a positive number."""
+    value = (os.environ if environ is None else environ).get(REFRESH_ENV, "").strip()
+    if not value:
+        return DEFAULT_REFRESH_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{REFRESH_ENV}={value!r} is not a number of seconds; use e.g. 30")
+    return max(seconds, 1.0)
+
+
+def age_text(then, now) -> str:
+    """How long ago ``then`` was, at ``now``, in words: "just now", "4 min ago", "3 h 12 min ago",
+    "16 days ago"; "in the future" for a time after ``now`` (a clock skew)."""
+    seconds = (pd.Timestamp(now) - pd.Timestamp(then)).total_seconds()
+    if seconds < -60:
+        return "in the future (clock skew?)"
+    if seconds < 60:
+        return "just now"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min ago"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min ago" if minutes else f"{hours} h ago"
+    return f"{hours // 24} days ago"
 
 
 def history_from_env(environ: Mapping[str, str] | None = None) -> Path | None:

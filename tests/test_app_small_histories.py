@@ -1,0 +1,70 @@
+"""The dashboard on the histories a new user starts with: one run, two runs, a run arriving while
+the page is open.  Real collections from the simulator on loopback, driven with AppTest."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from roma_analytics.collect import collect
+from roma_analytics.simulator import Simulator
+from roma_analytics.store import HistoryStore
+from roma_analytics.targets import Target
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+FIRST_RUN = pd.Timestamp("2026-11-20T09:00:00Z")
+
+
+def append_run(history: Path, sim: Simulator, at: pd.Timestamp) -> None:
+    targets = [Target(project_id=project, endpoint=sim.base_url, region="cn-north-4") for project in sim.project_ids]
+    HistoryStore(history).append(collect(targets, retries=0, now=at.to_pydatetime()))
+
+
+@pytest.fixture
+def sim():
+    with Simulator(projects=2, instances=4, seed=5) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def one_run(tmp_path, sim) -> Path:
+    history = tmp_path / "history"
+    append_run(history, sim, FIRST_RUN)
+    return history
+
+
+def open_app(monkeypatch, history: Path) -> AppTest:
+    monkeypatch.setenv("ROMA_HISTORY", str(history))
+    for name in ("ROMA_AUTH_TOKEN", "ROMA_AK", "ROMA_SK", "ROMA_IAM_USER", "ROMA_DASHBOARD_REFRESH"):
+        monkeypatch.delenv(name, raising=False)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at) -> str:
+    """Every caption, info, warning, markdown and error text on the page."""
+    parts = []
+    for kind in ("caption", "info", "warning", "markdown", "error", "success"):
+        parts.extend(element.value for element in getattr(at, kind))
+    return "\n".join(str(part) for part in parts)
+
+
+def test_the_page_says_how_fresh_the_data_is(monkeypatch, one_run):
+    at = open_app(monkeypatch, one_run)
+    caption = at.caption[0].value
+    assert "data as of the last run, 2026-11-20 09:00 UTC" in caption
+    assert "ago" in caption
+    assert "checked for new runs" in caption and "every 30 s" in caption
+
+
+def test_a_run_appended_while_the_page_is_open_is_shown(monkeypatch, one_run, sim):
+    at = open_app(monkeypatch, one_run)
+    assert "2026-11-20 09:00 UTC" in at.caption[0].value
+    append_run(one_run, sim, FIRST_RUN + pd.Timedelta(hours=1))
+    at.run()  # what the page's timer does: the freshness check sees the new files and reloads
+    assert not at.exception, at.exception
+    assert "2026-11-20 10:00 UTC" in at.caption[0].value

@@ -1,0 +1,121 @@
+"""`roma-analytics dashboard`: a real server process started from a foreign folder."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from roma_analytics import cli, dashboard
+from roma_analytics.collect import collect
+from roma_analytics.errors import ConfigError
+from roma_analytics.store import HistoryStore
+from roma_analytics.targets import Target
+
+# A project folder whose Streamlit config would expose the dashboard, send usage statistics and
+# show the Deploy button: the command must win over it.
+HOSTILE_CONFIG = """\
+[server]
+address = "0.0.0.0"
+[browser]
+gatherUsageStats = true
+[client]
+toolbarMode = "developer"
+"""
+#: The same through the environment, which Streamlit ranks above every config.toml.
+HOSTILE_ENV = {"STREAMLIT_SERVER_ADDRESS": "0.0.0.0", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "true",
+               "STREAMLIT_CLIENT_TOOLBAR_MODE": "developer"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def one_run_history(path: Path, simulator) -> Path:
+    """A history holding exactly one collection run of the simulator (the README's first run)."""
+    targets = [Target(project_id=project, endpoint=simulator.base_url) for project in simulator.project_ids]
+    HistoryStore(path).append(collect(targets, retries=0))
+    return path
+
+
+def start_dashboard(folder: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """``roma-analytics dashboard ARGS`` as a real process with ``folder`` as working directory."""
+    port = free_port()
+    log = folder / "dashboard.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "roma_analytics", "dashboard", "--port", str(port), *args],
+                                   cwd=folder, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if requests.get(f"{url}/_stcore/health", timeout=2).ok:
+                return process, url, log
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            pytest.fail(f"the dashboard did not start: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.5)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def foreign_folder(tmp_path):
+    folder = tmp_path / "elsewhere"
+    (folder / ".streamlit").mkdir(parents=True)
+    (folder / ".streamlit" / "config.toml").write_text(HOSTILE_CONFIG)
+    return folder
+
+
+def test_dashboard_listens_on_loopback_only_from_a_foreign_folder(foreign_folder, simulator, tmp_path):
+    history = one_run_history(tmp_path / "history", simulator)
+    process, url, log = start_dashboard(foreign_folder, "--history", str(history), env=HOSTILE_ENV)
+    try:
+        listening = [c for c in psutil.Process(process.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening, "the server listens on no socket"
+        assert {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening
+        # The page itself is served (the app, not an error page).
+        assert "<title>" in requests.get(url, timeout=10).text
+    finally:
+        stop(process)
+    # Streamlit runs the installed app, not a script of the caller's folder, and is stopped by SIGTERM.
+    assert process.returncode == 0, log.read_text(errors="replace")[-2000:]
+
+
+def test_dashboard_refuses_a_missing_history_folder(tmp_path, capsys):
+    assert cli.main(["dashboard", "--history", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan", "inf"])
+def test_a_bad_refresh_period_is_refused(value):
+    assert cli.main(["dashboard", "--refresh", value]) == 2
+    with pytest.raises(ConfigError, match="not a number of seconds"):
+        dashboard.refresh_seconds({dashboard.REFRESH_ENV: value})
+
+
+def test_the_app_script_is_found_outside_the_repository_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = dashboard.app_path()
+    assert path.is_file() and path.name == "app.py"
+    assert "st.set_page_config" in path.read_text()
