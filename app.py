@@ -16,6 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from roma_analytics import analysis, charts, dashboard
+from roma_analytics.display import markdown as md
 from roma_analytics.collect import collect
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.samples import SAMPLE_HISTORY
@@ -178,7 +179,7 @@ try:
         prepared = prepared_folder(folder, stamp, freq)
         source_key = ("folder", folder, stamp, freq)
         watched_folder = (folder, stamp)
-        source_text = "the bundled sample history" if source_kind == "Sample history" else f"history folder `{folder}`"
+        source_text = "the bundled sample history" if source_kind == "Sample history" else f"history folder {md(folder)}"
     elif source_kind == "Uploaded export":
         uploads = st.sidebar.file_uploader(
             "CSV or Parquet exports (stats, optionally errors)", type=["csv", "parquet"],
@@ -190,7 +191,7 @@ try:
             freq = upload_resolution(digest, files) if resolution == "Auto" else resolution
             prepared = prepared_upload(digest, freq, files)
             source_key = ("upload", digest, freq)
-            source_text = "the uploaded " + ", ".join(f"`{name}`" for name, _ in files)
+            source_text = "the uploaded " + ", ".join(md(name) for name, _ in files)
     else:
         how = st.sidebar.radio("Targets", ("Form", "Targets file"), horizontal=True, key="live_how")
         with st.sidebar.form("live"):
@@ -209,7 +210,8 @@ try:
         if collect_now:
             if how == "Form":
                 auth, auth_source = dashboard.auth_from_settings(secrets(), region=region.strip() or None)
-                targets = dashboard.form_targets(endpoint, region, project_ids, instance_ids, auth)
+                targets = dashboard.form_targets(endpoint, region, project_ids, instance_ids, auth,
+                                                 allowed=dashboard.allowed_endpoints(secrets()))
                 settings = {}
             else:
                 loaded = load_targets(targets_path)
@@ -223,16 +225,16 @@ try:
             bar.empty()
             if collection.collected == 0:
                 first = collection.errors.iloc[0] if len(collection.errors) else None
-                detail = f" First error: {first['error_code']}: {first['error_msg']}" if first is not None else ""
-                st.error(f"Nothing was collected ({collection.summary()}).{detail} Check the endpoint, "
+                detail = f" First error: {md(first['error_code'])}: {md(first['error_msg'])}" if first is not None else ""
+                st.error(f"Nothing was collected ({md(collection.summary(), limit=2000)}).{detail} Check the endpoint, "
                          f"the project ids and the credentials ({auth_source}).")
             else:
                 st.session_state.setdefault("live_runs", []).append((collection.run_id, collection.stats, collection.errors))
                 st.session_state["live_target_list"] = targets
-                note = f"Collected: {collection.summary()}."
+                note = f"Collected: {md(collection.summary(), limit=2000)}."
                 if append:
                     files = HistoryStore(append_to).append(collection)
-                    note += f" Appended to `{append_to}` ({len(files)} file(s))."
+                    note += f" Appended to {md(append_to)} ({len(files)} file(s))."
                 st.success(note)
         runs = st.session_state.get("live_runs", [])
         if runs:
@@ -245,7 +247,7 @@ try:
             live_targets = st.session_state.get("live_target_list")
             source_text = f"live collection ({len(runs)} run{'s' if len(runs) > 1 else ''} this session)"
 except (ConfigError, RomaError) as exc:
-    st.error(f"**Cannot use this data source.** {exc}")
+    st.error(f"**Cannot use this data source.** {md(exc, limit=2000)}")
     prepared = None
 
 st.title("ROMA Connect task analytics")
@@ -293,7 +295,7 @@ try:
     filters = dashboard.Filters(since=since, until=until, regions=regions, projects=projects,
                                 instances=instances, task_types=task_types)
 except ConfigError as exc:
-    st.error(str(exc))
+    st.error(md(exc, limit=2000))
     st.stop()
 
 # ------------------------------------------------------------------------------- KPI row
@@ -304,7 +306,7 @@ try:
     refresh = dashboard.refresh_seconds()
 except ConfigError as exc:
     refresh = dashboard.DEFAULT_REFRESH_SECONDS
-    st.warning(f"{exc}; checking for new runs every {refresh:g} s instead.")
+    st.warning(f"{md(exc, limit=2000)}; checking for new runs every {refresh:g} s instead.")
 
 
 @st.fragment(run_every=refresh if watched_folder else None)
@@ -342,7 +344,7 @@ def pick_from_bar() -> None:
     """A click on a bar of the state breakdown opens that instance's drill-down."""
     points = st.session_state["breakdown"].selection.points
     if points:
-        chosen = dashboard.instance_from_label(points[0].get("y"), numbers["latest"])
+        chosen = dashboard.instance_from_point(points[0], numbers["latest"])
         if chosen:
             st.session_state["drill"] = chosen
             st.session_state["view"] = "Instance drill-down"
@@ -405,7 +407,7 @@ with tabs["Instance drill-down"]:
                 try:
                     tasks = error_tasks(source_key[1], last["region"], last["project_id"], chosen, live_targets)
                 except (ConfigError, RomaError) as exc:
-                    st.error(f"Cannot list the instance's tasks: {exc}")
+                    st.error(f"Cannot list the instance's tasks: {md(exc, limit=2000)}")
                 else:
                     if tasks.empty:
                         st.success("No task of this instance is in ERROR.")

@@ -27,6 +27,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from roma_analytics import display
 from roma_analytics.schema import COUNT_COLUMNS, GROUP_COLUMNS, TASK_TYPES
 
 __all__ = [
@@ -130,7 +131,8 @@ def apply_layout(
     """
     fig.update_layout(
         template=TEMPLATE,
-        title={"text": title or "", "x": 0.0, "xanchor": "left"},
+        # Titles can hold an instance label: plotly would read HTML (links) in it.
+        title={"text": display.plotly(title or "", limit=None), "x": 0.0, "xanchor": "left"},
         margin=MARGINS,
         # Plotly's default thousands separator is a thin space; users read "12,345".
         separators=".,",
@@ -223,12 +225,15 @@ def _task_types_in(frame: pd.DataFrame) -> list[str]:
 def _instance_labels(frame: pd.DataFrame) -> pd.Series:
     """One display label per row: the instance name, else its id; ids added where names clash.
 
-    The last non-empty name of an instance wins, so a renamed instance keeps one label.
+    The last non-empty name of an instance wins, so a renamed instance keeps one label.  Names
+    and ids are shown through ``display.visible`` (capped, hidden characters escaped) before
+    clashes are looked for, so two instances never share a label on screen.  The labels are
+    plain text: each plotly sink escapes them (``display.plotly``).
     """
     key = [c for c in _INSTANCE_KEY if c in frame.columns]
-    ids = frame["instance_id"].astype("string")
+    ids = _visible(frame["instance_id"])
     if "instance_name" in frame.columns:
-        names = frame["instance_name"].astype("string").str.strip().replace("", pd.NA)
+        names = _visible(frame["instance_name"], display.LABEL_LIMIT).str.strip().replace("", pd.NA)
         names = names.groupby([frame[c] for c in key], dropna=False).transform("last")
         labels = names.fillna(ids)
     else:
@@ -241,8 +246,15 @@ def _instance_labels(frame: pd.DataFrame) -> pd.Series:
         if suffix_from == "instance_id":
             labels = labels.where(~clashes, labels.where(labels == ids, labels + " (" + ids + ")"))
         elif "project_id" in frame.columns:
-            labels = labels.where(~clashes, frame["project_id"].astype("string") + "/" + labels)
+            labels = labels.where(~clashes, _visible(frame["project_id"]) + "/" + labels)
     return labels.astype(object)
+
+
+def _visible(values: pd.Series, limit: int | None = display.LIMIT) -> pd.Series:
+    """``display.visible`` of each value (missing values stay missing), computed once per distinct value."""
+    text = values.astype("string")
+    shown = {value: display.visible(value, limit) for value in text.dropna().unique()}
+    return text.map(shown, na_action="ignore").astype("string")
 
 
 def _percent(values: pd.Series) -> pd.Series:
@@ -302,6 +314,10 @@ def state_breakdown(latest_stats: pd.DataFrame | None, top: int = 30) -> go.Figu
     shown = per_instance["instance_label"].head(top).tolist()
     if len(per_instance) > len(shown):
         title += f": the {len(shown)} with most abnormal tasks of {len(per_instance)}"
+    # Each bar carries its instance_id, so a click opens that instance (labels are for people).
+    ids = frame.drop_duplicates("instance_label").set_index("instance_label")["instance_id"].astype(str)
+    shown_ids = ids.reindex(shown).tolist()
+    categories = [display.plotly(label, limit=None) for label in shown]
 
     panels = list(TASK_TYPES)
     fig = make_subplots(
@@ -318,7 +334,8 @@ def state_breakdown(latest_stats: pd.DataFrame | None, top: int = 30) -> go.Figu
             fig.add_trace(
                 go.Bar(
                     x=_floats(of_type[state]),
-                    y=shown,
+                    y=categories,
+                    customdata=shown_ids,
                     orientation="h",
                     name=STATE_LABELS[state],
                     legendgroup=state,
@@ -335,7 +352,7 @@ def state_breakdown(latest_stats: pd.DataFrame | None, top: int = 30) -> go.Figu
     apply_layout(fig, title, height=max(320, 110 + 22 * len(shown)))
     fig.update_layout(barmode="stack", bargap=0.25)
     fig.update_xaxes(title_text="Tasks", tickformat=",d", rangemode="tozero")
-    fig.update_yaxes(categoryorder="array", categoryarray=shown, autorange="reversed")
+    fig.update_yaxes(categoryorder="array", categoryarray=categories, autorange="reversed")
     fig.update_yaxes(title_text="Instance", row=1, col=1)
     return fig
 
@@ -570,7 +587,7 @@ def abnormal_heatmap(
         go.Heatmap(
             z=grid.to_numpy(),
             x=list(grid.columns),
-            y=shown,
+            y=[display.plotly(label, limit=None) for label in shown],
             zmin=0.0,
             zmax=1.0,
             colorscale="YlOrRd",
@@ -741,7 +758,9 @@ def _table(
                 "align": align,
             },
             cells={
-                "values": [series.astype(object).tolist() for series in columns.values()],
+                # Cells show project ids, instance labels, statuses: text, never plotly's HTML.
+                "values": [[display.plotly(value, limit=None) for value in series.astype(object)]
+                           for series in columns.values()],
                 "fill_color": [list(row_fill)] * len(columns),
                 "align": align,
                 "height": 26,
@@ -804,9 +823,10 @@ def collection_health_chart(
                 go.Bar(
                     x=list(grid.index),
                     y=grid[code].to_numpy(dtype="float64"),
-                    name=code,
+                    # Error codes come from the server: escaped, and kept out of the template.
+                    name=display.plotly(code, limit=64),
                     marker_color=ERROR_CODE_COLORS[-1] if code == "Other codes" else code_colors[position % len(code_colors)],
-                    hovertemplate=f"{code}: %{{y:,}}<extra></extra>",
+                    hovertemplate="%{fullData.name}: %{y:,}<extra></extra>",
                 )
             )
     if runs is not None:

@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from roma_analytics import analysis, schema
+from roma_analytics.display import LABEL_LIMIT, visible
 from roma_analytics.errors import ConfigError
 from roma_analytics.export import FORMULA_TRIGGERS, csv_safe
 from roma_analytics.store import HistoryStore, to_arrow, write_parquet
@@ -56,7 +58,10 @@ __all__ = [
     "apply_filters",
     "auto_resolution",
     "instance_options",
-    "instance_from_label",
+    "instance_from_point",
+    "ENDPOINTS_ENV",
+    "allowed_endpoints",
+    "check_endpoint",
     "auth_from_settings",
     "form_targets",
     "error_tasks",
@@ -571,34 +576,32 @@ def _last_two_runs(prepared, filters, stats_window, snapshots, recent) -> pd.Dat
 
 
 def instance_options(latest: pd.DataFrame) -> dict[str, str]:
-    """instance_id -> "name (id)" labels for the instance pickers, sorted by label."""
+    """instance_id -> "name (id)" labels for the instance pickers, sorted by label.  Labels are
+    for display (:func:`roma_analytics.display.visible`: capped, hidden characters shown)."""
     if latest.empty:
         return {}
     pairs = latest.drop_duplicates("instance_id", keep="last")[["instance_id", "instance_name"]]
     labels = {
-        str(row.instance_id): (f"{row.instance_name} ({row.instance_id})" if isinstance(row.instance_name, str) and row.instance_name
-                               else str(row.instance_id))
+        str(row.instance_id): (f"{visible(row.instance_name, LABEL_LIMIT)} ({visible(row.instance_id)})"
+                               if isinstance(row.instance_name, str) and row.instance_name
+                               else visible(row.instance_id))
         for row in pairs.itertuples(index=False)
     }
     return dict(sorted(labels.items(), key=lambda item: item[1]))
 
 
-def instance_from_label(label: str, latest: pd.DataFrame) -> str | None:
-    """The instance_id behind a bar label of ``charts.state_breakdown`` (a name, an id, "name
-    (id)" or "project/label"), or ``None`` when it names no single selected instance."""
-    if not label or latest.empty:
+def instance_from_point(point: Mapping | None, latest: pd.DataFrame) -> str | None:
+    """The instance_id of a clicked bar of ``charts.state_breakdown``: the id the figure carries in
+    the point's ``customdata`` (never parsed from a label), or ``None`` when the point carries
+    none or names no instance of ``latest``."""
+    if not point or latest.empty:
         return None
-    text = str(label)
-    ids = latest["instance_id"].astype(str)
-    if (ids == text).any():
-        return text
-    suffix = re.search(r"\(([^()]+)\)\s*$", text)
-    if suffix and (ids == suffix.group(1)).any():
-        return suffix.group(1)
-    if "/" in text:
-        text = text.split("/", 1)[1]
-    named = latest.loc[latest["instance_name"].astype(str) == text, "instance_id"].unique()
-    return str(named[0]) if len(named) == 1 else None
+    carried = point.get("customdata")
+    if isinstance(carried, (list, tuple)):
+        carried = carried[0] if carried else None
+    if not isinstance(carried, str):
+        return None
+    return carried if (latest["instance_id"].astype(str) == carried).any() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,17 +655,73 @@ def auth_from_settings(secrets: Mapping | None = None, environ: Mapping[str, str
     return None, "none"
 
 
+#: The environment variable listing the endpoint URLs the live form may collect from (comma or
+#: space separated), set by whoever runs the dashboard server; ``[roma] allowed_endpoints`` in
+#: ``.streamlit/secrets.toml`` adds to it.
+ENDPOINTS_ENV = "ROMA_DASHBOARD_ENDPOINTS"
+
+
+def _origin(url: str) -> str | None:
+    """``scheme://host:port`` of an http(s) URL (host lower-cased, default port written out)."""
+    try:
+        parts = urlsplit(str(url).strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    scheme = parts.scheme.lower()
+    return f"{scheme}://{parts.hostname.lower()}:{port or (443 if scheme == 'https' else 80)}"
+
+
+def allowed_endpoints(secrets: Mapping | None = None, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The origins (``scheme://host:port``) the live form may send requests and credentials to:
+    those listed in ``$ROMA_DASHBOARD_ENDPOINTS`` and in ``secrets["roma"]["allowed_endpoints"]``
+    (a list, or one comma/space separated string).  Empty when neither is set: the form then
+    collects by region only (the official ``https://roma.<region>.myhuaweicloud.com``).
+    ConfigError naming an entry that is not an http(s) URL."""
+    environ = os.environ if environ is None else environ
+    listed = re.split(r"[\s,]+", environ.get(ENDPOINTS_ENV, "") or "")
+    roma = (secrets or {}).get("roma", {})
+    extra = roma.get("allowed_endpoints", ()) if isinstance(roma, Mapping) else ()
+    listed += re.split(r"[\s,]+", extra) if isinstance(extra, str) else [str(item) for item in extra or ()]
+    origins = set()
+    for entry in filter(None, (item.strip() for item in listed)):
+        origin = _origin(entry)
+        if origin is None:
+            raise ConfigError(f"the dashboard's endpoint allow-list ({ENDPOINTS_ENV} or [roma] allowed_endpoints) "
+                              f"holds {visible(entry)!r}, which is not an http(s) URL; list URLs such as "
+                              "https://roma.example.com")
+        origins.add(origin)
+    return frozenset(origins)
+
+
+def check_endpoint(endpoint: str, allowed: Iterable[str]) -> None:
+    """ConfigError unless the endpoint URL's origin is among ``allowed`` (see
+    :func:`allowed_endpoints`): a URL typed into the page never receives the server's credentials."""
+    if _origin(endpoint) in set(allowed):
+        return
+    raise ConfigError(
+        f"endpoint {visible(endpoint)!r} is not among the endpoints this dashboard may collect from; "
+        f"choose a region instead, or ask whoever runs the dashboard to add it to ${ENDPOINTS_ENV} "
+        "or to [roma] allowed_endpoints in .streamlit/secrets.toml")
+
+
 def form_targets(endpoint: str = "", region: str = "", project_ids: str = "", instance_ids: str = "",
-                 auth=None) -> list:
+                 auth=None, allowed: Iterable[str] = ()) -> list:
     """Targets from the live form: an endpoint URL or a region, comma/space separated project ids
-    and optional instance ids (none: discover each project's RUNNING instances)."""
+    and optional instance ids (none: discover each project's RUNNING instances).  An endpoint URL
+    must be among ``allowed`` origins (:func:`allowed_endpoints`; by default none is), else a
+    ConfigError before any request is sent."""
     from roma_analytics.targets import Target
 
     endpoint, region = (endpoint or "").strip(), (region or "").strip()
     if not endpoint and not region:
         raise ConfigError("give an endpoint URL or a region to collect from")
     if endpoint and not re.match(r"^https?://[^\s/]+", endpoint):
-        raise ConfigError(f"endpoint {endpoint!r} must be an http(s) URL such as https://roma.cn-north-4.myhuaweicloud.com")
+        raise ConfigError(f"endpoint {visible(endpoint)!r} must be an http(s) URL such as https://roma.cn-north-4.myhuaweicloud.com")
+    if endpoint:
+        check_endpoint(endpoint, allowed)
     projects = [p for p in re.split(r"[\s,;]+", project_ids or "") if p]
     if not projects:
         raise ConfigError("give at least one project id")

@@ -1,6 +1,9 @@
 """The Streamlit dashboard (app.py) driven with streamlit.testing.v1.AppTest, no browser."""
 from __future__ import annotations
 
+import http.server
+import re
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +30,11 @@ def app(monkeypatch):
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+def rendered(markdown: str) -> str:
+    """The text Markdown shows for ``markdown`` whose only syntax is backslash escapes and bold."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown.replace("**", ""))
 
 
 def metrics(at) -> dict[str, str]:
@@ -142,8 +150,9 @@ def test_history_folder_from_the_environment(monkeypatch, tmp_path):
     assert any("no history" in error.value for error in at.error)
 
 
-def test_live_collection_against_the_simulator(app, tmp_path):
+def test_live_collection_against_the_simulator(app, tmp_path, monkeypatch):
     with Simulator(projects=1, instances=4, seed=11, clock=lambda: FIXED_CLOCK) as sim:
+        monkeypatch.setenv(dashboard.ENDPOINTS_ENV, sim.base_url)
         project = sim.project_ids[0]
         running = [i["id"] for i in sim.instances(project) if i["status"] == "RUNNING"]
         expected = [sim.expected_counts(project, instance) for instance in running]
@@ -172,7 +181,8 @@ def test_live_collection_against_the_simulator(app, tmp_path):
         assert len(table) == abnormal and set(table["execute_status"]) == {"ERROR"}
 
 
-def test_unreachable_endpoint_is_a_message(app):
+def test_unreachable_endpoint_is_a_message(app, monkeypatch):
+    monkeypatch.setenv(dashboard.ENDPOINTS_ENV, "http://127.0.0.1:9")
     app.sidebar.radio(key="source").set_value("Live collection").run()
     app.sidebar.text_input(key="live_endpoint").set_value("http://127.0.0.1:9")
     app.sidebar.text_input(key="live_projects").set_value("p1")
@@ -186,3 +196,55 @@ def test_live_form_errors_are_messages(app):
     app.sidebar.button[0].click().run()
     assert not app.exception
     assert any("endpoint URL or a region" in error.value for error in app.error)
+
+
+# ------------------------------------------------------------------------------ credentials stay home
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers 404 to everything and remembers each request's path and X-Auth-Token."""
+
+    seen: list = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        type(self).seen.append((self.path, self.headers.get("X-Auth-Token")))
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recorder():
+    handler = type("Recorder", (_Recorder,), {"seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_url_typed_into_the_form_never_receives_the_server_credentials(app, recorder, monkeypatch):
+    url, seen = recorder
+    token = "server-token-must-stay-home-7c1e"
+    monkeypatch.setenv("ROMA_AUTH_TOKEN", token)
+    monkeypatch.delenv(dashboard.ENDPOINTS_ENV, raising=False)
+    app.sidebar.radio(key="source").set_value("Live collection").run()
+    app.sidebar.text_input(key="live_endpoint").set_value(url)
+    app.sidebar.text_input(key="live_projects").set_value("p1")
+    app.sidebar.button[0].click().run()
+    assert not app.exception, app.exception
+    assert seen == []
+    assert any("not among the endpoints" in rendered(error.value) and dashboard.ENDPOINTS_ENV in rendered(error.value)
+               for error in app.error)
+
+    # Once whoever runs the server allows the endpoint, the same form reaches it, with the token.
+    monkeypatch.setenv(dashboard.ENDPOINTS_ENV, url)
+    app.sidebar.button[0].click().run()
+    assert not app.exception, app.exception
+    assert seen and all(sent == token for _, sent in seen)
+    assert token not in "".join(error.value for error in app.error)

@@ -110,13 +110,45 @@ def test_filters_refuse_partial_days_and_reversed_ranges():
         dashboard.prepare(SMALL, ERRORS, "7h")
 
 
-def test_instance_labels_of_the_bar_chart_map_back_to_ids():
+# Names a label cannot tell apart: a "/" (read as project/name), surrounding spaces (stripped), a
+# name equal to another instance's id, and two instances of one name in two projects.
+CONFUSING = stats_frame([
+    ("2026-11-01T00:00Z", "r1", "cn-north-4", "p1", "i-1", "ops/orders", "common", 1, 1, 0, 0),
+    ("2026-11-01T00:00Z", "r1", "cn-north-4", "p1", "i-2", "  spaced  ", "common", 1, 2, 0, 0),
+    ("2026-11-01T00:00Z", "r1", "cn-north-4", "p1", "i-3", "i-4", "common", 1, 3, 0, 0),
+    ("2026-11-01T00:00Z", "r1", "cn-north-4", "p1", "i-4", "billing", "common", 1, 4, 0, 0),
+    ("2026-11-01T00:00Z", "r1", "cn-north-4", "p1", "i-5", "twin", "common", 1, 5, 0, 0),
+    ("2026-11-01T00:00Z", "r1", "cn-north-4", "p2", "i-5", "twin", "common", 1, 6, 0, 0),
+    ("2026-11-01T00:00Z", "r1", "cn-north-4", "p1", "i-7", "<a href='http://x'>x</a>", "common", 1, 7, 0, 0),
+])
+
+
+def test_a_click_on_a_bar_gives_the_id_the_bar_carries_never_a_parsed_label():
+    from roma_analytics import charts
+
+    latest = analysis.latest(CONFUSING)
+    figure = charts.state_breakdown(latest)
+    abnormal = next(t for t in figure.data if t.name == "Abnormal" and t.meta == "common")
+    # Each instance's abnormal count is unique, so the bar's own length names the instance.
+    by_count = {int(row.abnormal): row.instance_id for row in latest.itertuples()}
+    opened = {}
+    for x, y, carried in zip(abnormal.x, abnormal.y, abnormal.customdata):
+        # What Streamlit's selection event hands the app for a click on this bar.
+        point = {"x": x, "y": y, "customdata": carried, "curve_number": 0, "point_index": 0}
+        opened[int(x)] = dashboard.instance_from_point(point, latest)
+    assert opened == by_count
+    assert dashboard.instance_from_point({"y": "billing"}, latest) is None       # no id carried
+    assert dashboard.instance_from_point({"customdata": "gone"}, latest) is None  # not selected
+    assert dashboard.instance_from_point({"customdata": ["i-4"]}, latest) == "i-4"
+
+
+def test_instance_picker_labels_are_safe_to_show():
     latest = analysis.latest(SMALL)
-    assert dashboard.instance_from_label("orders", latest) == "a"
-    assert dashboard.instance_from_label("=billing (b)", latest) == "b"
-    assert dashboard.instance_from_label("b", latest) == "b"
-    assert dashboard.instance_from_label("nobody", latest) is None
     assert dashboard.instance_options(latest) == {"b": "=billing (b)", "a": "orders (a)"}
+    hostile = SMALL.assign(instance_name="\u202eevil\x1b[2J" + "x" * 5000)
+    labels = dashboard.instance_options(analysis.latest(hostile))
+    assert all("\u202e" not in label and "\x1b" not in label and len(label) < 200 for label in labels.values())
+    assert all(label.startswith("\\u202eevil\\x1b[2J") for label in labels.values())
 
 
 # ------------------------------------------------------------------------------ downloads and uploads
@@ -228,7 +260,7 @@ def test_a_stats_parquet_with_one_wrong_column_is_refused_or_valid(column, value
 # ------------------------------------------------------------------------------ live form and credentials
 
 def test_form_targets_need_an_endpoint_or_region_and_projects():
-    targets = dashboard.form_targets("http://127.0.0.1:9", "", "p1, p2", "")
+    targets = dashboard.form_targets("http://127.0.0.1:9", "", "p1, p2", "", allowed={"http://127.0.0.1:9"})
     assert [(t.project_id, t.instance_id, t.endpoint) for t in targets] == [
         ("p1", None, "http://127.0.0.1:9"), ("p2", None, "http://127.0.0.1:9")]
     assert len(dashboard.form_targets("", "cn-north-4", "p1", "i1 i2")) == 2
@@ -238,6 +270,29 @@ def test_form_targets_need_an_endpoint_or_region_and_projects():
         dashboard.form_targets("", "cn-north-4", " , ")
     with pytest.raises(ConfigError, match="http"):
         dashboard.form_targets("ftp://x", "", "p1")
+
+
+def test_the_form_reaches_only_endpoints_whoever_runs_the_server_allowed():
+    environ = {dashboard.ENDPOINTS_ENV: "https://roma.example.com, http://127.0.0.1:8080/base"}
+    secrets = {"roma": {"allowed_endpoints": ["https://ROMA.internal:8443"]}}
+    allowed = dashboard.allowed_endpoints(secrets, environ)
+    assert allowed == {"https://roma.example.com:443", "http://127.0.0.1:8080", "https://roma.internal:8443"}
+    for endpoint in ("https://roma.example.com", "https://roma.example.com:443/v2", "http://127.0.0.1:8080",
+                     "https://roma.internal:8443/"):
+        assert dashboard.form_targets(endpoint, "", "p1", allowed=allowed)[0].endpoint == endpoint
+    # Another host, port or scheme, a look-alike host, or userinfo tricks: refused before any request.
+    for endpoint in ("https://evil.example", "http://roma.example.com", "https://roma.example.com:444",
+                     "https://roma.example.com.evil.io", "https://roma.example.com@evil.io",
+                     "http://127.0.0.1:8081"):
+        with pytest.raises(ConfigError, match="ROMA_DASHBOARD_ENDPOINTS"):
+            dashboard.form_targets(endpoint, "", "p1", allowed=allowed)
+    # Nothing configured: endpoint URLs are refused, regions (official endpoints) still work.
+    assert dashboard.allowed_endpoints({}, {}) == frozenset()
+    with pytest.raises(ConfigError, match="not among the endpoints"):
+        dashboard.form_targets("http://127.0.0.1:9", "", "p1")
+    assert dashboard.form_targets("", "cn-north-4", "p1")[0].region == "cn-north-4"
+    with pytest.raises(ConfigError, match="not an http"):
+        dashboard.allowed_endpoints({"roma": {"allowed_endpoints": "roma.example.com"}}, {})
 
 
 def test_credentials_come_from_secrets_then_environment_and_are_never_described():
