@@ -13,14 +13,15 @@ from itertools import combinations, islice
 from pathlib import Path
 
 from benchmarks import synthetic
-from benchmarks.harness import REPO, WORK, Row, median, seconds_text
+from benchmarks.harness import WORK, Row, median, seconds_text
+from roma_analytics.streamlit_app import APP_PATH
 
 NAME = "3 dashboard"
 NO_DASHBOARD = "app.py has no dashboard yet"
 
 
 def run(instances: int = 200, runs: int = 2500, reruns: int = 5, work: Path = WORK,
-        app: Path = REPO / "app.py") -> list[Row]:
+        app: Path = APP_PATH) -> list[Row]:
     if "ROMA_HISTORY" not in app.read_text(encoding="utf-8"):
         print(NO_DASHBOARD)
         return [Row(NAME, "dashboard first run and re-run", NO_DASHBOARD, "", "", "re-run < 0.5 s", None)]

@@ -93,14 +93,13 @@ _INTEGER_COLUMNS = (*analysis.TOTAL_COLUMNS, "attempts")
 
 
 def app_path() -> Path:
-    """Where the Streamlit script of the dashboard is: shipped inside the package when installed,
-    ``app.py`` at the top of a source checkout otherwise.  ConfigError when neither exists."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "app.py", package.parent / "app.py"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"the dashboard script is missing (looked for app.py in {package} and {package.parent}); "
-                      "reinstall roma-analytics with the dashboard extra")
+    """The Streamlit script of the dashboard, shipped inside the package
+    (``roma_analytics/streamlit_app/app.py``).  ConfigError when it is missing."""
+    from roma_analytics.streamlit_app import APP_PATH
+
+    if not APP_PATH.is_file():
+        raise ConfigError(f"the dashboard script {APP_PATH} is missing; reinstall roma-analytics")
+    return APP_PATH
 
 
 def refresh_seconds(environ: Mapping[str, str] | None = None) -> float:

@@ -7,7 +7,7 @@ run, then ``compact`` -- so it has the shape and the quirks of a real history, i
 collections in the ``errors`` table.  Everything is fixed by ``SAMPLE_SEED`` and the start time,
 so rebuilding it gives identical rows (a test rebuilds it and compares).
 
-Rebuild it with ``python -m roma_analytics.samples [DIR]`` (default ``data/samples/history``).
+Rebuild it with ``python -m roma_analytics.samples [DIR]`` (default ``roma_analytics/sample_history``).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ SAMPLE_FREQ = pd.Timedelta("1h")
 SAMPLE_REGIONS = ("cn-north-4", "cn-north-4", "ap-southeast-1")
 SAMPLE_INSTANCES_PER_PROJECT = 12
 
-#: Where the committed sample history lives in a source checkout.
-SAMPLE_HISTORY = Path(__file__).resolve().parent.parent / "data" / "samples" / "history"
+#: The committed sample history, shipped inside the package (read-only once installed).
+SAMPLE_HISTORY = Path(__file__).resolve().parent / "sample_history"
 
 #: Deterministic collection failures: (hour index modulo, instance position, fault).
 _FAULT_PLAN = (

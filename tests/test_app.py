@@ -4,7 +4,6 @@ from __future__ import annotations
 import http.server
 import re
 import threading
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,9 +12,10 @@ from streamlit.testing.v1 import AppTest
 from roma_analytics import analysis, dashboard
 from roma_analytics.samples import SAMPLE_HISTORY
 from roma_analytics.simulator import Simulator
+from roma_analytics.streamlit_app import APP_PATH
 from roma_analytics.store import HistoryStore
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
+APP = str(APP_PATH)
 FIXED_CLOCK = pd.Timestamp("2026-12-01T10:00:00Z").timestamp()
 
 pytestmark = pytest.mark.skipif(not (SAMPLE_HISTORY / "stats").is_dir(), reason="sample history not built")

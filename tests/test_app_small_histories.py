@@ -11,9 +11,10 @@ from streamlit.testing.v1 import AppTest
 from roma_analytics.collect import collect
 from roma_analytics.simulator import Simulator
 from roma_analytics.store import HistoryStore
+from roma_analytics.streamlit_app import APP_PATH
 from roma_analytics.targets import Target
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
+APP = str(APP_PATH)
 FIRST_RUN = pd.Timestamp("2026-11-20T09:00:00Z")
 
 

@@ -14,6 +14,7 @@ import requests
 
 from roma_analytics import analysis
 from roma_analytics.samples import SAMPLE_HISTORY
+from roma_analytics.streamlit_app import APP_PATH
 from roma_analytics.store import HistoryStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
+            [sys.executable, "-m", "streamlit", "run", str(APP_PATH), "--server.headless", "true",
              "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
              "--client.toolbarMode", "viewer"],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
