@@ -39,6 +39,8 @@ __all__ = [
     "ANOMALY_COLOR",
     "HIGHLIGHT_COLORS",
     "EMPTY_MESSAGE",
+    "percent_text",
+    "points_text",
     "PERCENT_TICKFORMAT",
     "TIME_AXIS_TITLE",
     "apply_layout",
@@ -201,6 +203,16 @@ def _utc_naive(values: pd.Series) -> pd.Series:
     return values
 
 
+def _fit_single_time(fig: go.Figure, times: Iterable, half_width: pd.Timedelta = pd.Timedelta(hours=1), **where) -> None:
+    """With one distinct time, plotly zooms the x axis to a millisecond around it (ticks such as
+    02:29:59.9995): show an hour either side instead, with whole-minute ticks."""
+    distinct = pd.Series(list(times)).dropna().unique()
+    if len(distinct) != 1:
+        return
+    at = pd.Timestamp(distinct[0])
+    fig.update_xaxes(range=[at - half_width, at + half_width], tickformat="%H:%M<br>%Y-%m-%d", **where)
+
+
 def _floats(values: pd.Series) -> np.ndarray:
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
 
@@ -257,9 +269,27 @@ def _visible(values: pd.Series, limit: int | None = display.LIMIT) -> pd.Series:
     return text.map(shown, na_action="ignore").astype("string")
 
 
+def percent_text(value) -> str:
+    """A fraction as "12.3%" (one decimal, no space: the form plotly's ``.1%`` prints beside it),
+    "–" when undefined.  Every percentage the dashboard and the report write goes through here."""
+    return "–" if value is None or pd.isna(value) else f"{value:.1%}"
+
+
+def points_text(change) -> str:
+    """A change of a fraction in percentage points, one decimal: "+2.0 pts", "−0.4 pts" (a real
+    minus sign), and "±0.0 pts" when it rounds to zero (neither a rise nor a fall); "–" when
+    undefined."""
+    if change is None or pd.isna(change):
+        return "–"
+    points = round(float(change) * 100, 1)
+    if points == 0:
+        return "±0.0 pts"
+    return f"{points:+.1f} pts".replace("-", "\u2212")
+
+
 def _percent(values: pd.Series) -> pd.Series:
     """Fractions as "12.3%" strings, "–" where undefined (table cells)."""
-    return values.map(lambda v: "–" if pd.isna(v) else f"{v:.1%}")
+    return values.map(percent_text)
 
 
 def _count(values: pd.Series) -> pd.Series:
@@ -434,6 +464,7 @@ def abnormal_ratio_trend(
     apply_layout(fig, title, x_title=TIME_AXIS_TITLE, y_title="Abnormal ratio", percent_y=True)
     fig.update_layout(hovermode="x unified")
     fig.update_yaxes(rangemode="tozero")
+    _fit_single_time(fig, frame["bucket"])
     return fig
 
 
@@ -465,9 +496,10 @@ def cdc_share_trend(cdc_vs_common_frame: pd.DataFrame | None, show_gap: bool = T
     Columns read: ``bucket, cdc_share``, and ``abnormal_ratio_gap`` when ``show_gap``;
     ``common_total, cdc_total`` are hovered when present.
 
-    Traces: "CDC share" (a line, percent axis fixed at 0–100 %) and, with ``show_gap``, "Abnormal
-    ratio gap" (bars in percentage points, coloured by the task type that is worse: the CDC
-    colour above zero, the common colour below).
+    Traces: "CDC share" (a line, percent axis fixed at 0–100%) and, with ``show_gap``, the
+    abnormal-ratio gap as bars in percentage points (``abnormal_ratio_gap * 100``, ticks "+2 pts"):
+    "CDC worse (gap > 0)" in the CDC colour and "Common worse (gap < 0)" in the common colour, one
+    trace each so the legend shows each colour.
     """
     builder = "cdc_share_trend"
     title = "CDC share of tasks over time"
@@ -503,28 +535,33 @@ def cdc_share_trend(cdc_vs_common_frame: pd.DataFrame | None, show_gap: bool = T
         fig.add_trace(share)
         apply_layout(fig, title, x_title=TIME_AXIS_TITLE, y_title="CDC share", percent_y=True)
         fig.update_yaxes(range=[0, 1])
+        _fit_single_time(fig, frame["bucket"])
         return fig
 
-    gap = _floats(frame["abnormal_ratio_gap"])
-    colors = np.where(gap < 0, TASK_TYPE_COLORS["common"], TASK_TYPE_COLORS["cdc"])
+    # The gap is a difference of two percentages: percentage points, drawn as such (a "%" tick
+    # on it would read as a share).  One trace per sign, so each legend swatch has its bars' colour.
+    gap_points = _floats(frame["abnormal_ratio_gap"]) * 100
     fig.add_trace(share, row=1, col=1)
-    fig.add_trace(
-        go.Bar(
-            x=frame["bucket"],
-            y=gap,
-            name="Abnormal ratio gap (CDC − common)",
-            marker_color=colors.tolist(),
-            hovertemplate="Gap: %{y:+.1%} points<extra></extra>",
-        ),
-        row=2,
-        col=1,
-    )
+    for worse, label in (("cdc", "CDC worse (gap > 0)"), ("common", "Common worse (gap < 0)")):
+        shown = np.where(gap_points > 0, gap_points, np.nan) if worse == "cdc" else np.where(gap_points < 0, gap_points, np.nan)
+        fig.add_trace(
+            go.Bar(
+                x=frame["bucket"],
+                y=shown,
+                name=label,
+                marker_color=TASK_TYPE_COLORS[worse],
+                hovertemplate="Abnormal-ratio gap: %{y:+.1f} pts<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
     apply_layout(fig, title + " and abnormal-ratio gap", height=520)
-    fig.update_yaxes(tickformat=PERCENT_TICKFORMAT)
-    fig.update_yaxes(title_text="CDC share", range=[0, 1], row=1, col=1)
-    fig.update_yaxes(title_text="Gap, CDC − common (points)", zeroline=True, zerolinecolor="#444444", row=2, col=1)
+    fig.update_yaxes(title_text="CDC share", range=[0, 1], tickformat=PERCENT_TICKFORMAT, row=1, col=1)
+    fig.update_yaxes(title_text="Gap, CDC − common (pts)", ticksuffix=" pts", tickformat="+.1~f",
+                     zeroline=True, zerolinecolor="#444444", row=2, col=1)
     fig.update_xaxes(title_text=TIME_AXIS_TITLE, row=2, col=1)
-    fig.update_layout(hovermode="x unified")
+    fig.update_layout(hovermode="x unified", barmode="relative")
+    _fit_single_time(fig, frame["bucket"])
     return fig
 
 
@@ -544,8 +581,10 @@ def abnormal_heatmap(
     ``total`` (``sum(abnormal) / sum(total)``).
 
     "Worst" = highest mean abnormal ratio over the buckets shown (each bucket counts once; ties:
-    highest peak).  Colour scale fixed at 0–100 %; a bucket without data (or without tasks) is a
-    gap, never 0 %.
+    highest peak).  The colour scale runs from 0 to the highest ratio shown rounded up (10% for
+    ratios up to 9.5%, 100% at most), so differences among small ratios stay visible; a bucket
+    without data (or without tasks) is a gap, never 0%.  A single bucket is a labelled category
+    on the x axis.
     """
     builder = "abnormal_heatmap"
     title = "Abnormal ratio per instance"
@@ -583,23 +622,48 @@ def abnormal_heatmap(
     if len(ranking) > len(shown):
         title += f": the {len(shown)} worst of {len(ranking)}"
     grid = grid.loc[shown]
+    values = grid.to_numpy()
+    # One bucket: a date axis would draw a brick one millisecond wide, so the lone bucket is a
+    # labelled category instead.
+    one_bucket = grid.shape[1] == 1
+    x = [f"{grid.columns[0]:%Y-%m-%d %H:%M}"] if one_bucket else list(grid.columns)
     fig = go.Figure(
         go.Heatmap(
-            z=grid.to_numpy(),
-            x=list(grid.columns),
+            z=values,
+            x=x,
             y=[display.plotly(label, limit=None) for label in shown],
             zmin=0.0,
-            zmax=1.0,
+            zmax=_colour_scale_top(values),
             colorscale="YlOrRd",
             hoverongaps=False,
-            colorbar={"title": {"text": "Abnormal"}, "tickformat": ".0%"},
-            hovertemplate=f"%{{y}}<br>%{{x|%Y-%m-%d %H:%M}} UTC<br>abnormal ratio %{{z:{PERCENT_HOVER}}}<extra></extra>",
+            colorbar={"title": {"text": "Abnormal"}, "tickformat": PERCENT_TICKFORMAT},
+            hovertemplate=(f"%{{y}}<br>%{{x{'' if one_bucket else '|%Y-%m-%d %H:%M'}}} UTC<br>"
+                           f"abnormal ratio %{{z:{PERCENT_HOVER}}}<extra></extra>"),
             name="Abnormal ratio",
         )
     )
     apply_layout(fig, title, x_title=TIME_AXIS_TITLE, y_title="Instance", height=max(320, 140 + 20 * len(shown)))
     fig.update_yaxes(autorange="reversed", type="category")
+    if one_bucket:
+        fig.update_xaxes(type="category")
     return fig
+
+
+def _colour_scale_top(values: np.ndarray) -> float:
+    """The top of a 0-based colour scale for ratios: the highest value rounded up to 1, 2, 2.5 or
+    5 times a power of ten (10 % for values up to 9.5 %), so the colours spread over the values
+    shown instead of one pale shade on a 0-100 % scale; 100 % at most, 1 % at least."""
+    finite = values[np.isfinite(values)] if values.size else values
+    highest = float(finite.max()) if finite.size else 0.0
+    if highest <= 0.01:
+        return 0.01
+    if highest >= 1.0:
+        return 1.0
+    power = 10.0 ** np.floor(np.log10(highest))
+    for step in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if highest <= step * power * (1 + 1e-9):
+            return float(min(1.0, step * power))
+    return 1.0
 
 
 def worst_instances_table(
@@ -721,7 +785,7 @@ def changes_table(
     for delta in shown:
         header = delta.removesuffix("_delta").replace("_", " ").capitalize() + " Δ"
         if "ratio" in delta or "share" in delta:
-            columns[header] = frame[delta].map(lambda v: "–" if pd.isna(v) else f"{v * 100:+.1f} pts")
+            columns[header] = frame[delta].map(points_text)
         else:
             columns[header] = _signed(frame[delta])
     columns["Summary"] = frame["summary"].astype("string").fillna("")
@@ -730,14 +794,18 @@ def changes_table(
     if "abnormal_delta" in frame.columns:
         rise = _floats(frame["abnormal_delta"])
         fill = fill.mask(rise > 0, HIGHLIGHT_COLORS["worse"]).mask(rise < 0, HIGHLIGHT_COLORS["better"])
-    widths = [1.0] * len(columns)
-    widths[-1] = 4.0  # the summary: long text that must not wrap into clipped rows
-    fig = _table(
-        columns, fill.tolist(), numeric_from=first_numeric, numeric_until=first_numeric + len(shown),
-        widths=widths,
-    )
+    fig = _table(columns, fill.tolist(), numeric_from=first_numeric, numeric_until=first_numeric + len(shown))
     _table_layout(fig, title, len(frame))
     return fig
+
+
+#: Table text: near-black on white (Streamlit's chart theme would otherwise grey it out).
+TABLE_TEXT_COLOR = "#1F2933"
+_TABLE_CELL_HEIGHT = 26
+_TABLE_LINE_HEIGHT = 18
+#: The narrowest plot area a table is laid out for (a 1280 px window beside the sidebar).
+_TABLE_MIN_WIDTH_PX = 860
+_CHAR_PX = 7.5
 
 
 def _table(
@@ -747,14 +815,23 @@ def _table(
     numeric_until: int | None = None,
     widths: Sequence[float] | None = None,
 ) -> go.Figure:
-    """A go.Table whose every column shares one fill per row (the row's highlight)."""
+    """A go.Table whose every column shares one fill per row (the row's highlight).
+
+    Column widths follow their longest text (header or cell; ``widths`` multiplies them), so ids,
+    which plotly cannot wrap, are not cut; the figure's height (see :func:`_table_layout`) has
+    room for the rows that wrap.
+    """
     numeric_until = len(columns) if numeric_until is None else numeric_until
     align = ["right" if numeric_from <= i < numeric_until else "left" for i in range(len(columns))]
-    return go.Figure(
+    texts = [series.astype(object).tolist() for series in columns.values()]
+    longest = [max([len(str(name)), *(len(str(v)) for v in values)]) for name, values in zip(columns, texts)]
+    weights = [min(max(chars, 4), 60) * (1.0 if widths is None else widths[i]) for i, chars in enumerate(longest)]
+    fig = go.Figure(
         go.Table(
             header={
                 "values": [f"<b>{name}</b>" for name in columns],
                 "fill_color": HIGHLIGHT_COLORS["header"],
+                "font": {"color": TABLE_TEXT_COLOR, "size": 13},
                 "align": align,
             },
             cells={
@@ -762,25 +839,38 @@ def _table(
                 "values": [[display.plotly(value, limit=None) for value in series.astype(object)]
                            for series in columns.values()],
                 "fill_color": [list(row_fill)] * len(columns),
+                "font": {"color": TABLE_TEXT_COLOR, "size": 13},
                 "align": align,
-                "height": 26,
+                "height": _TABLE_CELL_HEIGHT,
             },
-            columnwidth=list(widths) if widths is not None else None,
+            columnwidth=weights,
         )
     )
+    return fig
 
 
 def _table_layout(fig: go.Figure, title: str, rows: int) -> None:
-    """The shared layout, with room for every row (up to a scrolling maximum) and no legend."""
+    """The shared layout, with room for every row, wrapped ones included (text wraps at spaces
+    in columns as narrow as at a 1280 px window), and no legend: the table does not scroll
+    inside its frame."""
     apply_layout(fig, title)
     margin = {**MARGINS, "b": 20}
-    fig.update_layout(margin=margin, height=min(900, margin["t"] + margin["b"] + 32 + 26 * rows))
+    table = fig.data[0]
+    texts, weights = table.cells.values, list(table.columnwidth)
+    total = sum(weights)
+    room = [max(1.0, (_TABLE_MIN_WIDTH_PX * w / total - 12) / _CHAR_PX) for w in weights]
+    body = 0
+    for row in range(min(rows, 100)):
+        lines = max(int(np.ceil(len(str(values[row])) / room[c])) for c, values in enumerate(texts))
+        body += _TABLE_CELL_HEIGHT + _TABLE_LINE_HEIGHT * (max(lines, 1) - 1)
+    fig.update_layout(margin=margin, height=margin["t"] + margin["b"] + 40 + body + 10)
 
 
 def collection_health_chart(
     errors_by_code: pd.DataFrame | None,
     health: pd.DataFrame | None = None,
     max_codes: int = 8,
+    freq: str | pd.Timedelta | None = None,
 ) -> go.Figure:
     """Stacked bars of failed collections over time, one colour per error code.
 
@@ -790,7 +880,13 @@ def collection_health_chart(
 
     ``health``: optionally ``analysis.collection_health(errors, stats)`` (columns read
     ``collected_at, success_ratio``), drawn as a "Success ratio" line on a right-hand percent
-    axis, so a quiet error chart can be told from an idle collector.
+    axis, so a quiet error chart can be told from an idle collector.  That axis is zoomed to the
+    ratios shown (a dip from 100% to 97% is visible) with its own ticks, never ones borrowed from
+    the counts axis.
+
+    ``freq``: the bucket width of ``errors_by_code``; each bar is 80 % of it wide (without it, of
+    the smallest gap between buckets, else one hour), so a lone bar on a long or one-run axis is
+    still visible.
     """
     builder = "collection_health_chart"
     title = "Collection errors by code"
@@ -818,11 +914,13 @@ def collection_health_chart(
         grid = grid.reindex(columns=by_code).sort_index().fillna(0.0)
         highest_stack = float(grid.sum(axis=1).max())
         code_colors = ERROR_CODE_COLORS[:-1]  # the last (grey) is kept for "Other codes"
+        width_ms = _bar_width_ms(grid.index, freq)
         for position, code in enumerate(by_code):
             fig.add_trace(
                 go.Bar(
                     x=list(grid.index),
                     y=grid[code].to_numpy(dtype="float64"),
+                    width=width_ms,
                     # Error codes come from the server: escaped, and kept out of the template.
                     name=display.plotly(code, limit=64),
                     marker_color=ERROR_CODE_COLORS[-1] if code == "Other codes" else code_colors[position % len(code_colors)],
@@ -848,18 +946,45 @@ def collection_health_chart(
                 "title": {"text": "Success ratio"},
                 "overlaying": "y",
                 "side": "right",
-                "range": [0, 1.02],
+                "range": _success_range(_floats(runs["success_ratio"])),
+                # Plotly syncs an overlaying axis's ticks to the counts axis (0 %, 48.5 %, 96.9 %).
+                "tickmode": "auto",
+                "nticks": 6,
                 "tickformat": PERCENT_TICKFORMAT,
                 "showgrid": False,
             }
         )
     apply_layout(fig, title, x_title=TIME_AXIS_TITLE)
+    _fit_single_time(fig, [*(runs["collected_at"] if runs is not None else []),
+                           *(frame["bucket"] if frame is not None else [])])
     counts_axis = {"title": {"text": "Failed collections"}, "tickformat": ",d", "rangemode": "tozero"}
     if highest_stack < 8:
         # Left to itself plotly puts ticks at 0.5 steps, which ",d" prints as "0, 1, 1, 2".
         counts_axis["dtick"] = 1
     fig.update_layout(barmode="stack", hovermode="x unified", yaxis=counts_axis)
     return fig
+
+
+def _bar_width_ms(buckets: pd.Index, freq) -> float:
+    """80 % of the bucket width in milliseconds (a date axis measures bar widths in ms)."""
+    if freq is not None:
+        step = pd.to_timedelta(freq)
+    else:
+        gaps = pd.Series(pd.DatetimeIndex(buckets).sort_values()).diff().dropna()
+        gaps = gaps[gaps > pd.Timedelta(0)]
+        step = gaps.min() if len(gaps) else pd.Timedelta(hours=1)
+    return 0.8 * step / pd.Timedelta(milliseconds=1)
+
+
+def _success_range(ratios: np.ndarray) -> list[float]:
+    """A success-ratio axis from a little below the lowest ratio to just above 100 %, the bottom
+    on a whole percent (0 % when the ratios go below 50 %)."""
+    finite = ratios[np.isfinite(ratios)]
+    lowest = float(finite.min()) if finite.size else 1.0
+    if lowest < 0.5:
+        return [0.0, 1.02]
+    bottom = np.floor((lowest - max(0.01, (1.0 - lowest) * 0.2)) * 100) / 100
+    return [max(0.0, float(bottom)), 1.0 + (1.0 - max(0.0, float(bottom))) * 0.04]
 
 
 def instance_history(stats_of_one_instance: pd.DataFrame | None) -> go.Figure:
@@ -931,6 +1056,7 @@ def instance_history(stats_of_one_instance: pd.DataFrame | None) -> go.Figure:
     apply_layout(fig, title, height=560)
     fig.update_xaxes(title_text=TIME_AXIS_TITLE, row=len(panels), col=1)
     fig.update_layout(hovermode="x unified")
+    _fit_single_time(fig, frame["time"])
     return fig
 
 
@@ -940,8 +1066,10 @@ def kpi_figure(kpis: Mapping[str, object] | pd.Series | pd.DataFrame | None, per
     Input: ``analysis.kpis(stats, errors)``: a mapping (or a one-row frame / a Series) of
     name -> value.  Every numeric value becomes a tile, in the given order, titled by its name
     ("abnormal_ratio" -> "Abnormal ratio"); names containing ``ratio`` or ``share`` are shown
-    as percentages, the others as counts.  A value ``X`` with a ``previous_X`` beside it shows
-    the change against it (a rise in red for abnormal/failed numbers, green otherwise), and
+    as percentages (their tiles hold ``100 * value`` with a "%" suffix, so a change reads in
+    percentage points, "▲1.0 pts"), the others as counts.  A value ``X`` with a ``previous_X``
+    beside it shows the change against it (a rise in red for abnormal/failed numbers, green
+    otherwise; grey when it rounds to zero), and
     ``previous_X`` / ``X_delta`` get no tile of their own.  Non-numeric values (the last run's
     time and id) go into the title; NaN tiles show "–".
     """
@@ -969,13 +1097,16 @@ def kpi_figure(kpis: Mapping[str, object] | pd.Series | pd.DataFrame | None, per
     rows = -(-len(tiles) // per_row)
     fig = go.Figure()
     for position, (name, value) in enumerate(tiles.items()):
-        value_format = ".1%" if "ratio" in name or "share" in name else ",.0f"
+        # Ratios in percent units, so their change reads in percentage points ("▼2.0 pts"), as
+        # everywhere else, rather than plotly's "−2.0%".
+        is_ratio = "ratio" in name or "share" in name
+        scale = 100.0 if is_ratio else 1.0
         missing = _is_missing(value)
         indicator = {
             "mode": "number",
-            "value": None if missing else float(value),
+            "value": None if missing else float(value) * scale,
             "title": {"text": _kpi_label(name)},
-            "number": {"valueformat": value_format},
+            "number": {"valueformat": ".1f", "suffix": "%"} if is_ratio else {"valueformat": ",.0f"},
             "domain": {"row": position // per_row, "column": position % per_row},
             "name": name,
         }
@@ -985,10 +1116,15 @@ def kpi_figure(kpis: Mapping[str, object] | pd.Series | pd.DataFrame | None, per
         if name in compared and not missing and not _is_missing(reference):
             rise_is_bad = "abnormal" in name or "failed" in name
             bad, good = STATE_COLORS["abnormal"], STATE_COLORS["running"]
+            reference = float(reference) * scale
+            if round(float(value) * scale - reference, 1) == 0:
+                # A change that rounds to zero is neither a rise nor a fall: no colour.
+                reference, bad, good = float(value) * scale, STATE_COLORS["terminated"], STATE_COLORS["terminated"]
             indicator["mode"] = "number+delta"
             indicator["delta"] = {
-                "reference": float(reference),
-                "valueformat": ".1%" if value_format == ".1%" else ",.0f",
+                "reference": reference,
+                "valueformat": ".1f" if is_ratio else ",.0f",
+                "suffix": " pts" if is_ratio else "",
                 "increasing": {"color": bad if rise_is_bad else good},
                 "decreasing": {"color": good if rise_is_bad else bad},
             }

@@ -70,6 +70,7 @@ __all__ = [
     "ratio_text",
     "count_text",
     "delta_points_text",
+    "ratio_change",
 ]
 
 #: The environment variable naming the history folder the dashboard opens.
@@ -774,8 +775,10 @@ def parquet_bytes(frame: pd.DataFrame, table: str = "stats") -> bytes:
 
 
 def ratio_text(value) -> str:
-    """A ratio as "2.9 %" ("–" when undefined)."""
-    return "–" if value is None or pd.isna(value) else f"{value:.1%}"
+    """A ratio as "2.9%" ("–" when undefined): :func:`roma_analytics.charts.percent_text`."""
+    from roma_analytics.charts import percent_text
+
+    return percent_text(value)
 
 
 def count_text(value) -> str:
@@ -784,5 +787,24 @@ def count_text(value) -> str:
 
 
 def delta_points_text(value) -> str | None:
-    """A change of a ratio in percentage points ("-2.0 pts"), ``None`` when undefined."""
-    return None if value is None or pd.isna(value) else f"{value * 100:+.1f} pts"
+    """A change of a ratio in percentage points ("+2.0 pts", "−2.0 pts", "±0.0 pts" when it
+    rounds to zero), ``None`` when undefined: :func:`roma_analytics.charts.points_text`."""
+    from roma_analytics.charts import points_text
+
+    return None if value is None or pd.isna(value) else points_text(value)
+
+
+def ratio_change(change, rise_is_bad: bool = True) -> dict[str, object]:
+    """The delta of a ratio's ``st.metric`` tile as keyword arguments: ``delta`` in percentage
+    points (:func:`delta_points_text`), with colour and arrow given explicitly rather than guessed
+    by Streamlit from a leading "-": a change that rounds to zero is grey with no arrow, a rise is
+    red when ``rise_is_bad`` (an abnormal ratio) and green otherwise.  ``{"delta": None}`` when
+    undefined (no previous run)."""
+    text = delta_points_text(change)
+    if text is None:
+        return {"delta": None}
+    if text.startswith("±"):
+        return {"delta": text, "delta_color": "off", "delta_arrow": "off"}
+    rise = float(change) > 0
+    return {"delta": text, "delta_color": "red" if rise == rise_is_bad else "green",
+            "delta_arrow": "up" if rise else "down"}

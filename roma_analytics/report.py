@@ -198,8 +198,8 @@ def _anomaly_table(flagged: pd.DataFrame, names) -> str:
         "Bucket (UTC)": shown["bucket"].dt.strftime("%Y-%m-%d %H:%M"),
         "Instance": label,
         "Project": shown["project_id"].astype(str),
-        "Abnormal ratio": (shown["abnormal_ratio"] * 100).map("{:.1f} %".format),
-        "Usual ratio": (shown["baseline_median"] * 100).map("{:.1f} %".format),
+        "Abnormal ratio": shown["abnormal_ratio"].map(charts.percent_text),
+        "Usual ratio": shown["baseline_median"].map(charts.percent_text),
         "Robust z": shown["robust_z"].map("{:+.1f}".format),
         "Abnormal / tasks": shown["abnormal"].astype(str) + " / " + shown["total"].astype(str),
     })

@@ -59,7 +59,9 @@ def test_default_run_shows_the_sample_kpis(app):
     assert metrics(app) == expected_metrics(store.load(), store.load(table="errors"))
     ratio = next(m for m in app.metric if m.label == "Fleet abnormal ratio")
     kpis = analysis.kpis(store.load(), store.load(table="errors"))
-    assert ratio.delta == f"{kpis['abnormal_ratio_delta'] * 100:+.1f} pts"
+    # The change in percentage points, with the sign of the hand-computed difference.
+    points = round(kpis["abnormal_ratio_delta"] * 100, 1)
+    assert ratio.delta == (f"{points:+.1f} pts".replace("-", "\u2212") if points else "±0.0 pts")
     assert "UTC" in app.caption[0].value
     assert len(app.get("plotly_chart")) == 3
 

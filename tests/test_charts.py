@@ -412,16 +412,20 @@ def test_trend_by_instance_is_refused():
 # --- cdc_share_trend --------------------------------------------------------------------------
 def test_cdc_share_trend_with_gap():
     fig = charts.cdc_share_trend(cdc_vs_common_frame())
-    assert [t.name for t in fig.data] == ["CDC share", "Abnormal ratio gap (CDC − common)"]
-    share, gap = fig.data
+    assert [t.name for t in fig.data] == ["CDC share", "CDC worse (gap > 0)", "Common worse (gap < 0)"]
+    share, cdc_worse, common_worse = fig.data
     assert xs(share) == naive(T0, T1, T2)
     assert same(share.y, [0.25, 0.5, np.nan])
-    assert same(gap.y, [0.04, -0.1, np.nan])
+    # The gap in percentage points, split by sign: each legend swatch is the colour of its bars.
+    assert same(cdc_worse.y, [4.0, np.nan, np.nan])
+    assert same(common_worse.y, [np.nan, -10.0, np.nan])
     assert share.line.color == TASK_TYPE_COLORS["cdc"]
-    # CDC worse above zero, common worse below
-    assert list(gap.marker.color)[:2] == [TASK_TYPE_COLORS["cdc"], TASK_TYPE_COLORS["common"]]
+    assert cdc_worse.marker.color == TASK_TYPE_COLORS["cdc"]
+    assert common_worse.marker.color == TASK_TYPE_COLORS["common"]
     assert fig.layout.yaxis.tickformat == PERCENT_TICKFORMAT
-    assert fig.layout.yaxis2.tickformat == PERCENT_TICKFORMAT
+    # Points, not percent: the axis and its ticks say "pts".
+    assert "%" not in fig.layout.yaxis2.tickformat and fig.layout.yaxis2.ticksuffix == " pts"
+    assert "pts" in fig.layout.yaxis2.title.text
     assert tuple(fig.layout.yaxis.range) == (0, 1)
     assert "UTC" in fig.layout.xaxis2.title.text
     assert fig.layout.yaxis.title.text == "CDC share"
@@ -446,7 +450,7 @@ def test_abnormal_heatmap_grid():
     assert xs(heat) == naive(T0, T1, T2)
     expected = [[0.5, 0.5, 0.5], [0.1, np.nan, 0.2], [0.0, 0.1, np.nan]]
     assert same(heat.z, expected)
-    assert (heat.zmin, heat.zmax) == (0.0, 1.0)
+    assert (heat.zmin, heat.zmax) == (0.0, 0.5)  # the scale ends at the highest ratio, 50%
     assert "%" in heat.colorbar.tickformat
     assert heat.hoverongaps is False
     assert "UTC" in fig.layout.xaxis.title.text
@@ -663,16 +667,25 @@ def test_kpi_figure():
     # previous_abnormal_ratio and abnormal_ratio_delta become the abnormal ratio's delta
     assert [t.name for t in fig.data] == ["instances", "total", "abnormal_ratio", "cdc_share"]
     assert all(isinstance(t, go.Indicator) for t in fig.data)
-    assert [t.value for t in fig.data] == [12, 12345, 0.0421, 0.3]
-    assert [t.number.valueformat for t in fig.data] == [",.0f", ",.0f", ".1%", ".1%"]
+    # Ratios in percent units, so their change is in percentage points, as in the dashboard.
+    assert [t.value for t in fig.data] == pytest.approx([12, 12345, 4.21, 30.0])
+    assert [t.number.valueformat for t in fig.data] == [",.0f", ",.0f", ".1f", ".1f"]
+    assert [t.number.suffix for t in fig.data][2:] == ["%", "%"]
     ratio = fig.data[2]
-    assert ratio.mode == "number+delta" and ratio.delta.reference == 0.0321
+    assert ratio.mode == "number+delta" and ratio.delta.reference == pytest.approx(3.21)
+    assert ratio.delta.suffix == " pts" and ratio.delta.valueformat == ".1f"
     assert ratio.delta.increasing.color == STATE_COLORS["abnormal"]  # more abnormal is bad
     assert fig.data[3].title.text == "CDC share"
     assert "2024-03-01 02:00 UTC" in fig.layout.title.text and "r9" in fig.layout.title.text
     # a one-row frame is the same thing
     from_frame = charts.kpi_figure(pd.DataFrame([KPIS]))
-    assert [t.value for t in from_frame.data] == [12, 12345, 0.0421, 0.3]
+    assert [t.value for t in from_frame.data] == pytest.approx([12, 12345, 4.21, 30.0])
+
+
+def test_kpi_figure_change_rounding_to_zero_is_neutral():
+    fig = charts.kpi_figure({**KPIS, "abnormal_ratio": 0.04213, "previous_abnormal_ratio": 0.04209})
+    delta = fig.data[2].delta
+    assert delta.increasing.color == delta.decreasing.color == STATE_COLORS["terminated"]
 
 
 def test_kpi_figure_without_previous_run():
@@ -763,8 +776,8 @@ def test_real_changes_errors_and_kpis(analysis):
     assert np.allclose(floats(health.data[1].y), [1.0, 2 / 3])
     kpis = charts.kpi_figure(analysis.kpis(stats, errors))
     tiles = {t.name: t for t in kpis.data}
-    assert tiles["abnormal_ratio"].value == pytest.approx(9 / 30)
-    assert tiles["abnormal_ratio"].delta.reference == pytest.approx(2 / 30)
+    assert tiles["abnormal_ratio"].value == pytest.approx(100 * 9 / 30)
+    assert tiles["abnormal_ratio"].delta.reference == pytest.approx(100 * 2 / 30)
     assert tiles["failed_collections"].value == 1
     history = charts.instance_history(stats[stats["instance_id"] == "i1"])
     assert floats(history.data[5].y) == [0, 5]

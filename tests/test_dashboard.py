@@ -313,8 +313,17 @@ def test_history_folder_comes_from_the_environment(tmp_path):
         dashboard.load_history(tmp_path / "missing")
 
 
+def test_ratio_change_colours_an_abnormal_rise_red_and_a_rounded_zero_grey():
+    assert dashboard.ratio_change(0.0004) == {"delta": "±0.0 pts", "delta_color": "off", "delta_arrow": "off"}
+    assert dashboard.ratio_change(0.02) == {"delta": "+2.0 pts", "delta_color": "red", "delta_arrow": "up"}
+    assert dashboard.ratio_change(-0.02)["delta_color"] == "green"
+    assert dashboard.ratio_change(-0.02, rise_is_bad=False)["delta_color"] == "red"
+    assert dashboard.ratio_change(float("nan")) == {"delta": None}
+
+
 def test_number_formats():
     assert dashboard.ratio_text(0.02859) == "2.9%"
     assert dashboard.count_text(12345) == "12,345"
-    assert dashboard.delta_points_text(-0.0199) == "-2.0 pts"
+    assert dashboard.delta_points_text(-0.0199) == "\u22122.0 pts"  # a real minus sign
+    assert dashboard.delta_points_text(0.0004) == "±0.0 pts"
     assert dashboard.ratio_text(np.nan) == "–" and dashboard.delta_points_text(np.nan) is None

@@ -148,5 +148,5 @@ def test_anomalies_of_the_period_are_listed(tmp_path):
     text, _ = build_report(store, freq="1h")
     table = text[text.index("<h2>Anomalies per instance"):text.index("<h2>Collection health")]
     assert table.count("<tr>") == 2                    # the header and the one anomaly
-    assert "40.0 %" in table and "1.0 %" in table and "2024-05-01 17:00" in table
+    assert "40.0%" in table and "1.0%" in table and "2024-05-01 17:00" in table
     assert "&lt;img src=x" in table and "(jumpy)" in table and "steady" not in table

@@ -116,7 +116,8 @@ def health_views(source: tuple, filters: dashboard.Filters, _prepared):
     stats = selection.raw_stats()
     per_instance = analysis.instance_health(selection.errors, stats)
     return (charts.collection_health_chart(analysis.errors_by_code(selection.errors, selection.freq),
-                                           analysis.collection_health(selection.errors, stats)),
+                                           analysis.collection_health(selection.errors, stats),
+                                           freq=selection.freq),
             per_instance[per_instance["failed"] > 0].reset_index(drop=True))
 
 
@@ -331,7 +332,7 @@ tiles[0].metric("Instances", dashboard.count_text(kpis["instances"]))
 for tile, state in zip(tiles[1:5], ("running", "abnormal", "terminated", "completed")):
     tile.metric(f"{charts.STATE_LABELS[state]} tasks", dashboard.count_text(kpis[state]))
 tiles[5].metric("Fleet abnormal ratio", dashboard.ratio_text(kpis["abnormal_ratio"]),
-                delta=dashboard.delta_points_text(kpis["abnormal_ratio_delta"]), delta_color="inverse",
+                **dashboard.ratio_change(kpis["abnormal_ratio_delta"], rise_is_bad=True),
                 help="Abnormal tasks / all tasks over the latest snapshots; the change is against the previous run.")
 tiles[6].metric("Failed collections", dashboard.count_text(kpis["failed_collections"]),
                 help="Instances the last run could not collect.")
