@@ -379,16 +379,20 @@ def abnormal_ranking(
 
 
 def changes(stats: pd.DataFrame) -> pd.DataFrame:
-    """Per series, what changed between each run and the previous run of the fleet.
+    """Per series, what changed between each run of its scope and the scope's previous run.
 
-    Runs are ordered by ``collected_at`` then ``run_id``; from the second run on, every series
-    present in the run or in the previous run gets one row with ``status``:
-    ``appeared`` (absent from the previous run), ``disappeared`` (in the previous run, absent
-    from this one), ``changed`` (any count differs) or ``unchanged``.  Columns: run and previous
-    run ids and times, the series key, ``instance_name``, ``status``, the current counts,
+    A scope is (region, project_id): several collectors may write one history, each covering
+    its own projects on its own schedule, so runs are compared within a scope, never across
+    the fleet (docs/architecture.md, "Fleet state").  A scope's runs are those with stats rows
+    for it, ordered by ``collected_at`` then ``run_id``; from its second run on, every series
+    present in the run or in the previous run gets one row with ``status``: ``appeared``
+    (absent from the previous run), ``disappeared`` (in the previous run, absent from this
+    one), ``changed`` (any count differs) or ``unchanged``.  Columns: run and previous run ids
+    and times, the series key, ``instance_name``, ``status``, the current counts,
     ``previous_<count>`` and ``<count>_delta = current - previous`` (nullable ``Int64``: NA
     where a side is absent), and a readable ``summary`` such as "abnormal +3 since the previous
-    run".  Sorted by run, then series.
+    run".  Sorted by run, then series.  For the fleet's *current* changes (failed collections
+    and scopes' coverage taken into account) use :mod:`roma_analytics.fleet`.
     """
     _require(stats, ("collected_at", "run_id", *SERIES_KEY, *TOTAL_COLUMNS))
     columns = ["collected_at", "run_id", *SERIES_KEY, *TOTAL_COLUMNS]
@@ -397,17 +401,23 @@ def changes(stats: pd.DataFrame) -> pd.DataFrame:
     if not has_names:
         frame["instance_name"] = pd.Series(pd.NA, index=frame.index, dtype=STRING_DTYPE)
 
+    scope = ["region", "project_id"]
     runs = (
-        frame.groupby("run_id", sort=False)["collected_at"].max().reset_index()
-        .sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
+        frame.groupby([*scope, "run_id"], sort=False, dropna=False)["collected_at"].max().reset_index()
+        .sort_values([*scope, "collected_at", "run_id"], kind="stable").reset_index(drop=True)
     )
-    run_number = pd.Series(runs.index, index=runs["run_id"])
-    frame["_run"] = frame["run_id"].map(run_number).to_numpy(dtype="int64")
+    # A global run number, consecutive within a scope: the previous run of number k is k - 1
+    # whenever both belong to the same scope.
+    runs["_first"] = runs.groupby(scope, sort=False, dropna=False).cumcount() == 0
+    run_number = pd.Series(runs.index, index=pd.MultiIndex.from_frame(runs[[*scope, "run_id"]]))
+    frame["_run"] = run_number.reindex(pd.MultiIndex.from_frame(frame[[*scope, "run_id"]])).to_numpy(dtype="int64")
     snapshots = _last_snapshots(frame, ("_run", *SERIES_KEY))
 
-    current = snapshots[snapshots["_run"] >= 1]
+    first = runs["_first"].to_numpy()
+    current = snapshots[~first[snapshots["_run"].to_numpy()]]
     previous = snapshots.assign(_run=snapshots["_run"] + 1)
     previous = previous[previous["_run"] < len(runs)]
+    previous = previous[~first[previous["_run"].to_numpy()]]
     keep = ["_run", *SERIES_KEY, "instance_name", *TOTAL_COLUMNS]
     merged = current[keep].merge(
         previous[keep].rename(columns={c: f"previous_{c}" for c in ("instance_name", *TOTAL_COLUMNS)}),
@@ -641,48 +651,16 @@ def errors_by_code(errors: pd.DataFrame, freq: str = "1D") -> pd.DataFrame:
 # Dashboard figures
 
 
-def kpis(stats: pd.DataFrame, errors: pd.DataFrame | None = None) -> dict[str, object]:
+def kpis(stats: pd.DataFrame, errors: pd.DataFrame | None = None, scopes: pd.DataFrame | None = None,
+         *, as_of=None, staleness=None) -> dict[str, object]:
     """Headline numbers for a dashboard, as a dict of plain Python values.
 
-    ``instances`` (distinct region/project/instance among the latest snapshots), the latest
-    snapshots' ``running``, ``abnormal``, ``terminated``, ``completed``, ``total`` and
-    ``abnormal_ratio = abnormal / total`` (NaN when 0 tasks); ``previous_abnormal_ratio``: the
-    same ratio as it stood after the previous run (latest snapshots up to that run),
-    ``abnormal_ratio_delta`` (current - previous); ``last_run_id``, ``last_collected_at`` (the
-    most recent run in stats or errors) and ``failed_collections`` (errors rows of that run).
+    The fleet's state as of ``as_of`` (default now) by :func:`roma_analytics.fleet.fleet_state`:
+    see :meth:`roma_analytics.fleet.FleetState.kpis` for the keys (instances, the summed counts,
+    the pooled ``abnormal_ratio`` and its change since each scope's previous run, the newest
+    run, failed collections, stale, disappeared and future-stamped runs).
     """
-    _require(stats, ("collected_at", "run_id", *SERIES_KEY, *TOTAL_COLUMNS))
-    frame = _prepared(stats, ["collected_at", "run_id", *SERIES_KEY, *TOTAL_COLUMNS])
-    runs = frame[["collected_at", "run_id"]]
-    if errors is not None:
-        _require(errors, ("collected_at", "run_id"), "errors")
-        failures = _prepared(errors, ["collected_at", "run_id"])
-        runs = pd.concat([runs, failures], ignore_index=True)
-    runs = runs.drop_duplicates().sort_values(["collected_at", "run_id"], kind="stable")
-    stat_runs = frame[["collected_at", "run_id"]].drop_duplicates().sort_values(["collected_at", "run_id"], kind="stable")
+    from roma_analytics import fleet
 
-    current = _last_snapshots(frame, SERIES_KEY)
-    result: dict[str, object] = {
-        "instances": int(len(current[list(INSTANCE_KEY)].drop_duplicates())),
-    }
-    for name in TOTAL_COLUMNS:
-        result[name] = int(current[name].sum())
-    result["abnormal_ratio"] = float(_pooled(result["abnormal"], result["total"]))
-    previous_ratio = float("nan")
-    if len(stat_runs) >= 2:
-        last_at, last_id = stat_runs.iloc[-1]
-        before = frame[(frame["collected_at"] < last_at) | ((frame["collected_at"] == last_at) & (frame["run_id"] < last_id))]
-        previous = _last_snapshots(before, SERIES_KEY)
-        previous_ratio = float(_pooled(previous["abnormal"].sum(), previous["total"].sum()))
-    result["previous_abnormal_ratio"] = previous_ratio
-    result["abnormal_ratio_delta"] = result["abnormal_ratio"] - previous_ratio
-    if len(runs):
-        last_at, last_id = runs.iloc[-1]
-        result["last_run_id"] = str(last_id)
-        result["last_collected_at"] = pd.Timestamp(last_at)
-        result["failed_collections"] = (
-            int((failures["run_id"] == last_id).sum()) if errors is not None else 0
-        )
-    else:
-        result.update(last_run_id=None, last_collected_at=None, failed_collections=0)
-    return result
+    _require(stats, ("collected_at", "run_id", *SERIES_KEY, *TOTAL_COLUMNS))
+    return fleet.fleet_state(stats, errors, scopes, as_of=as_of, staleness=staleness).kpis()

@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from roma_analytics import analysis, schema
+from roma_analytics import analysis, fleet, schema
 from roma_analytics.display import LABEL_LIMIT, visible
 from roma_analytics.errors import ConfigError
 from roma_analytics.export import FORMULA_TRIGGERS, csv_safe
@@ -68,6 +68,8 @@ __all__ = [
     "csv_bytes",
     "parquet_bytes",
     "ratio_text",
+    "age_text",
+    "load_scopes",
     "count_text",
     "delta_points_text",
     "ratio_change",
@@ -153,6 +155,11 @@ def load_history(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not (folder / "stats").is_dir():
         raise ConfigError(f"{folder} holds no stats/ folder yet; collect a run into it first")
     return store.load(), store.load(table="errors")
+
+
+def load_scopes(path: str | os.PathLike) -> pd.DataFrame:
+    """The ``scopes`` table of the history folder ``path`` (empty for histories without one)."""
+    return HistoryStore(Path(path).expanduser()).load(table="scopes")
 
 
 def history_fingerprint(path: str | os.PathLike) -> tuple[int, int]:
@@ -413,6 +420,13 @@ class PreparedHistory:
     snapshot_bucket: np.ndarray
     snapshot_series: np.ndarray
     stats_time: np.ndarray = field(repr=False)
+    #: What the runs covered (``scopes`` table; empty: inferred from the rows).
+    scopes: pd.DataFrame = field(default_factory=schema.empty_scopes, repr=False)
+    #: The time the fleet state is judged at (see fleet.py); runs stamped later are in ``future``.
+    as_of: pd.Timestamp | None = None
+    #: Runs stamped after ``as_of`` (a collector's clock is wrong): left out of every view.
+    future: pd.DataFrame = field(default_factory=lambda: fleet._future_frame(
+        pd.DataFrame(columns=["run_id", "collected_at", "region", "project_id"])), repr=False)
 
     @property
     def first_day(self) -> pd.Timestamp | None:
@@ -441,13 +455,31 @@ def auto_resolution(stats: pd.DataFrame) -> str:
     return "1D"
 
 
-def prepare(stats: pd.DataFrame, errors: pd.DataFrame | None, freq: str = "1h") -> PreparedHistory:
-    """Sort ``stats`` once and reduce it to the last snapshot per ``freq`` bucket and series."""
+def prepare(stats: pd.DataFrame, errors: pd.DataFrame | None, freq: str = "1h",
+            scopes: pd.DataFrame | None = None, as_of=None) -> PreparedHistory:
+    """Sort ``stats`` once and reduce it to the last snapshot per ``freq`` bucket and series.
+
+    ``as_of``: the present for a live history (rows stamped later than it plus
+    ``fleet.DEFAULT_TOLERANCE`` are set aside in ``future`` and shown nowhere); ``None`` for a
+    fixed data set (sample, uploads), judged as of its newest row.
+    """
     step, _ = analysis.bucket_step(freq)
     if _US_PER_DAY % step:
         raise ConfigError(f"resolution {freq!r} must divide a day; use one of {', '.join(RESOLUTIONS)}")
     stats = schema.conform(stats, "stats")
     errors = schema.empty_errors() if errors is None else schema.conform(errors, "errors")
+    scopes = schema.empty_scopes() if scopes is None else schema.conform(scopes, "scopes")
+    future = fleet._future_frame(pd.DataFrame(columns=["run_id", "collected_at", "region", "project_id"]))
+    if as_of is not None:
+        as_of = schema.parse_time(as_of, "as_of")
+        cutoff = as_of + fleet.DEFAULT_TOLERANCE
+        *_, future = fleet.reduce_history(stats, errors, scopes, cutoff)
+        stats = stats[stats["collected_at"] <= cutoff]
+        errors = errors[errors["collected_at"] <= cutoff]
+        scopes = scopes[scopes["collected_at"] <= cutoff]
+    else:
+        newest = [frame["collected_at"].max() for frame in (stats, errors) if len(frame)]
+        as_of = max(newest) if newest else pd.Timestamp.now(tz="UTC")
     stats = stats.sort_values(list(analysis.GAUGE_ORDER), kind="stable").reset_index(drop=True)
     micros = _micros(stats["collected_at"])
     bucket = micros - micros % step
@@ -467,7 +499,8 @@ def prepare(stats: pd.DataFrame, errors: pd.DataFrame | None, freq: str = "1h") 
     snapshots = stats.take(rows).reset_index(drop=True)
     errors = errors.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
     return PreparedHistory(stats=stats, errors=errors, freq=freq, snapshots=snapshots,
-                           snapshot_bucket=bucket[rows], snapshot_series=series[rows], stats_time=micros)
+                           snapshot_bucket=bucket[rows], snapshot_series=series[rows], stats_time=micros,
+                           scopes=scopes.reset_index(drop=True), as_of=as_of, future=future)
 
 
 def _micros(times: pd.Series) -> np.ndarray:
@@ -496,18 +529,18 @@ class FilteredHistory:
     """The selection, as small frames every analysis function accepts.
 
     ``snapshots``: per bucket and series the last snapshot (``analysis.trend``, ``cdc_vs_common``,
-    ``anomalies`` on it equal their result on the selected raw rows); ``latest``: the last snapshot
-    of each series (``latest``, ``abnormal_ranking``); ``kpi_rows``: enough rows for
-    ``analysis.kpis`` to give its exact result; ``last_runs``: the rows of the last two runs
-    (``analysis.changes``); ``errors``: the selected errors rows.
+    ``anomalies`` on it equal their result on the selected raw rows); ``fleet``: the fleet's
+    state at the end of the selected range (:mod:`roma_analytics.fleet`: KPIs, changes, stale
+    and disappeared series) over the selected regions, projects, instances and task types;
+    ``latest``: its current series as stats rows (``abnormal_ranking``, the breakdown);
+    ``errors``: the selected errors rows.
     """
 
     filters: Filters
     freq: str
     snapshots: pd.DataFrame
     latest: pd.DataFrame
-    kpi_rows: pd.DataFrame
-    last_runs: pd.DataFrame
+    fleet: fleet.FleetState
     errors: pd.DataFrame
     prepared: PreparedHistory = field(repr=False)
 
@@ -538,20 +571,8 @@ def apply_filters(prepared: PreparedHistory, filters: Filters) -> FilteredHistor
     latest_rows = np.sort(len(series) - 1 - first_from_end)
     latest = snapshots.take(latest_rows).reset_index(drop=True)
 
-    stats_window = _time_range(prepared.stats_time, filters)
-    if len(snapshots):
-        last_bucket = int(bucket[-1])
-        raw_from = stats_window.start + int(np.searchsorted(prepared.stats_time[stats_window], last_bucket, "left"))
-        recent = prepared.stats.iloc[raw_from:stats_window.stop]
-        recent = recent[_mask(recent, filters)]
-        earlier = bucket < last_bucket
-        earlier_series = series[earlier]
-        _, first_from_end = np.unique(earlier_series[::-1], return_index=True)
-        earlier_latest = snapshots.take(np.flatnonzero(earlier)[len(earlier_series) - 1 - first_from_end])
-        kpi_rows = pd.concat([earlier_latest, recent], ignore_index=True)
-        last_runs = _last_two_runs(prepared, filters, stats_window, snapshots, recent)
-    else:
-        kpi_rows = last_runs = snapshots
+    state = _fleet_of(prepared, filters)
+    latest = state.latest_stats()
     errors = prepared.errors
     if filters.since is not None:
         errors = errors[errors["collected_at"] >= filters.since]
@@ -559,20 +580,26 @@ def apply_filters(prepared: PreparedHistory, filters: Filters) -> FilteredHistor
         errors = errors[errors["collected_at"] < filters.until]
     errors = errors[_mask(errors, filters, with_task_type=False)].reset_index(drop=True)
     return FilteredHistory(filters=filters, freq=prepared.freq, snapshots=snapshots, latest=latest,
-                           kpi_rows=kpi_rows, last_runs=last_runs, errors=errors, prepared=prepared)
+                           fleet=state, errors=errors, prepared=prepared)
 
 
-def _last_two_runs(prepared, filters, stats_window, snapshots, recent) -> pd.DataFrame:
-    """Selected rows of the last run and the run before it.  The latest run of every bucket is
-    among its snapshots, so the run before the last is in ``recent`` or among the snapshots."""
-    candidates = pd.concat([snapshots[["collected_at", "run_id"]], recent[["collected_at", "run_id"]]])
-    runs = candidates.drop_duplicates().sort_values(["collected_at", "run_id"], kind="stable").tail(2)
-    first_time = runs["collected_at"].iloc[0]
-    start = stats_window.start + int(np.searchsorted(
-        prepared.stats_time[stats_window], pd.Timestamp(first_time).value // 1000, "left"))
-    rows = prepared.stats.iloc[start:stats_window.stop]
-    rows = rows[rows["run_id"].isin(runs["run_id"].tolist()).to_numpy(dtype=bool) & _mask(rows, filters)]
-    return rows.reset_index(drop=True)
+def _fleet_of(prepared: PreparedHistory, filters: Filters) -> fleet.FleetState:
+    """The fleet state at the end of the selected range, over the selected series.
+
+    The start of the range does not matter: a series' latest snapshot may be older than it."""
+    as_of = prepared.as_of
+    stats, errors, scopes = prepared.stats, prepared.errors, prepared.scopes
+    if filters.until is not None:
+        stop = int(np.searchsorted(prepared.stats_time, filters.until.value // 1000, "left"))
+        stats = stats.iloc[:stop]
+        errors = errors[errors["collected_at"] < filters.until]
+        scopes = scopes[scopes["collected_at"] < filters.until]
+        as_of = min(as_of, filters.until)
+    stats = stats[_mask(stats, filters)]
+    errors = errors[_mask(errors, filters, with_task_type=False)]
+    scope_filter = Filters(regions=filters.regions, projects=filters.projects)
+    scopes = scopes[_mask(scopes, scope_filter, with_task_type=False)]
+    return fleet.fleet_state(stats, errors, scopes, as_of=as_of)
 
 
 def instance_options(latest: pd.DataFrame) -> dict[str, str]:
@@ -772,6 +799,19 @@ def parquet_bytes(frame: pd.DataFrame, table: str = "stats") -> bytes:
     sink = io.BytesIO()
     write_parquet(to_arrow(frame, table), sink)
     return sink.getvalue()
+
+
+def age_text(value) -> str:
+    """A duration for people: ``45 s``, ``12 min``, ``3 h 5 min``, ``4 d 2 h``."""
+    seconds = int(pd.Timedelta(value).total_seconds())
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, hours, days = seconds // 60 % 60, seconds // 3600 % 24, seconds // 86400
+    if days:
+        return f"{days} d {hours} h" if hours else f"{days} d"
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{minutes} min"
 
 
 def ratio_text(value) -> str:

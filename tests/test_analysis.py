@@ -461,12 +461,15 @@ def test_kpis():
     assert figures["instances"] == 2
     assert (figures["abnormal"], figures["total"]) == (5, 25)
     assert figures["abnormal_ratio"] == pytest.approx(0.2)
-    # after r1: (1 + 0 + 0) / (10 + 5 + 10)
-    assert figures["previous_abnormal_ratio"] == pytest.approx(1 / 25)
-    assert figures["abnormal_ratio_delta"] == pytest.approx(0.2 - 1 / 25)
+    # The scope's latest run r3 collected nothing (both instances failed), so the fleet stood
+    # as it does now before it: no change since the previous run.
+    assert figures["previous_abnormal_ratio"] == pytest.approx(0.2)
+    assert figures["abnormal_ratio_delta"] == pytest.approx(0.0)
     assert figures["last_run_id"] == "r3" and figures["failed_collections"] == 2
     without_errors = analysis.kpis(stats)
     assert without_errors["last_run_id"] == "r2" and without_errors["failed_collections"] == 0
+    # Without r3, the latest run is r2; before it: (1 + 0 + 0) / (10 + 5 + 10).
+    assert without_errors["previous_abnormal_ratio"] == pytest.approx(1 / 25)
 
 
 # ---------------------------------------------------------------------------------------------

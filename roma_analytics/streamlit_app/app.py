@@ -37,7 +37,7 @@ PLOT_CONFIG = {"displaylogo": False}
 
 @st.cache_data(max_entries=2, show_spinner="Reading the history…")
 def read_folder(path: str, fingerprint: tuple[int, int]):
-    return dashboard.load_history(path)
+    return (*dashboard.load_history(path), dashboard.load_scopes(path))
 
 
 @st.cache_data(max_entries=4, show_spinner="Reading the upload…")
@@ -56,8 +56,9 @@ def upload_resolution(digest: str, _files) -> str:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Indexing the history…")
-def prepared_folder(path: str, fingerprint: tuple[int, int], freq: str) -> dashboard.PreparedHistory:
-    return dashboard.prepare(*read_folder(path, fingerprint), freq)
+def prepared_folder(path: str, fingerprint: tuple[int, int], freq: str, as_of) -> dashboard.PreparedHistory:
+    stats, errors, scopes = read_folder(path, fingerprint)
+    return dashboard.prepare(stats, errors, freq, scopes=scopes, as_of=as_of)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Indexing the upload…")
@@ -66,19 +67,21 @@ def prepared_upload(digest: str, freq: str, _files) -> dashboard.PreparedHistory
 
 
 @st.cache_resource(max_entries=4, ttl=dt.timedelta(hours=1))
-def prepared_live(run_ids: tuple[str, ...], freq: str, _stats, _errors) -> dashboard.PreparedHistory:
-    return dashboard.prepare(_stats, _errors, freq)
+def prepared_live(run_ids: tuple[str, ...], freq: str, _stats, _errors, _scopes) -> dashboard.PreparedHistory:
+    return dashboard.prepare(_stats, _errors, freq, scopes=_scopes, as_of=pd.Timestamp.now(tz="UTC"))
 
 
 @st.cache_data(max_entries=64)
 def overview(source: tuple, filters: dashboard.Filters, _prepared):
     selection = dashboard.apply_filters(_prepared, filters)
-    changes = analysis.changes(selection.last_runs)
+    state = selection.fleet
     return {
-        "kpis": analysis.kpis(selection.kpi_rows, selection.errors),
-        "latest": analysis.latest(selection.latest),
+        "kpis": state.kpis(),
+        "latest": selection.latest,
         "ranking": analysis.abnormal_ranking(selection.latest, n=None),
-        "changes": changes[changes["run_id"] == changes["run_id"].max()] if len(changes) else changes,
+        "changes": state.changes,
+        "scopes": state.scopes,
+        "future_note": state.future_note(),
     }
 
 
@@ -177,7 +180,10 @@ try:
             raise ConfigError(f"no history in {folder}: it holds no stats/date=…/*.parquet files; "
                               "collect a run into it or choose another folder")
         freq = folder_resolution(folder, stamp) if resolution == "Auto" else resolution
-        prepared = prepared_folder(folder, stamp, freq)
+        # A folder is live: judge it as of now (the sample is a fixed data set, judged as of its end);
+        # minutes keep the cache key stable between reruns.
+        as_of = None if source_kind == "Sample history" else pd.Timestamp.now(tz="UTC").ceil("min")
+        prepared = prepared_folder(folder, stamp, freq, as_of)
         source_key = ("folder", folder, stamp, freq)
         watched_folder = (folder, stamp)
         source_text = "the bundled sample history" if source_kind == "Sample history" else f"history folder {md(folder)}"
@@ -230,7 +236,8 @@ try:
                 st.error(f"Nothing was collected ({md(collection.summary(), limit=2000)}).{detail} Check the endpoint, "
                          f"the project ids and the credentials ({auth_source}).")
             else:
-                st.session_state.setdefault("live_runs", []).append((collection.run_id, collection.stats, collection.errors))
+                st.session_state.setdefault("live_runs", []).append(
+                    (collection.run_id, collection.stats, collection.errors, collection.scopes))
                 st.session_state["live_target_list"] = targets
                 note = f"Collected: {md(collection.summary(), limit=2000)}."
                 if append:
@@ -239,11 +246,12 @@ try:
                 st.success(note)
         runs = st.session_state.get("live_runs", [])
         if runs:
-            run_ids = tuple(run_id for run_id, _, _ in runs)
-            stats = pd.concat([s for _, s, _ in runs], ignore_index=True)
-            errors = pd.concat([e for _, _, e in runs], ignore_index=True)
+            run_ids = tuple(run[0] for run in runs)
+            stats = pd.concat([run[1] for run in runs], ignore_index=True)
+            errors = pd.concat([run[2] for run in runs], ignore_index=True)
+            scopes = pd.concat([run[3] for run in runs], ignore_index=True)
             freq = dashboard.auto_resolution(stats) if resolution == "Auto" else resolution
-            prepared = prepared_live(run_ids, freq, stats, errors)
+            prepared = prepared_live(run_ids, freq, stats, errors, scopes)
             source_key = ("live", run_ids, freq)
             live_targets = st.session_state.get("live_target_list")
             source_text = f"live collection ({len(runs)} run{'s' if len(runs) > 1 else ''} this session)"
@@ -335,7 +343,19 @@ tiles[5].metric("Fleet abnormal ratio", dashboard.ratio_text(kpis["abnormal_rati
                 **dashboard.ratio_change(kpis["abnormal_ratio_delta"], rise_is_bad=True),
                 help="Abnormal tasks / all tasks over the latest snapshots; the change is against the previous run.")
 tiles[6].metric("Failed collections", dashboard.count_text(kpis["failed_collections"]),
-                help="Instances the last run could not collect.")
+                help="Instances whose last collection failed (they keep their last good snapshot), "
+                     "plus projects whose instance list could not be read.")
+if numbers["future_note"]:
+    st.warning(numbers["future_note"])
+if kpis["stale_series"]:
+    stale_scopes = numbers["scopes"][numbers["scopes"]["stale"]]
+    st.warning(f"{kpis['stale_instances']:,} instance(s) have not been refreshed within their staleness window "
+               f"({len(stale_scopes)} project(s) not collected for "
+               + ", ".join(dashboard.age_text(age) for age in stale_scopes["age"].head(3))
+               + "); their numbers above are their last known snapshots.")
+if kpis["disappeared_instances"]:
+    st.caption(f"{kpis['disappeared_instances']:,} instance(s) no longer found by their project's latest run "
+               "are left out.")
 
 # ------------------------------------------------------------------------------- views
 tabs = dict(zip(TABS, st.tabs(TABS, key="view", on_change="rerun")))
