@@ -9,11 +9,16 @@
       abnormal_ratio = { threshold = 0.05, by = ["instance", "fleet"], min_tasks = 20 }
       abnormal_increase = 5          # abnormal tasks of an instance and task type rose by >= 5
       anomalies = { freq = "1h", window = 24, z = 3.0, by = "instance" }   # or: anomalies = true
-      collection_failures = 3        # an instance failed in each of the last 3 runs
-      disappeared = true             # in the previous run, absent from the latest
+      collection_failures = 3        # an instance failed in each of the last 3 runs of its project
+      disappeared = true             # tried by its project's previous run, not by the latest
+      stale = true                   # a project not collected within its staleness window
+                                     # (or stale = "30min": that window for every project)
 
-* :func:`evaluate` -- pure: ``stats`` and ``errors`` frames -> a list of :class:`Finding`, all
-  judged at the *latest run* of the frames (see each rule in :class:`Rules`).
+* :func:`evaluate` -- pure: ``stats``, ``errors`` (and ``scopes``) frames -> a list of
+  :class:`Finding`, judged on the fleet's state as of now (:mod:`roma_analytics.fleet`: each
+  series' latest snapshot, each project's own runs), so several collectors writing one history
+  never look like instances disappearing.  Runs stamped in the future (a collector's clock is
+  wrong) are never the latest: they are reported as ``clock_skew`` findings by every check.
 * :func:`check` -- loads the needed part of a :class:`HistoryStore`, evaluates, and compares with
   the state kept beside the history (``HISTORY/.alerts-state.json``, written atomically, under a
   lock so that two overlapping cron jobs do not both notify): a finding is *new* until a webhook
@@ -41,9 +46,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import pandas as pd
 
-from roma_analytics import __version__, analysis
+from roma_analytics import __version__, analysis, fleet
 from roma_analytics.errors import ConfigError, RomaError
-from roma_analytics.schema import SERIES_KEY, conform
+from roma_analytics.schema import SERIES_KEY, conform, empty_errors as schema_empty_errors
 
 try:  # POSIX advisory lock; without it overlapping checks may both notify (never lose state).
     import fcntl
@@ -109,9 +114,12 @@ class Rules:
     * ``anomalies``: see :class:`AnomalyRule`.
     * ``collection_failures = K``: an instance (or a project's discovery) failed in each of the
       last ``K`` runs of the history.
-    * ``disappeared``: an instance in the previous run (collected or failed) that the latest run
-      did not even try -- no longer discovered, or removed from the targets.  An instance of a
-      project whose discovery failed in the latest run is not counted (that is a failure).
+    * ``disappeared``: an instance that its project's previous run tried (collected or failed)
+      and its latest complete run did not even try -- no longer discovered, or removed from the
+      targets.  A project whose discovery failed in its latest run hides nothing (that is a
+      failure); projects collected by other collectors are judged by their own runs.
+    * ``stale``: a project (scope) not collected within its staleness window: ``True`` for
+      ``fleet.STALENESS_FACTOR`` times its usual interval, or a duration such as ``"30min"``.
     """
 
     abnormal_ratio: AbnormalRatioRule | None = None
@@ -119,11 +127,17 @@ class Rules:
     anomalies: AnomalyRule | None = None
     collection_failures: int | None = None
     disappeared: bool = False
+    stale: bool | str = False
 
     @property
     def empty(self) -> bool:
         return not (self.abnormal_ratio or self.abnormal_increase or self.anomalies
-                    or self.collection_failures or self.disappeared)
+                    or self.collection_failures or self.disappeared or self.stale)
+
+    @property
+    def staleness(self) -> pd.Timedelta | None:
+        """The fixed staleness window of the ``stale`` rule (None: each scope's own)."""
+        return pd.Timedelta(self.stale) if isinstance(self.stale, str) else None
 
     def overridden_by(self, other: Rules) -> Rules:
         """These rules with every rule that ``other`` sets replaced by ``other``'s."""
@@ -135,7 +149,7 @@ def _rules_dict(rules: Rules) -> dict:
     return {name: getattr(rules, name) for name in Rules.__dataclass_fields__}
 
 
-_RULE_KEYS = {"abnormal_ratio", "abnormal_increase", "anomalies", "collection_failures", "disappeared"}
+_RULE_KEYS = {"abnormal_ratio", "abnormal_increase", "anomalies", "collection_failures", "disappeared", "stale"}
 
 
 def parse_rules(table: Mapping | None, source: str = "targets file") -> Rules:
@@ -215,8 +229,18 @@ def parse_rules(table: Mapping | None, source: str = "targets file") -> Rules:
     if not isinstance(disappeared, bool):
         raise fail("disappeared", "must be true or false")
 
+    stale = table.get("stale", False)
+    if isinstance(stale, str):
+        try:
+            if pd.Timedelta(stale) <= pd.Timedelta(0):
+                raise ValueError
+        except ValueError:
+            raise fail("stale", f"must be true, false or a positive duration such as \"30min\", not {stale!r}") from None
+    elif not isinstance(stale, bool):
+        raise fail("stale", "must be true, false or a duration such as \"30min\"")
+
     return Rules(abnormal_ratio=ratio, abnormal_increase=increase, anomalies=anomaly,
-                 collection_failures=failures, disappeared=disappeared)
+                 collection_failures=failures, disappeared=disappeared, stale=stale)
 
 
 def _is_number(value) -> bool:
@@ -309,38 +333,41 @@ def _key(rule: str, level: str, subject: Mapping, columns: Iterable[str]) -> str
 
 # -------------------------------------------------------------------------------------- evaluate
 
-def _runs(stats: pd.DataFrame, errors: pd.DataFrame) -> pd.DataFrame:
-    runs = pd.concat([stats[["run_id", "collected_at"]], errors[["run_id", "collected_at"]]], ignore_index=True)
-    runs = runs.groupby("run_id", sort=False)["collected_at"].min().reset_index()
-    return runs.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
+def evaluate(stats: pd.DataFrame, errors: pd.DataFrame, rules: Rules, scopes: pd.DataFrame | None = None, *,
+             now=None, state: fleet.FleetState | None = None) -> list[Finding]:
+    """Every finding of ``rules`` on the fleet's state as of ``now`` (default: the present).
 
-
-def evaluate(stats: pd.DataFrame, errors: pd.DataFrame, rules: Rules) -> list[Finding]:
-    """Every finding of ``rules`` at the latest run of ``stats``/``errors`` (schema frames).
-
-    The frames must reach back far enough for the rules (the previous run, the last K runs,
-    the anomaly window); :func:`check` loads exactly that.  Findings come sorted by key.
+    ``stats``/``errors``/``scopes`` (schema frames) must reach back far enough for the rules
+    (each project's last K runs, the anomaly window); :func:`check` loads exactly that.
+    ``state`` is the fleet state if the caller has it (``HistoryStore.fleet_state``); otherwise
+    it is computed from the frames.  Findings come sorted by key.
     """
     stats = conform(stats, "stats")
     errors = conform(errors, "errors")
-    runs = _runs(stats, errors)
-    if runs.empty:
-        return []
-    latest_id = runs["run_id"].iloc[-1]
-    previous_id = runs["run_id"].iloc[-2] if len(runs) >= 2 else None
-    names = _instance_names(stats)
-    findings: list[Finding] = []
+    if state is None:
+        state = fleet.fleet_state(stats, errors, scopes, as_of=now, staleness=rules.staleness)
+    findings: list[Finding] = _clock_skew(state)
+    if state.scopes.empty:
+        return findings
+    names = _instance_names(state.series)
+    cutoff = state.as_of + fleet.DEFAULT_TOLERANCE
+    stats = stats[stats["collected_at"] <= cutoff]
+    errors = errors[errors["collected_at"] <= cutoff]
     if rules.abnormal_ratio:
-        findings += _abnormal_ratio(stats[stats["run_id"] == latest_id], rules.abnormal_ratio, names)
-    if rules.abnormal_increase and previous_id is not None:
-        pair = stats[stats["run_id"].isin([previous_id, latest_id])]
-        findings += _abnormal_increase(pair, latest_id, rules.abnormal_increase, names)
+        findings += _abnormal_ratio(state.current, rules.abnormal_ratio, names)
+    if rules.abnormal_increase:
+        findings += _abnormal_increase(state.changes, rules.abnormal_increase, names)
     if rules.anomalies:
-        findings += _anomalies(stats, runs["collected_at"].iloc[-1], rules.anomalies, names)
+        newest = state.scopes["last_collected_at"].max()
+        findings += _anomalies(stats, newest, rules.anomalies, names)
     if rules.collection_failures:
-        findings += _collection_failures(stats, errors, runs, rules.collection_failures, names)
-    if rules.disappeared and previous_id is not None:
-        findings += _disappeared(stats, errors, previous_id, latest_id, names)
+        scope_runs = fleet.reduce_history(stats, errors, conform(scopes, "scopes") if scopes is not None
+                                          else fleet.schema.empty_scopes(), cutoff)[2]
+        findings += _collection_failures(stats, errors, scope_runs, rules.collection_failures, names)
+    if rules.disappeared:
+        findings += _disappeared(state.changes, names)
+    if rules.stale:
+        findings += _stale(state)
     return sorted(findings, key=lambda finding: finding.key)
 
 
@@ -366,12 +393,13 @@ def _abnormal_ratio(latest_stats: pd.DataFrame, rule: AbnormalRatioRule, names) 
             sums = pd.DataFrame({"abnormal": [int(latest_stats["abnormal"].sum())],
                                  "total": [int(latest_stats["total"].sum())]})
         sums["ratio"] = analysis._pooled(sums["abnormal"], sums["total"])
-        sums["low"], sums["high"] = analysis.wilson_interval(sums["abnormal"], sums["total"])
+        sums["low"], sums["high"] = analysis.wilson_interval(sums["abnormal"], sums["total"], analysis.CONFIDENCE)
         firing = sums[(sums["total"] >= rule.min_tasks) & (sums["ratio"] > rule.threshold)]
         for row in firing.to_dict("records"):
             subject = _with_name(_subject(row, columns), names)
             message = (f"abnormal ratio {row['ratio']:.1%} ({row['abnormal']} of {row['total']} tasks, "
-                       f"95% interval {row['low']:.1%}-{row['high']:.1%}) is above {rule.threshold:.1%} "
+                       f"{analysis.confidence_text()} interval {row['low']:.1%}-{row['high']:.1%}) is above "
+                       f"{rule.threshold:.1%} "
                        f"for {_label(subject, level)}")
             findings.append(Finding(key=_key("abnormal_ratio", level, subject, columns), rule="abnormal_ratio",
                                     message=message, level=level, value=row["ratio"],
@@ -379,9 +407,8 @@ def _abnormal_ratio(latest_stats: pd.DataFrame, rule: AbnormalRatioRule, names) 
     return findings
 
 
-def _abnormal_increase(pair: pd.DataFrame, latest_id: str, minimum: int, names) -> list[Finding]:
-    changed = analysis.changes(pair)
-    changed = changed[(changed["run_id"] == latest_id) & (changed["status"] == "changed")]
+def _abnormal_increase(changes: pd.DataFrame, minimum: int, names) -> list[Finding]:
+    changed = changes[changes["status"] == "changed"]
     rising = changed[changed["abnormal_delta"].fillna(0) >= minimum]
     findings = []
     for row in rising.to_dict("records"):
@@ -413,12 +440,14 @@ def _anomalies(stats: pd.DataFrame, latest_at, rule: AnomalyRule, names) -> list
     return findings
 
 
-def _collection_failures(stats, errors, runs: pd.DataFrame, k: int, names) -> list[Finding]:
-    if len(runs) < k:
-        return []
-    last = runs.tail(k)
-    recent_errors = errors[errors["run_id"].isin(last["run_id"])]
-    recent_ok = stats[stats["run_id"].isin(last["run_id"])][["run_id", *_INSTANCE_KEY]].drop_duplicates()
+def _collection_failures(stats, errors, scope_runs: pd.DataFrame, k: int, names) -> list[Finding]:
+    """Instances (and project discoveries) that failed in each of their project's last ``k`` runs."""
+    last = scope_runs.sort_values(["region", "project_id", "collected_at", "run_id"], kind="stable") \
+        .groupby(["region", "project_id"], sort=False).tail(k)
+    enough = last.groupby(["region", "project_id"], sort=False)["run_id"].transform("size") >= k
+    last = last[enough][["region", "project_id", "run_id"]]
+    recent_errors = errors.merge(last, on=["region", "project_id", "run_id"])
+    recent_ok = stats.merge(last, on=["region", "project_id", "run_id"])[["run_id", *_INSTANCE_KEY]].drop_duplicates()
     failed = recent_errors.merge(recent_ok, on=["run_id", *_INSTANCE_KEY], how="left", indicator=True)
     failed = failed[failed["_merge"] == "left_only"]
     streaks = failed.groupby(list(_INSTANCE_KEY), sort=True)["run_id"].nunique()
@@ -441,25 +470,49 @@ def _collection_failures(stats, errors, runs: pd.DataFrame, k: int, names) -> li
     return findings
 
 
-def _disappeared(stats, errors, previous_id: str, latest_id: str, names) -> list[Finding]:
-    def attempted(run_id):
-        frames = [stats.loc[stats["run_id"] == run_id, list(_INSTANCE_KEY)],
-                  errors.loc[errors["run_id"] == run_id, list(_INSTANCE_KEY)]]
-        return pd.concat(frames, ignore_index=True).drop_duplicates()
-
-    before, now = attempted(previous_id), attempted(latest_id)
-    gone = before.merge(now, on=list(_INSTANCE_KEY), how="left", indicator=True)
-    gone = gone[(gone["_merge"] == "left_only") & (gone["instance_id"] != _DISCOVERY)]
-    # A project whose instance list failed in the latest run: its instances are not "gone".
-    blind = now[now["instance_id"] == _DISCOVERY][["region", "project_id"]]
-    gone = gone.merge(blind.assign(_blind=True), on=["region", "project_id"], how="left")
-    gone = gone[gone["_blind"].isna()].sort_values(list(_INSTANCE_KEY), kind="stable")
+def _disappeared(changes: pd.DataFrame, names) -> list[Finding]:
+    gone = changes[changes["status"] == "disappeared"]
+    gone = gone[list(_INSTANCE_KEY)].drop_duplicates().sort_values(list(_INSTANCE_KEY), kind="stable")
     findings = []
     for row in gone.to_dict("records"):
         subject = _with_name(_subject(row, _INSTANCE_KEY), names)
-        message = f"{_label(subject, 'instance')} was in the previous run and is not in the latest run"
+        message = (f"{_label(subject, 'instance')} was in its project's previous run and is not in the "
+                   "latest run (no longer discovered, or removed from the targets)")
         findings.append(Finding(key=_key("disappeared", "instance", subject, _INSTANCE_KEY), rule="disappeared",
                                 message=message, **subject))
+    return findings
+
+
+def _stale(state: fleet.FleetState) -> list[Finding]:
+    age_text = fleet.age_text
+    findings = []
+    for row in state.scopes[state.scopes["stale"]].to_dict("records"):
+        subject = {"region": str(row["region"]), "project_id": str(row["project_id"])}
+        usual = (f"its usual interval is {age_text(row['interval'])}" if not pd.isna(row["interval"])
+                 else "it was collected once")
+        message = (f"project {subject['region']}/{subject['project_id']} has not been collected for "
+                   f"{age_text(row['age'])} (last run {row['last_run_id']} at "
+                   f"{pd.Timestamp(row['last_collected_at']).isoformat()}; {usual}, staleness window "
+                   f"{age_text(row['stale_after'])}): is its collector running?")
+        findings.append(Finding(key=_key("stale", "scope", subject, ("region", "project_id")), rule="stale",
+                                message=message, level="scope", value=row["age"].total_seconds(),
+                                threshold=row["stale_after"].total_seconds(), **subject))
+    return findings
+
+
+def _clock_skew(state: fleet.FleetState) -> list[Finding]:
+    findings = []
+    future = state.future.drop_duplicates(["run_id", "region", "project_id"])
+    for row in future.to_dict("records"):
+        subject = {"region": str(row["region"]), "project_id": str(row["project_id"])}
+        ahead = pd.Timestamp(row["collected_at"]) - state.as_of
+        message = (f"run {row['run_id']} of project {subject['region']}/{subject['project_id']} is stamped "
+                   f"{pd.Timestamp(row['collected_at']).isoformat()}, {ahead.days} day(s) "
+                   f"{ahead.seconds // 3600} h ahead of now: its collector's clock is wrong. The run is "
+                   "ignored; fix the clock (NTP) and move or delete the run's files")
+        findings.append(Finding(key="/".join(["clock_skew", "run", str(row["run_id"]), *subject.values()]),
+                                rule="clock_skew", message=message, level="scope",
+                                value=float(ahead.total_seconds()), **subject))
     return findings
 
 
@@ -485,20 +538,12 @@ def state_path_for(history) -> Path:
 
 
 def _load_window(store, rules: Rules, lookback: pd.Timedelta, now: pd.Timestamp):
-    """The stats and errors rows the rules need, judged at the latest run in ``lookback``."""
-    horizon = now - lookback
-    runs = store.runs(since=horizon)
-    if runs.empty:
-        return None
-    needed = 2
-    if rules.collection_failures:
-        needed = max(needed, rules.collection_failures)
-    since = runs["collected_at"].iloc[-min(needed, len(runs))]
-    if rules.anomalies:
-        step, _ = analysis.bucket_step(rules.anomalies.freq)
-        bucket = analysis.bucket_of(pd.Series([runs["collected_at"].iloc[-1]]), rules.anomalies.freq).iloc[0]
-        since = min(since, bucket - pd.Timedelta(microseconds=step * rules.anomalies.window))
-    return store.load(since=since, table="stats"), store.load(since=since, table="errors")
+    """The stats, errors and scopes rows the window rules need (failures, anomalies)."""
+    if not (rules.collection_failures or rules.anomalies):
+        return None, None, None
+    since = now - lookback
+    return (store.load(since=since, table="stats"), store.load(since=since, table="errors"),
+            store.load(since=since, table="scopes"))
 
 
 def check(store, rules: Rules, *, state_path=None, webhook: str | None = None, timeout=(3.05, 10.0),
@@ -528,13 +573,16 @@ def check(store, rules: Rules, *, state_path=None, webhook: str | None = None, t
     now = pd.Timestamp(now if now is not None else datetime.now(timezone.utc))
     now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
     with _locked(state_path):
-        window = _load_window(store, rules, lookback, now)
-        if window is None:
-            raise ConfigError(f"no collection run in the history {store.path} in the last {lookback}; "
-                              "run roma-analytics collect first (or check --collect)")
-        stats, errors = window
-        findings = evaluate(stats, errors, rules)
-        runs = _runs(conform(stats, "stats"), conform(errors, "errors"))
+        state = store.fleet_state(as_of=now, staleness=rules.staleness)
+        if state.scopes.empty or (not rules.stale and state.scopes["last_collected_at"].max() < now - lookback):
+            if state.future.empty:
+                raise ConfigError(f"no collection run in the history {store.path} in the last {lookback}; "
+                                  "run roma-analytics collect first (or check --collect)")
+        stats, errors, scopes = _load_window(store, rules, lookback, now)
+        if stats is None:  # the rules judge the fleet state only
+            stats, errors = state.latest_stats(), schema_empty_errors()
+        findings = evaluate(stats, errors, rules, scopes, now=now, state=state)
+        kpis = state.kpis()
         state = _read_state(state_path)
         section_key = _section_key(rules, webhook)
         previous = state["checks"].get(section_key, {}).get("findings", {})
@@ -549,8 +597,8 @@ def check(store, rules: Rules, *, state_path=None, webhook: str | None = None, t
                             "first_seen": old.get("first_seen", stamp), "last_seen": stamp,
                             "notified": bool(old.get("notified", False))}
         new = [finding for key, finding in current.items() if not records[key]["notified"]]
-        result = CheckResult(findings=findings, new=new, resolved=resolved, run_id=str(runs["run_id"].iloc[-1]),
-                             collected_at=pd.Timestamp(runs["collected_at"].iloc[-1]),
+        result = CheckResult(findings=findings, new=new, resolved=resolved, run_id=kpis["last_run_id"],
+                             collected_at=kpis["last_collected_at"],
                              first_seen={key: record["first_seen"] for key, record in records.items()})
         if webhook is None:
             # Without a webhook the caller's output is the report: printed once counts as told.

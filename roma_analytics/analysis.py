@@ -305,14 +305,30 @@ def cdc_vs_common(stats: pd.DataFrame, freq: str = "1D") -> pd.DataFrame:
 # Rankings
 
 
-def wilson_interval(successes, trials, confidence: float = 0.95):
+#: The one confidence level of every Wilson interval the product shows (dashboard, report,
+#: ``check``): 99 %, see :func:`abnormal_ranking` for why.  Read at call time, so setting it
+#: changes every view at once; each view prints the level it used (:func:`confidence_text`).
+CONFIDENCE = 0.99
+
+
+def confidence_text(confidence: float | None = None) -> str:
+    """``"99 %"``: the level a view states beside its intervals."""
+    level = CONFIDENCE if confidence is None else confidence
+    return f"{level * 100:g} %"
+
+
+def wilson_interval(successes, trials, confidence: float | None = None):
     """The Wilson score interval of a binomial proportion, vectorised: ``(low, high)``.
+
+    ``confidence`` defaults to :data:`CONFIDENCE`.
 
     With ``p = successes / trials``, ``n = trials`` and ``z`` the two-sided normal quantile of
     ``confidence``: ``centre = (p + z²/2n) / (1 + z²/n)`` and
     ``half = z * sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n)``; the interval is ``centre ± half``,
     clipped to [0, 1].  NaN where ``trials == 0``.  Series in give Series out (same index).
     """
+    if confidence is None:
+        confidence = CONFIDENCE
     if not 0 < confidence < 1:
         raise ConfigError(f"confidence must be between 0 and 1 (exclusive), got {confidence!r}")
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
@@ -337,11 +353,11 @@ def abnormal_ranking(
     n: int | None = 10,
     by: Iterable[str] | str = "instance_id",
     min_tasks: int = 1,
-    confidence: float = 0.99,
+    confidence: float | None = None,
 ) -> pd.DataFrame:
     """The groups with the most convincingly high abnormal ratio, on the latest snapshots.
 
-    The default confidence is 99 %, not 95 %: at 95 % the Wilson lower bound of 1 abnormal task
+    The default confidence is :data:`CONFIDENCE`, 99 %, not 95 %: at 95 % the Wilson lower bound of 1 abnormal task
     out of 2 (0.0945) still beats 40 out of 400 (0.0743), so a two-task instance would outrank a
     fleet-sized problem on one unlucky task; at 99 % the bounds are 0.0617 and 0.0677.
 

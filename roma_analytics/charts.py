@@ -27,7 +27,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from roma_analytics import display
+from roma_analytics import analysis, display
 from roma_analytics.schema import COUNT_COLUMNS, GROUP_COLUMNS, TASK_TYPES
 
 __all__ = [
@@ -711,7 +711,7 @@ def worst_instances_table(
     columns["Abnormal"] = _count(frame["abnormal"])
     columns["Total"] = _count(frame["total"])
     columns["Abnormal ratio"] = _percent(frame["abnormal_ratio"])
-    columns["Wilson interval"] = _percent(frame["wilson_low"]) + " – " + _percent(frame["wilson_high"])
+    columns[f"{analysis.confidence_text()} Wilson interval"] = _percent(frame["wilson_low"]) + " – " + _percent(frame["wilson_high"])
 
     fill = pd.Series(HIGHLIGHT_COLORS["none"], index=frame.index)
     if threshold is not None:

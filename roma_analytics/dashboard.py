@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from roma_analytics import analysis, fleet, schema
 from roma_analytics.display import LABEL_LIMIT, visible
+from roma_analytics.fleet import age_text
 from roma_analytics.errors import ConfigError
 from roma_analytics.export import FORMULA_TRIGGERS, csv_safe
 from roma_analytics.store import HistoryStore, to_arrow, write_parquet
@@ -799,19 +800,6 @@ def parquet_bytes(frame: pd.DataFrame, table: str = "stats") -> bytes:
     sink = io.BytesIO()
     write_parquet(to_arrow(frame, table), sink)
     return sink.getvalue()
-
-
-def age_text(value) -> str:
-    """A duration for people: ``45 s``, ``12 min``, ``3 h 5 min``, ``4 d 2 h``."""
-    seconds = int(pd.Timedelta(value).total_seconds())
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, hours, days = seconds // 60 % 60, seconds // 3600 % 24, seconds // 86400
-    if days:
-        return f"{days} d {hours} h" if hours else f"{days} d"
-    if hours:
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    return f"{minutes} min"
 
 
 def ratio_text(value) -> str:

@@ -50,7 +50,7 @@ from roma_analytics.schema import (
 
 __all__ = [
     "FleetState", "fleet_state", "reduce_history", "finish", "DEFAULT_TOLERANCE", "DEFAULT_STALENESS",
-    "STALENESS_FACTOR", "INTERVAL_RUNS", "SNAPSHOTS_KEPT", "DISCOVERY_INSTANCE_ID",
+    "STALENESS_FACTOR", "INTERVAL_RUNS", "SNAPSHOTS_KEPT", "DISCOVERY_INSTANCE_ID", "age_text",
 ]
 
 #: How far past "now" a snapshot may be stamped and still count (clocks are never exact).
@@ -109,6 +109,9 @@ class FleetState:
     changes: pd.DataFrame
     future: pd.DataFrame
     previous: pd.DataFrame
+    #: Instances that failed and never had a snapshot (``region, project_id, instance_id,
+    #: collected_at, run_id, error_code, error_msg`` of their last error), unless gone.
+    unseen: pd.DataFrame = None
 
     @property
     def current(self) -> pd.DataFrame:
@@ -154,7 +157,8 @@ class FleetState:
             result["last_collected_at"] = None
         failed_instances = current.loc[current["failed"], list(INSTANCE_KEY)].drop_duplicates()
         failed_scopes = int((self.scopes["last_discovery"] == "failed").sum()) if len(self.scopes) else 0
-        result["failed_collections"] = int(len(failed_instances)) + failed_scopes
+        unseen = 0 if self.unseen is None else len(self.unseen)
+        result["failed_collections"] = int(len(failed_instances)) + unseen + failed_scopes
         stale = current[current["stale"]]
         result["stale_series"] = int(len(stale))
         result["stale_instances"] = int(len(stale[list(INSTANCE_KEY)].drop_duplicates()))
@@ -271,9 +275,22 @@ def finish(top_stats, top_errors, scope_runs, future, *, as_of: pd.Timestamp, st
 
     changes = _changes(series, before, errors, scopes)
     previous = _previous(series, before, changes)
+    unseen = _unseen(last_error, series, scopes)
     scopes = scopes.drop(columns=["_complete_at", "_complete_run"])
     return FleetState(as_of=as_of, series=series, scopes=scopes, changes=changes, future=future,
-                      previous=previous)
+                      previous=previous, unseen=unseen)
+
+
+def _unseen(last_error, series, scopes) -> pd.DataFrame:
+    """Instances whose every attempt failed, still tried by their scope's latest complete run."""
+    seen = series[list(INSTANCE_KEY)].drop_duplicates().assign(_seen=True)
+    rows = last_error.merge(seen, on=list(INSTANCE_KEY), how="left")
+    rows = rows[rows["_seen"].isna()]
+    rows = rows.merge(scopes[[*SCOPE_KEY, "_complete_at", "_complete_run"]], on=list(SCOPE_KEY), how="left")
+    gone = _later(rows["_complete_at"], rows["_complete_run"], rows["collected_at"], rows["run_id"])
+    rows = rows[~gone.to_numpy()]
+    columns = [*INSTANCE_KEY, "collected_at", "run_id", "error_code", "error_msg"]
+    return rows[columns].sort_values(list(INSTANCE_KEY), kind="stable").reset_index(drop=True)
 
 
 def _scope_table(scope_runs, top_stats, top_errors, as_of, staleness) -> pd.DataFrame:
@@ -409,6 +426,19 @@ def _previous(series, before, changes) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+def age_text(value) -> str:
+    """A duration for people: ``45 s``, ``12 min``, ``3 h 5 min``, ``4 d 2 h``."""
+    seconds = int(pd.Timedelta(value).total_seconds())
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, hours, days = seconds // 60 % 60, seconds // 3600 % 24, seconds // 86400
+    if days:
+        return f"{days} d {hours} h" if hours else f"{days} d"
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{minutes} min"
+
 
 def _settings(as_of, staleness, tolerance):
     as_of = parse_time(as_of if as_of is not None else datetime.now(timezone.utc), "as_of")

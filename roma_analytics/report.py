@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from roma_analytics import __version__, analysis, charts
+from roma_analytics import __version__, analysis, charts, fleet
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.store import HistoryStore, parse_time
 
@@ -72,7 +72,14 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
     """
     store = store_or_path if isinstance(store_or_path, HistoryStore) else HistoryStore(store_or_path)
     start, end = parse_time(since, "since"), parse_time(until, "until")
-    filters = dict(since=start, until=end, projects=projects, instances=instances, regions=regions)
+    present = parse_time(now if now is not None else pd.Timestamp.now(tz="UTC"), "now")
+    # The fleet as it stood at the end of the period -- never later than now: runs stamped in
+    # the future (a collector's wrong clock) are left out and named in the summary.
+    as_of = present if end is None else min(end, present)
+    state = store.fleet_state(as_of=as_of, projects=projects, instances=instances, regions=regions)
+    horizon = as_of + fleet.DEFAULT_TOLERANCE
+    filters = dict(since=start, until=horizon if end is None else min(end, horizon), projects=projects,
+                   instances=instances, regions=regions)
     stats = store.load(table="stats", **filters)
     errors = store.load(table="errors", **filters)
     times = pd.concat([stats["collected_at"], errors["collected_at"]], ignore_index=True)
@@ -90,11 +97,12 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
         if len(stats) else None
     per_type = analysis.trend(stats, freq, by=("task_type",))
     sections = [
-        ("Summary", charts.kpi_figure(analysis.kpis(stats, errors)), None),
+        ("Summary", charts.kpi_figure(state.kpis()), state.future_note()),
         ("Worst instances", charts.worst_instances_table(
-            analysis.abnormal_ranking(stats, n=20, by="instance_id"), threshold=threshold, top=20),
-         "Latest snapshot of each instance in the period, ranked by the lower end of the 95% Wilson "
-         "interval of its abnormal ratio, so that a few tasks cannot outrank hundreds."),
+            analysis.abnormal_ranking(state.latest_stats(), n=20, by="instance_id"), threshold=threshold, top=20),
+         "Latest snapshot of each instance at the end of the period, ranked by the lower end of the "
+         f"{analysis.confidence_text()} Wilson interval of its abnormal ratio, so that a few tasks cannot "
+         "outrank hundreds."),
         ("Abnormal ratio: common vs CDC", charts.abnormal_ratio_trend(
             per_type, _anomalies(stats, freq, by=("task_type",))), None),
         ("CDC share and abnormal-ratio gap", charts.cdc_share_trend(analysis.cdc_vs_common(stats, freq)), None),

@@ -256,9 +256,20 @@ def test_instances_of_a_project_whose_discovery_failed_are_not_disappeared():
     t0, t1 = "2024-05-01T10:00Z", "2024-05-01T10:05Z"
     stats = frame_rows([stats_row(t0, "r1", "a", 0, 10), stats_row(t0, "r1", "b", 0, 10, project="p2")])
     errors = frame_rows([error_row(t1, "r2", "*", code="APIGW.0101")], "errors")
-    fired = alerts.evaluate(stats, errors, Rules(disappeared=True))
+    # What r2 covered, as collect records it: p1's list failed, p2's list was read and empty.
+    scopes = frame_rows([scope_row(t0, "r1", "p1"), scope_row(t0, "r1", "p2"),
+                         scope_row(t1, "r2", "p1", "failed"), scope_row(t1, "r2", "p2")], "scopes")
+    fired = alerts.evaluate(stats, errors, Rules(disappeared=True), scopes)
     # p1's list could not be read: "a" is unknown, not gone; p2 was listed and "b" is missing.
     assert keys(fired) == {f"disappeared/instance/{REGION}/p2/b"}
+    # Without the scopes table (a history written before it), r2 is known to have covered p1
+    # only: nothing says p2 was looked at, so "b" is not called gone.
+    assert keys(alerts.evaluate(stats, errors, Rules(disappeared=True))) == set()
+
+
+def scope_row(at, run, project, discovery="listed"):
+    return {"collected_at": pd.Timestamp(at), "run_id": run, "region": REGION, "project_id": project,
+            "discovery": discovery, "instances": 0, "collected": 0, "failed": 0}
 
 
 # ------------------------------------------------------------------------------------ anomalies

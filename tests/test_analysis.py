@@ -250,7 +250,7 @@ def test_latest_picks_the_most_recent_snapshot_per_series():
 
 def test_wilson_interval_matches_hand_computed_values():
     # z = 1.959964; 1/2: centre 0.5, half = z*sqrt(0.125 + z²/16)/(1 + z²/2) = 0.405469
-    low, high = analysis.wilson_interval(np.array([1, 40, 0, 1, 0]), np.array([2, 400, 10, 1, 0]))
+    low, high = analysis.wilson_interval(np.array([1, 40, 0, 1, 0]), np.array([2, 400, 10, 1, 0]), 0.95)
     assert low[0] == pytest.approx(0.094531, abs=1e-6) and high[0] == pytest.approx(0.905469, abs=1e-6)
     assert low[1] == pytest.approx(0.074299, abs=1e-6) and high[1] == pytest.approx(0.133311, abs=1e-6)
     # p = 0: the interval is [0, z²/(n + z²)]; p = 1: [n/(n + z²), 1]

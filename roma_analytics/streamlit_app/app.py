@@ -380,7 +380,7 @@ with tabs["Overview"]:
         above = numbers["ranking"]
         flagged = int((above["wilson_low"] > threshold).sum())
         st.markdown(f"**{flagged:,}** instance(s) are above {threshold:.1%} even at the low end of their "
-                    f"99 % Wilson interval.")
+                    f"{analysis.confidence_text()} Wilson interval.")
         # Full width: the tables' instance labels and change summaries are long.
         st.plotly_chart(worst, config=PLOT_CONFIG)
         st.plotly_chart(changed, config=PLOT_CONFIG)
