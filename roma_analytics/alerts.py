@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from roma_analytics import __version__, analysis, fleet
+from roma_analytics.display import LABEL_LIMIT, slack, visible
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.schema import SERIES_KEY, conform, empty_errors as schema_empty_errors
 
@@ -319,8 +320,10 @@ def _label(subject: Mapping, level: str) -> str:
         return "fleet"
     parts = []
     if subject.get("instance_id"):
-        where = "/".join(str(subject.get(c)) for c in _INSTANCE_KEY)
-        name = subject.get("instance_name")
+        # A message is text for people: ids and names as display.visible shows them (capped,
+        # hidden characters escaped); the finding's own fields keep them as stored.
+        where = "/".join(visible(subject.get(c)) for c in _INSTANCE_KEY)
+        name = visible(subject.get("instance_name"), LABEL_LIMIT)
         parts.append(f"instance {name} ({where})" if name else f"instance {where}")
     if subject.get("task_type"):
         parts.append(f"{subject['task_type']} tasks")
@@ -460,10 +463,10 @@ def _collection_failures(stats, errors, scope_runs: pd.DataFrame, k: int, names)
     for row in every_run.to_dict("records"):
         subject = _with_name(_subject(row, _INSTANCE_KEY), names)
         status = f"HTTP {row['http_status']} " if not pd.isna(row["http_status"]) else ""
-        what = (f"discovery of project {subject['region']}/{subject['project_id']}"
+        what = (f"discovery of project {visible(subject['region'])}/{visible(subject['project_id'])}"
                 if subject["instance_id"] == _DISCOVERY else _label(subject, "instance"))
         message = (f"collection failed in each of the last {k} runs for {what} "
-                   f"(last error: {status}{row['error_code']}: {row['error_msg']})")
+                   f"(last error: {status}{visible(row['error_code'])}: {visible(row['error_msg'])})")
         findings.append(Finding(key=_key("collection_failures", "instance", subject, _INSTANCE_KEY),
                                 rule="collection_failures", message=message, value=float(k),
                                 threshold=float(k), **subject))
@@ -638,7 +641,8 @@ def webhook_payload(result: CheckResult, new: list[Finding], resolved: list[dict
     checked = pd.Timestamp(checked_at if checked_at is not None else datetime.now(timezone.utc))
     parts = []
     if new:
-        parts.append(f"{len(new)} new finding(s): " + "; ".join(f.message for f in new[:5])
+        # Chat tools read markup in `text` (Slack: <!channel>, <url|label>): escaped here, once.
+        parts.append(f"{len(new)} new finding(s): " + "; ".join(slack(f.message, limit=None) for f in new[:5])
                      + (" ..." if len(new) > 5 else ""))
     if resolved:
         parts.append(f"{len(resolved)} resolved")

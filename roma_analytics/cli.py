@@ -22,6 +22,7 @@ import time
 from datetime import datetime, timezone
 
 from roma_analytics import __version__
+from roma_analytics.display import TerminalFormatter, terminal
 from roma_analytics.errors import ConfigError, RomaError
 
 PROG = "roma-analytics"
@@ -266,7 +267,7 @@ def _report_collection(collection, files, as_json: bool) -> None:
         summary["files"] = [str(path) for path in files]
         print(json.dumps(summary), flush=True)
     else:
-        print(collection.summary(), flush=True)
+        print(terminal(collection.summary(), limit=None), flush=True)
     errors = collection.errors
     if len(errors):
         shown = errors.head(10)
@@ -274,10 +275,11 @@ def _report_collection(collection, files, as_json: bool) -> None:
         rows = shown.astype(object).where(shown.notna(), None).to_dict("records")
         lines = [f"{PROG}: {len(errors)} error(s) in run {collection.run_id}:"]
         for row in rows:
+            # Every field but the status may come from the server: shown, never run by the terminal.
             status = f"HTTP {row['http_status']} " if row["http_status"] is not None else ""
-            request_id = f" (request id {row['request_id']})" if row["request_id"] else ""
-            lines.append(f"  {row['project_id']}/{row['instance_id']}: {status}{row['error_code']}: "
-                         f"{row['error_msg']}{request_id}")
+            request_id = f" (request id {terminal(row['request_id'])})" if row["request_id"] else ""
+            lines.append(f"  {terminal(row['project_id'])}/{terminal(row['instance_id'])}: {status}"
+                         f"{terminal(row['error_code'])}: {terminal(row['error_msg'])}{request_id}")
         if len(errors) > len(shown):
             lines.append(f"  ... and {len(errors) - len(shown)} more (roma-analytics export --table errors)")
         print("\n".join(lines), file=sys.stderr, flush=True)
@@ -523,7 +525,7 @@ def run_check(args) -> int:
                              verify=_tls_verify(argparse.Namespace(insecure=False, ca_bundle=None), settings))
         with _sigint_deferred():
             store.append(collection)
-        print(collection.summary(), file=sys.stderr, flush=True)
+        print(terminal(collection.summary(), limit=None), file=sys.stderr, flush=True)
 
     timeout = timeout_pair(args.webhook_timeout) if args.webhook_timeout else DEFAULT_TIMEOUT
     retries = args.webhook_retries if args.webhook_retries is not None else DEFAULT_RETRIES
@@ -573,11 +575,13 @@ def _report_check(result, as_json: bool, new_only: bool = False) -> None:
         return
     for finding in result.findings:
         if finding.key in new_keys:
-            print(f"NEW      {finding.rule}: {finding.message}")
+            print(f"NEW      {finding.rule}: {terminal(finding.message, limit=None)}")
         elif not new_only:
-            print(f"ACTIVE   {finding.rule}: {finding.message} (since {result.first_seen.get(finding.key)})")
+            print(f"ACTIVE   {finding.rule}: {terminal(finding.message, limit=None)} "
+                  f"(since {result.first_seen.get(finding.key)})")
     for entry in result.resolved:
-        print(f"RESOLVED {entry.get('rule')}: {entry.get('message')}")
+        # The state file is read back: whatever it holds is shown, not run.
+        print(f"RESOLVED {terminal(entry.get('rule'))}: {terminal(entry.get('message'), limit=None)}")
     sys.stdout.flush()
 
 
@@ -750,7 +754,7 @@ def _configure_logging(verbose: bool) -> None:
     for old in [h for h in root.handlers if getattr(h, "_roma_cli", False)]:
         root.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(TerminalFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler._roma_cli = True
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -778,5 +782,6 @@ def main(argv: list[str] | None = None) -> int:
     except (RomaError, OSError) as exc:
         if not isinstance(exc, ConfigError):  # a usage mistake needs its message, not a traceback
             log.debug("command failed", exc_info=True)
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        # Messages can quote the server (an IAM refusal, an instance id): shown, never run.
+        print(f"{PROG}: error: {terminal(str(exc), limit=None)}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,8 +21,9 @@ invisible or moves other text -- C0 and C1 controls (``\\x1b`` starts an ANSI se
 bidirectional overrides and isolates (``\\u202e`` reverses what follows), zero-width and other
 default-ignorable characters, line and paragraph separators, lone surrogates -- is shown as its
 Python escape (``i-\\x1b[2J``, ``\\u202e``), so two ids that differ only in such characters never
-look alike.  :func:`visible` is idempotent, so a label built from visible parts may pass it again;
-a sink's own escapes (entities, backslashes) are applied once, where the text meets the sink.
+look alike.  Without a limit :func:`visible` is idempotent, so a label built from visible (capped)
+parts may pass it again; a sink's own escapes (entities, backslashes) are applied once, where the
+text meets the sink.
 """
 from __future__ import annotations
 

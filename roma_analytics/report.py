@@ -14,7 +14,9 @@ charts of :mod:`roma_analytics.charts` built from :mod:`roma_analytics.analysis`
    instances that failed most.
 
 The bucket size is chosen from the length of the period (about 200 buckets at most) unless
-``freq`` is given.  Every text from the data is HTML-escaped (instance names come from users).
+``freq`` is given.  Every text from the data goes through :func:`roma_analytics.display.html`
+(escaped, capped, hidden characters shown: instance names and error messages come from the
+server), and the charts through :func:`roma_analytics.display.plotly`.
 The file is written atomically (temporary file + rename), so a reader never sees half a report.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from roma_analytics import __version__, analysis, charts, fleet
+from roma_analytics import __version__, analysis, charts, display, fleet
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.store import HistoryStore, parse_time
 
@@ -113,7 +115,7 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
     health = charts.collection_health_chart(
         analysis.errors_by_code(errors, freq), analysis.collection_health(errors, stats))
 
-    body = [f"<h1>{html.escape(title or 'ROMA Connect task statistics')}</h1>",
+    body = [f"<h1>{display.html(title or 'ROMA Connect task statistics')}</h1>",
             _period_line(first, last, start, end, runs, len(stats), freq, now)]
     for number, (heading, figure, note) in enumerate(sections):
         body.append(f"<section><h2>{html.escape(heading)}</h2>")
@@ -182,12 +184,12 @@ def _figure_html(figure, div_id: str) -> str:
 
 
 def _table(headers: list[str], rows: pd.DataFrame, numeric: set[str]) -> str:
-    """An HTML table of ``rows`` (already formatted text), every cell escaped."""
+    """An HTML table of ``rows`` (already formatted text), every cell shown by ``display.html``."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     cells = []
     for name in headers:
         align = " class='num'" if name in numeric else ""
-        cells.append(f"<td{align}>" + rows[name].astype(str).map(html.escape) + "</td>")
+        cells.append(f"<td{align}>" + rows[name].astype(str).map(display.html) + "</td>")
     lines = pd.concat(cells, axis=1).sum(axis=1) if len(rows) else pd.Series(dtype=str)
     body = "".join("<tr>" + lines + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -200,7 +202,9 @@ def _anomaly_table(flagged: pd.DataFrame, names) -> str:
     shown = rows.head(ANOMALY_ROWS)
     label = shown["instance_id"].astype(str)
     if names is not None:
-        named = shown["instance_id"].map(names)
+        # The name is capped on its own, so that a long one cannot push the id out of the cell.
+        named = shown["instance_id"].map(names).map(lambda name: display.visible(name, display.LABEL_LIMIT),
+                                                    na_action="ignore")
         label = named.where(named.notna(), label).astype(str) + " (" + shown["instance_id"].astype(str) + ")"
     text = pd.DataFrame({
         "Bucket (UTC)": shown["bucket"].dt.strftime("%Y-%m-%d %H:%M"),
@@ -250,7 +254,7 @@ def _page(title: str, body: str) -> str:
     return (
         "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
-        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n"
+        f"<title>{display.html(title)}</title>\n<style>{_STYLE}</style>\n"
         # Inlined, so the file opens offline and from disk; plotly.js is MIT-licensed.
         f"<script type='text/javascript'>{get_plotlyjs()}</script>\n"
         f"</head>\n<body>\n{body}\n</body>\n</html>\n"

@@ -1,9 +1,7 @@
 """The Streamlit dashboard (app.py) driven with streamlit.testing.v1.AppTest, no browser."""
 from __future__ import annotations
 
-import http.server
 import re
-import threading
 
 import pandas as pd
 import pytest
@@ -202,36 +200,8 @@ def test_live_form_errors_are_messages(app):
 
 # ------------------------------------------------------------------------------ credentials stay home
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    """Answers 404 to everything and remembers each request's path and X-Auth-Token."""
-
-    seen: list = []
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        type(self).seen.append((self.path, self.headers.get("X-Auth-Token")))
-        self.send_response(404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def recorder():
-    handler = type("Recorder", (_Recorder,), {"seen": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler.seen
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_a_url_typed_into_the_form_never_receives_the_server_credentials(app, recorder, monkeypatch):
-    url, seen = recorder
+    url = recorder.url
     token = "server-token-must-stay-home-7c1e"
     monkeypatch.setenv("ROMA_AUTH_TOKEN", token)
     monkeypatch.delenv(dashboard.ENDPOINTS_ENV, raising=False)
@@ -240,7 +210,7 @@ def test_a_url_typed_into_the_form_never_receives_the_server_credentials(app, re
     app.sidebar.text_input(key="live_projects").set_value("p1")
     app.sidebar.button[0].click().run()
     assert not app.exception, app.exception
-    assert seen == []
+    assert recorder.requests == []
     assert any("not among the endpoints" in rendered(error.value) and dashboard.ENDPOINTS_ENV in rendered(error.value)
                for error in app.error)
 
@@ -248,5 +218,26 @@ def test_a_url_typed_into_the_form_never_receives_the_server_credentials(app, re
     monkeypatch.setenv(dashboard.ENDPOINTS_ENV, url)
     app.sidebar.button[0].click().run()
     assert not app.exception, app.exception
-    assert seen and all(sent == token for _, sent in seen)
+    assert recorder.requests and all(r["headers"].get("X-Auth-Token") == token for r in recorder.requests)
     assert token not in "".join(error.value for error in app.error)
+
+
+def test_a_server_message_is_shown_as_text_not_rendered_as_markdown(app, recorder, monkeypatch):
+    from markdown_it import MarkdownIt
+
+    hostile = ("![x](http://evil.example/p.png) [click](http://evil.example/) <http://evil.example/> "
+               "*loud* $x^2$ :red[alert] \u202eevil")
+    recorder.answer = (400, {"error_code": "FDI.3002", "error_msg": hostile})
+    monkeypatch.setenv(dashboard.ENDPOINTS_ENV, recorder.url)
+    app.sidebar.radio(key="source").set_value("Live collection").run()
+    app.sidebar.text_input(key="live_endpoint").set_value(recorder.url)
+    app.sidebar.text_input(key="live_projects").set_value("p1")
+    app.sidebar.button[0].click().run()
+    assert not app.exception, app.exception
+    shown = [error.value for error in app.error if "Nothing was collected" in error.value]
+    assert shown and recorder.requests
+    page = MarkdownIt("commonmark").render(shown[0])
+    assert "<a " not in page and "<img" not in page and "<em>" not in page
+    # Every character of the message is still there for the reader, the bidi override as "\u202e".
+    assert hostile.replace("\u202e", "\\u202e") in rendered(shown[0])
+    assert "\u202e" not in shown[0]

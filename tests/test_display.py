@@ -1,0 +1,164 @@
+"""Server-controlled text at every sink: terminal, logs, webhook, plotly, the HTML report.
+
+The unit tests pin each escaper on hand-written inputs; the others put hostile text where the
+server controls it (instance names from discovery, error codes and messages) over real HTTP on
+loopback, and read what reaches the terminal, the webhook receiver and the report file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from roma_analytics import display
+from roma_analytics.collect import collect
+from roma_analytics.simulator import Simulator
+from roma_analytics.store import HistoryStore
+from roma_analytics.targets import Target
+
+REPO = Path(__file__).resolve().parent.parent
+#: Characters that must never reach a sink raw: ESC, BEL, bidi override and isolate, zero width
+#: space and joiner, line separator, BOM, a tag character.
+HIDDEN = ("\x1b", "\x07", "\u202e", "\u2066", "\u200b", "\u200d", "\u2028", "\ufeff", "\U000e0041")
+LINK = "<a href='http://evil.example/'>click</a>"
+LONG = "N" * 200_000
+
+
+# --------------------------------------------------------------------------------------------
+# The escapers
+
+
+def test_visible_shows_every_hidden_character_as_its_escape():
+    assert display.visible("i-\x1b[2J") == "i-\\x1b[2J"
+    assert display.visible("abc\u202eexe.txt") == "abc\\u202eexe.txt"
+    assert display.visible("i-1\u200b") == "i-1\\u200b"
+    assert display.visible("a\u2028b\nc\td\x85") == "a\\u2028b\\x0ac\\x09d\\x85"
+    assert display.visible("x\U000e0041\ufeff\u00ad") == "x\\U000e0041\\ufeff\\xad"
+    assert display.visible("bad \ud800 m") == "bad \\ud800 m"
+    # Ordinary text of any script, and emoji, are left alone.
+    assert display.visible("订单 sync — café ✓ 📊") == "订单 sync — café ✓ 📊"
+    assert display.visible(None) == "" and display.visible(float("nan")) == "" and display.visible(42) == "42"
+    for char in HIDDEN:
+        assert char not in display.visible(f"a{char}b")
+
+
+def test_visible_caps_the_length_and_is_idempotent():
+    assert display.visible("abcdef", limit=4) == "abc…"
+    assert display.visible("abc", limit=4) == "abc"
+    assert len(display.visible(LONG)) == display.LIMIT
+    assert display.visible(LONG, limit=None) == LONG
+    text = "i-\x1b[2J \u202e" + "x" * 400
+    once = display.visible(text)
+    assert display.visible(once, limit=None) == once
+
+
+def test_each_sink_escapes_its_own_syntax():
+    assert display.terminal("\x1b]8;;http://x\x07link") == "\\x1b]8;;http://x\\x07link"
+    assert display.markdown("![x](http://e/p.png) *b* $x$") == \
+        "\\!\\[x\\]\\(http\\:\\/\\/e\\/p\\.png\\) \\*b\\* \\$x\\$"
+    assert display.slack("<!channel> <http://x|y> a&b @here @Channel me@host") == \
+        "&lt;!channel&gt; &lt;http://x|y&gt; a&amp;b \uff20here \uff20Channel me@host"
+    assert display.plotly(LINK) == "&lt;a href='http://evil.example/'&gt;click&lt;/a&gt;"
+    assert display.html(LINK) == "&lt;a href=&#x27;http://evil.example/&#x27;&gt;click&lt;/a&gt;"
+    assert len(display.plotly(LONG)) == display.LABEL_LIMIT
+
+
+# --------------------------------------------------------------------------------------------
+# A fleet whose instance names are hostile, collected over HTTP into a real history
+
+
+@pytest.fixture(scope="module")
+def hostile_history(tmp_path_factory):
+    """A history of 4 instances named: a link with chat markup and a bidi override, an ANSI
+    screen clear, 200 000 characters, and a plain name."""
+    names = [f"{LINK} <!channel> @here \u202egnp.exe", "ops\x1b[2J\x1b]8;;http://evil.example\x07x", LONG, "plain"]
+    folder = tmp_path_factory.mktemp("hostile") / "history"
+    with Simulator(projects=1, instances=4, seed=3) as sim:
+        project = sim.project_ids[0]
+        fleet = sim._fleet[project]   # the simulator's own records: what discovery answers
+        for instance, name in zip(fleet.values(), names):
+            instance.info["name"] = name
+        for _ in range(2):
+            HistoryStore(folder).append(collect([Target(project_id=project, endpoint=sim.base_url)], retries=0))
+    stored = set(HistoryStore(folder).load()["instance_name"])
+    assert set(names) <= stored   # the history keeps the names exactly as the server sent them
+    return folder
+
+
+def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    env.pop("ROMA_AUTH_TOKEN", None)
+    return subprocess.run([sys.executable, "-m", "roma_analytics", *args], capture_output=True, text=True,
+                          encoding="utf-8", errors="surrogateescape", env=env, cwd=REPO, timeout=300, **kwargs)
+
+
+def assert_no_hidden(text: str) -> None:
+    found = [char for char in HIDDEN if char in text]
+    assert not found, f"raw {found!r} reached the sink"
+
+
+def test_check_prints_findings_without_running_them_and_the_webhook_text_cannot_ping(hostile_history, recorder,
+                                                                                     tmp_path):
+    recorder.answer = (200, {})
+    result = run_cli("check", "--history", str(hostile_history), "--max-abnormal-ratio", "0",
+                     "--min-tasks", "1", "--webhook", recorder.url + "/hook", "--state", str(tmp_path / "state.json"))
+    assert result.returncode in (0, 1), result.stderr
+    assert_no_hidden(result.stdout + result.stderr)
+    assert "\\u202egnp.exe" in result.stdout and "ops\\x1b[2J" in result.stdout
+    assert LONG[:1000] not in result.stdout
+    assert [r["method"] for r in recorder.requests] == ["POST"]
+    payload = json.loads(recorder.requests[0]["body"])
+    text = payload["text"]
+    assert_no_hidden(text)
+    for markup in ("<!channel>", "<a href", "@here"):
+        assert markup not in text
+    assert "&lt;!channel&gt;" in text and "\uff20here" in text
+    assert LONG[:1000] not in json.dumps(payload["text"])
+    # The structured fields keep the data as stored.
+    assert any(finding.get("instance_name") == LONG for finding in payload["new"])
+
+
+def test_collect_errors_and_debug_logs_show_server_text_without_running_it(recorder, tmp_path):
+    message = "bad \u202eexe.txt\u200b\ufeff two <!channel>"
+    recorder.answer = (400, {"error_code": "FDI.3002\u202e", "error_msg": message})
+    result = run_cli("-v", "collect", "--endpoint", recorder.url, "--project-id", "p1", "--instance-id", "i-1",
+                     "--history", str(tmp_path / "history"), "--retries", "0")
+    assert result.returncode == 4, result.stderr
+    assert_no_hidden(result.stdout + result.stderr)
+    assert "bad \\u202eexe.txt\\u200b\\ufeff two" in result.stderr
+    assert "FDI.3002\\u202e" in result.stderr          # the run's error line and the DEBUG log line
+
+
+def test_the_report_shows_names_as_text_and_stays_small(hostile_history, tmp_path):
+    out = tmp_path / "report.html"
+    result = run_cli("report", "--history", str(hostile_history), "--since", "2000-01-01", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    page = out.read_text(encoding="utf-8")
+    assert LONG[:1000] not in page
+    assert_no_hidden(page)
+    # plotly reads <a href> in labels: in the figures' JSON ("<" written \u003c) and in the
+    # tables, every "<" of a name is an entity.
+    body = page.split("</head>", 1)[1]   # the head inlines plotly.js, which has its own "<a href"
+    assert "\\u003ca href" not in body and "<a href" not in body
+    assert "&lt;a href" in body
+
+
+def test_charts_never_carry_markup_or_hidden_characters_from_names(hostile_history):
+    from roma_analytics import analysis, charts
+
+    stats = HistoryStore(hostile_history).load()
+    latest = analysis.latest(stats)
+    figures = [charts.state_breakdown(latest),
+               charts.worst_instances_table(analysis.abnormal_ranking(stats, n=None), 0.05),
+               charts.abnormal_heatmap(analysis.trend(stats, "1h", by=("instance_id",)),
+                                       instance_names=latest.set_index("instance_id")["instance_name"]),
+               charts.instance_history(stats[stats["instance_name"] == LONG])]
+    for figure in figures:
+        shown = json.dumps(figure.to_plotly_json(), ensure_ascii=False, default=str)
+        assert_no_hidden(shown)
+        assert "<a href" not in shown and LONG[:1000] not in shown
+        assert "&lt;a href" in shown or figure is figures[-1]
