@@ -135,8 +135,9 @@ def bucket_of(times, freq: str | pd.Timedelta) -> pd.Series:
     micros = _micros(utc)
     # numpy's % on int64 is a floor modulo, so times before the origin also round down.
     buckets = micros - (micros - origin) % step
-    out = _micros_to_times(buckets, index=utc.index)
-    out[utc.isna().to_numpy()] = pd.NaT
+    # where(), not item assignment: pandas 2.x warns (SettingWithCopyWarning) when a .dt result is
+    # assigned into, and `report` would print that warning.
+    out = _micros_to_times(buckets, index=utc.index).where(utc.notna().to_numpy())
     return out.rename("bucket")
 
 
