@@ -737,44 +737,56 @@ def redacted(url: str) -> str:
     return f"{parts.scheme}://{host}{port}/..."
 
 
+#: The longest a webhook's Retry-After is waited for: ``check`` holds the alert-state lock
+#: meanwhile, and undelivered findings are sent again at the next check anyway.
+WEBHOOK_MAX_WAIT = 5.0
+
+
 def send_webhook(url: str, payload: dict, *, timeout=(3.05, 10.0), retries: int = 3, backoff: float = 0.5,
-                 session=None) -> None:
+                 session=None, max_wait: float = WEBHOOK_MAX_WAIT) -> None:
     """POST ``payload`` as JSON to ``url``; ``WebhookError`` unless a 2xx came back.
 
     Connection errors, timeouts, 429 and 5xx are retried ``retries`` times with exponential
-    backoff (``backoff * 2**n`` seconds, Retry-After honoured); redirects are not followed (the
-    body stays with the host the user named).  A fresh session without auth is used unless one
-    is given (tests).
+    backoff (``backoff * 2**n`` seconds; a Retry-After is honoured up to ``max_wait`` seconds,
+    never longer); each attempt is bounded end to end by the sum of ``timeout``.  Redirects are
+    not followed (the body stays with the host the user named).  A fresh session without auth
+    is used unless one is given (tests).
     """
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
+    from roma_analytics import transport
+    from roma_analytics.targets import timeout_pair
 
     parts = urlsplit(url or "")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("the webhook must be an http:// or https:// URL")
     where = redacted(url)
-    retry = Retry(total=retries, connect=retries, read=retries, status=retries, other=0,
-                  backoff_factor=backoff, backoff_max=30.0, status_forcelist=(429, 500, 502, 503, 504),
-                  allowed_methods=frozenset({"POST"}), respect_retry_after_header=True, raise_on_status=False,
-                  redirect=False)
+    timeout = timeout if isinstance(timeout, tuple) else timeout_pair(timeout)
     own = session is None
     if own:
-        session = requests.Session()
-    session.mount("http://", HTTPAdapter(max_retries=retry))
-    session.mount("https://", HTTPAdapter(max_retries=retry))
+        session = transport.make_session(1)
     body = json.dumps(payload, default=str).encode("utf-8")
+    headers = {"Content-Type": "application/json", "User-Agent": f"roma-analytics/{__version__}"}
     try:
-        response = session.post(url, data=body, timeout=timeout, allow_redirects=False,
-                                headers={"Content-Type": "application/json",
-                                         "User-Agent": f"roma-analytics/{__version__}"})
-    except requests.exceptions.Timeout:
-        raise WebhookError(f"webhook {where} did not answer in time after {retries + 1} attempt(s)") from None
-    except requests.exceptions.RequestException as exc:
-        raise WebhookError(f"webhook {where} could not be reached after {retries + 1} attempt(s) "
-                           f"({type(exc).__name__})") from None
+        for attempt in range(retries + 1):
+            try:
+                status, answer_headers, _ = transport.attempt(session, "POST", url, timeout=timeout, data=body,
+                                                              headers=headers)
+            except transport.TransportFailure as failure:
+                problem = ("did not answer in time" if failure.kind == "timeout"
+                           else f"could not be reached ({failure.kind})")
+                error = WebhookError(f"webhook {where} {problem} after {attempt + 1} attempt(s)")
+                wait = None
+            else:
+                if 200 <= status < 300:
+                    return
+                error = WebhookError(f"webhook {where} answered HTTP {status}", status=status)
+                if status not in (429, 500, 502, 503, 504):
+                    raise error
+                wait = transport.retry_after(answer_headers.get("Retry-After"), cap=max_wait)
+            if attempt == retries:
+                raise error
+            delay = min(max_wait, backoff * 2 ** attempt) if wait is None else wait
+            if not transport.sleep(delay):
+                raise error
     finally:
         if own:
             session.close()
-    if not 200 <= response.status_code < 300:
-        raise WebhookError(f"webhook {where} answered HTTP {response.status_code}", status=response.status_code)

@@ -20,21 +20,25 @@ error page that echoes request headers).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 import requests
 from requests.auth import AuthBase
 
+from . import transport
 from .errors import AuthenticationError, ConfigError, RomaConnectionError, RomaTimeout
+from .redact import redact, url_problem
 
 __all__ = [
     "ALGORITHM",
@@ -94,9 +98,10 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
         if not part:
             continue
         key, _, value = part.partition("=")
-        # unquote, not unquote_plus: a literal "+" on the wire is a plus (the client never sends
-        # "+" for a space, it sends %20, as the SDK does).
-        pairs.append((unquote(key), unquote(value)))
+        # A "+" on the wire is a space, as the API gateway decodes it (and as requests' params=
+        # and HTML forms encode a space); a plus sign travels as %2B.  AkSkAuth re-encodes every
+        # query the SDK's way (%20) before signing, so what is signed is what the gateway reads.
+        pairs.append((unquote_plus(key), unquote_plus(value)))
     return pairs
 
 
@@ -236,6 +241,14 @@ class AkSkAuth(AuthBase):
         if self._security_token:
             headers["X-Security-Token"] = self._security_token
         url = urlsplit(request.url)
+        if url.query:
+            # Send the query exactly as the SDK does (sorted, RFC 3986 with %20 for a space),
+            # whatever built the URL: requests' params= writes a space as "+", which a gateway
+            # reads as a space while a signature over "+" would sign a plus.
+            canonical = canonical_query_string(url.query)
+            if canonical != url.query:
+                url = url._replace(query=canonical)
+                request.url = urlunsplit(url)
         if "Host" not in headers:
             # Sent explicitly so the Host the gateway sees is the one that was signed.
             headers["Host"] = url.netloc
@@ -260,8 +273,14 @@ class AkSkAuth(AuthBase):
         headers["Authorization"] = authorization_header(self.ak, signed, signature)
         return request
 
+    @property
+    def credential_key(self) -> tuple:
+        """The access key: what the gateway counts failed signatures (and locks) by."""
+        return ("aksk", self.ak)
+
     def _secret_values(self) -> tuple[str, ...]:
-        return tuple(s for s in (self._sk_bytes.decode("utf-8"), self._security_token) if s)
+        # The AK too: a proxy echoing the Authorization header must not put it in the history.
+        return tuple(s for s in (self._sk_bytes.decode("utf-8"), self._security_token, self.ak) if s)
 
     def __repr__(self) -> str:
         extra = f", project_id={self.project_id!r}" if self.project_id else ""
@@ -305,6 +324,10 @@ class TokenAuth(AuthBase):
         self._token = fresh
         return True
 
+    @property
+    def credential_key(self) -> tuple:
+        return ("token", hashlib.sha256(self._token.encode("utf-8")).hexdigest()[:16])
+
     def _secret_values(self) -> tuple[str, ...]:
         return (self._token,)
 
@@ -325,6 +348,9 @@ class IamPasswordAuth(AuthBase):
 
     #: Renew this long before ``expires_at`` (capped at half the token's lifetime).
     RENEW_BEFORE_S = 600.0
+    #: After IAM refused the password, it is not sent again for this long (IAM locks a user
+    #: after a few wrong passwords; a corrected environment needs a restart anyway).
+    REFUSAL_MEMORY_S = 900.0
 
     def __init__(
         self,
@@ -354,9 +380,9 @@ class IamPasswordAuth(AuthBase):
         if iam_endpoint is None:
             iam_endpoint = (f"https://iam.{region}.myhuaweicloud.com" if region
                             else "https://iam.myhuaweicloud.com")
-        parts = urlsplit(iam_endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"iam_endpoint must be an http(s) URL with a host, got {iam_endpoint!r}")
+        problem = url_problem(iam_endpoint) if isinstance(iam_endpoint, str) else "must be a URL string"
+        if problem:
+            raise ConfigError(f"iam_endpoint {problem}")
         self.username = username
         self._password = password
         self.domain = domain
@@ -368,6 +394,7 @@ class IamPasswordAuth(AuthBase):
         self._session = session
         self._clock = clock or time.time
         self._lock = threading.Lock()
+        self._refused: tuple[AuthenticationError, float] | None = None
         self._local = threading.local()  # which token generation this thread last sent
         # (token, expires_at, renew_at, generation), replaced as a whole so readers without the
         # lock always see a consistent tuple.
@@ -390,6 +417,11 @@ class IamPasswordAuth(AuthBase):
         return (self.domain, self.username, self.project_id or self.project_name or "")
 
     @property
+    def credential_key(self) -> tuple:
+        """The IAM user, whom IAM locks after repeated wrong passwords."""
+        return ("iam", self.iam_endpoint, self.domain, self.username)
+
+    @property
     def expires_at(self) -> float | None:
         """When the cached token expires, in this object's clock (None before the first one)."""
         current = self._current
@@ -403,7 +435,7 @@ class IamPasswordAuth(AuthBase):
         current = self._current
         if current is not None and self._clock() < current[2]:
             return current
-        with self._lock:
+        with self._fetching():
             if self._current is None or self._clock() >= self._current[2]:
                 self._fetch()
             return self._current
@@ -411,10 +443,42 @@ class IamPasswordAuth(AuthBase):
     def renew(self) -> bool:
         """Force a new token, unless another thread already renewed the one this thread sent."""
         seen = getattr(self._local, "generation", None)
-        with self._lock:
+        with self._fetching():
             if self._current is None or seen is None or seen >= self._current[3]:
                 self._fetch()
         return True
+
+    @contextlib.contextmanager
+    def _fetching(self):
+        """The lock around a token request, waited for no longer than one request can take.
+
+        The holder's request is bounded end to end (connect + read timeout), so a longer wait
+        means something is wrong; and a refusal is remembered, so that the workers queued behind
+        a wrong password do not each send it again (IAM locks a user after a few failures).
+        """
+        connect, read = _timeout_pair(self.timeout)
+        wait = connect + read + 1.0
+        run = transport.current_deadline()
+        if run is not None:
+            wait = min(wait, run.remaining())
+        if not self._lock.acquire(timeout=wait):
+            raise RomaTimeout(f"waited {wait:.0f}s for another thread's IAM token request for "
+                              f"{self._who()}; check IAM at {self.iam_endpoint}")
+        try:
+            if self._refused is not None:
+                if time.monotonic() - self._refused[1] < self.REFUSAL_MEMORY_S:
+                    raise self._refused_again()
+                self._refused = None
+            yield
+        finally:
+            self._lock.release()
+
+    def _refused_again(self) -> AuthenticationError:
+        first = self._refused[0]
+        return AuthenticationError(
+            f"not sent again: IAM already refused a token for {self._who()} in this process "
+            f"({first.error_msg})", status=first.status, error_code=first.error_code,
+            request_id=first.request_id)
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         token, _, _, generation = self._valid()
@@ -442,35 +506,40 @@ class IamPasswordAuth(AuthBase):
             }
         }
         url = f"{self.iam_endpoint}/v3/auth/tokens"
-        who = f"user {self.username!r} of domain {self.domain!r}"
-        session = self._session or requests.Session()
+        who = self._who()
+        session = self._session or transport.make_session(1)
         try:
-            response = session.post(url, json=body, timeout=self.timeout, allow_redirects=False)
-            payload_text = response.text
-        except requests.exceptions.Timeout:
-            raise RomaTimeout(f"IAM at {self.iam_endpoint} did not answer in time getting a token for {who}") from None
-        except requests.exceptions.RequestException as exc:
+            status, headers, payload = transport.attempt(
+                session, "POST", url, timeout=_timeout_pair(self.timeout), json=body)
+        except transport.TransportFailure as failure:
+            if failure.kind in ("timeout", "deadline", "cancelled"):
+                raise RomaTimeout(f"IAM at {self.iam_endpoint} did not answer in time getting a token for {who} "
+                                  f"({_clean_text(self._redact(failure.description), 200)})") from None
             raise RomaConnectionError(
-                f"could not reach IAM at {self.iam_endpoint} to get a token for {who}: {type(exc).__name__}"
-            ) from None
+                f"could not reach IAM at {self.iam_endpoint} to get a token for {who}: "
+                f"{_clean_text(self._redact(failure.description), 200)}") from None
         finally:
             if self._session is None:
                 session.close()
-        request_id = response.headers.get("X-Request-Id")
-        if response.status_code not in (200, 201):
-            code, message = _iam_error(payload_text)
-            message = self._redact(message)
-            raise AuthenticationError(
+        payload_text = transport.text_of(payload)
+        request_id = headers.get("X-Request-Id")
+        request_id = request_id if isinstance(request_id, str) and _REQUEST_ID_RE.fullmatch(request_id) else None
+        if status not in (200, 201):
+            code, message = _iam_error(payload, self._redact)
+            refusal = AuthenticationError(
                 f"IAM refused a token for {who} ({message}); check the user name, password, domain "
                 f"and project scope",
-                status=response.status_code, error_code=code or f"IAM_{response.status_code}",
+                status=status, error_code=code or f"IAM_{status}",
                 request_id=request_id,
             )
-        token = response.headers.get("X-Subject-Token", "").strip()
+            if status in (400, 401, 403):
+                self._refused = (refusal, time.monotonic())   # the same password would be refused again
+            raise refusal
+        token = headers.get("X-Subject-Token", "").strip()
         if not token:
             raise AuthenticationError(
-                f"IAM answered {response.status_code} for {who} but sent no X-Subject-Token header",
-                status=response.status_code, error_code="IAM_NO_TOKEN", request_id=request_id,
+                f"IAM answered {status} for {who} but sent no X-Subject-Token header",
+                status=status, error_code="IAM_NO_TOKEN", request_id=request_id,
             )
         now = self._clock()
         lifetime = _token_lifetime(payload_text, now)
@@ -481,7 +550,7 @@ class IamPasswordAuth(AuthBase):
         if lifetime <= 0:
             raise AuthenticationError(
                 f"IAM issued an already expired token for {who}; check the clocks of this machine and IAM",
-                status=response.status_code, error_code="IAM_EXPIRED_TOKEN", request_id=request_id,
+                status=status, error_code="IAM_EXPIRED_TOKEN", request_id=request_id,
             )
         expires_at = now + lifetime
         margin = min(self.renew_before, lifetime / 2)
@@ -490,9 +559,10 @@ class IamPasswordAuth(AuthBase):
         log.debug("IAM token obtained for %s, valid for %.0f s", who, lifetime)
 
     def _redact(self, text: str) -> str:
-        for secret in self._secret_values():
-            text = text.replace(secret, "<hidden>")
-        return text
+        return redact(text, self._secret_values())
+
+    def _who(self) -> str:
+        return f"user {self.username!r} of domain {self.domain!r}"
 
     def _secret_values(self) -> tuple[str, ...]:
         current = self._current
@@ -516,23 +586,39 @@ def _read_env(var: str, what: str) -> str:
     return value
 
 
-def _iam_error(text: str) -> tuple[str | None, str]:
-    """(code, message) from an IAM or gateway error body, or a short excerpt of it."""
+def _iam_error(body: bytes, redact_text: Callable[[str], str]) -> tuple[str | None, str]:
+    """(code, message) from an IAM or gateway error body, or a short excerpt of it; secrets are
+    removed before anything is cut."""
     try:
-        payload = json.loads(text)
-    except ValueError:
+        payload = transport.loads(body)
+    except (ValueError, RecursionError):
         payload = None
+    code = message = None
     if isinstance(payload, dict):
         inner = payload.get("error")
         if isinstance(inner, dict):
             code = inner.get("code")
-            return (str(code) if code is not None else None,
-                    str(inner.get("message") or inner.get("title") or "no message")[:300])
-        if "error_code" in payload or "error_msg" in payload:
-            return (str(payload.get("error_code")) if payload.get("error_code") else None,
-                    str(payload.get("error_msg") or "no message")[:300])
-    excerpt = " ".join(text.split())[:120]
-    return None, excerpt or "empty body"
+            message = str(inner.get("message") or inner.get("title") or "no message")
+        elif "error_code" in payload or "error_msg" in payload:
+            code = payload.get("error_code") or None
+            message = str(payload.get("error_msg") or "no message")
+    if message is None:
+        return None, _clean_text(redact_text(transport.text_of(body)), 120) or "empty body"
+    code = _clean_text(redact_text(str(code)), 64) if code is not None else None
+    return code, _clean_text(redact_text(message), 300)
+
+
+def _clean_text(text: str, limit: int) -> str:
+    text = " ".join("".join(" " if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _timeout_pair(timeout) -> tuple[float, float]:
+    return (float(timeout[0]), float(timeout[1])) if isinstance(timeout, (tuple, list)) else (
+        float(timeout), float(timeout))
+
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def _token_lifetime(text: str, now: float) -> float | None:

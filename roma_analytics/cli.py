@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -89,6 +90,16 @@ append the run to the Parquet history. Targets come from a targets file (--confi
 data/samples/targets.toml) or from one project on the command line; without --instance-id the
 project's RUNNING instances are discovered.
 
+--deadline S bounds each run: what is not done S seconds after the run started is cut, and the
+instances not reached are errors rows with error_code RUN_DEADLINE (attempts 0). After 3 refused
+requests (401) with one credential, a run stops using it: the rest are errors rows with
+error_code CREDENTIAL_SUSPENDED, so a wrong key or a skewed clock never gets the AK locked.
+
+With --every, a failure to store a run that can pass (a full disk, an I/O error) is reported and
+the loop goes on (the next period's run is stored once there is room); SIGTERM (docker stop,
+systemd) stops the loop like Ctrl-C: a run in progress is abandoned, nothing is written for it,
+and the exit status is 0.
+
 exit status: 0 every instance collected, 3 some failed (see the errors table), 4 none collected,
 2 usage or configuration error, 130 interrupted during a run (nothing written for that run)."""
 
@@ -124,7 +135,10 @@ def add_collect(subparsers) -> None:
     run.add_argument("--rate-limit", metavar="R", type=positive_float,
                      help="at most R requests per second to each endpoint")
     run.add_argument("--every", metavar="PERIOD", type=period,
-                     help="repeat every PERIOD (30s, 5m, 1h) until interrupted")
+                     help="repeat every PERIOD (30s, 5m, 1h) until interrupted (Ctrl-C or SIGTERM)")
+    run.add_argument("--deadline", metavar="S", type=positive_float,
+                     help="stop each run after S seconds; instances not reached are errors rows "
+                          "with error_code RUN_DEADLINE")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
     tls = run.add_mutually_exclusive_group()
     tls.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (test endpoints only)")
@@ -151,34 +165,81 @@ def run_collect(args) -> int:
     clients: dict = {}
     progress = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     try:
-        while True:
-            started = time.monotonic()
-            try:
-                collection = collect(targets, workers=workers, timeout=timeout, retries=retries,
-                                     rate_limit=rate_limit, progress=progress, session=session,
-                                     clients=clients, verify=verify)
-            except KeyboardInterrupt:
+        with _sigterm_as_interrupt():
+            while True:
+                started = time.monotonic()
+                try:
+                    collection = collect(targets, workers=workers, timeout=timeout, retries=retries,
+                                         rate_limit=rate_limit, progress=progress, session=session,
+                                         clients=clients, verify=verify, deadline=args.deadline)
+                except KeyboardInterrupt as stop:
+                    if progress:
+                        progress.clear()
+                    print(f"{PROG}: {_stop_reason(stop)}: the run was abandoned, nothing written for it",
+                          file=sys.stderr)
+                    return 0 if args.every and isinstance(stop, Terminated) else EXIT_INTERRUPTED
                 if progress:
                     progress.clear()
-                print(f"{PROG}: interrupted: the run was abandoned, nothing written for it", file=sys.stderr)
-                return EXIT_INTERRUPTED
-            if progress:
-                progress.clear()
-            try:
-                # A Ctrl-C while the run is written waits until both of its files are in place.
-                with _sigint_deferred():
-                    files = store.append(collection)
-                _report_collection(collection, files, as_json=args.json)
-                if not args.every:
-                    return collection.exit_status
-                _sleep_until_next(started, args.every)
-            except KeyboardInterrupt:
-                # Between runs every finished run is safely stored: a clean stop.
-                return 0 if args.every else collection.exit_status
+                try:
+                    # A Ctrl-C while the run is written waits until both of its files are in place.
+                    with _sigint_deferred():
+                        files = _store_run(store, collection, keep_going=bool(args.every))
+                    if files is not None:
+                        _report_collection(collection, files, as_json=args.json)
+                    if not args.every:
+                        return collection.exit_status
+                    _sleep_until_next(started, args.every)
+                except KeyboardInterrupt:
+                    # Between runs every finished run is safely stored: a clean stop.
+                    return 0 if args.every else collection.exit_status
     finally:
         for client in clients.values():
             client.close()
         session.close()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C would raise KeyboardInterrupt."""
+
+
+def _stop_reason(stop: BaseException) -> str:
+    return "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (docker stop, systemd, kill) stops a command the way Ctrl-C does, instead of
+    killing it between two writes; as a container's PID 1 the default action would be ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: Storage failures that a later period can get past (disk full, quota, I/O errors).
+_TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ENOMEM,
+                               errno.ESTALE})
+
+
+def _store_run(store, collection, keep_going: bool):
+    """Append the run; with ``keep_going`` (--every) a transient storage failure is reported and
+    None returned, so the loop goes on and the next period's run is stored once there is room."""
+    try:
+        return store.append(collection)
+    except RomaError as exc:
+        cause = exc.__cause__
+        if not keep_going or not isinstance(cause, OSError) or cause.errno not in _TRANSIENT_ERRNOS:
+            raise
+        print(f"{PROG}: error: run {collection.run_id} was not stored: {exc}; {collection.summary()}; "
+              f"the next run is tried at the next period", file=sys.stderr, flush=True)
+        return None
 
 
 def _collect_targets(args):
@@ -217,11 +278,21 @@ def _token_auth(token_env: str | None):
     if os.environ.get(name, "").strip():
         return TokenAuth.from_env(name)
     if token_env:
-        raise ConfigError(f"environment variable {name} (--token-env) is not set or empty; "
+        raise ConfigError(f"{_env_var_shown(name)} (--token-env) is not set or empty; "
                           "export the X-Auth-Token in it")
     print(f"{PROG}: warning: {DEFAULT_TOKEN_ENV} is not set; sending requests without X-Auth-Token",
           file=sys.stderr)
     return None
+
+
+def _env_var_shown(name: str) -> str:
+    """``environment variable NAME``, unless NAME looks like a secret pasted in its place."""
+    from roma_analytics.redact import looks_like_secret
+
+    if looks_like_secret(name):
+        return ("the environment variable named (not shown: the name looks like a key or token itself, "
+                "give the NAME of the variable that holds it)")
+    return f"environment variable {name}"
 
 
 def _tls_verify(args, settings: dict) -> bool | str:
@@ -245,15 +316,15 @@ def _tls_verify(args, settings: dict) -> bool | str:
 
 @contextlib.contextmanager
 def _sigint_deferred():
-    """Hold SIGINT back (POSIX, main thread) so that it arrives after the block, not inside it."""
+    """Hold SIGINT and SIGTERM back (POSIX, main thread) so they arrive after the block, not inside it."""
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _sleep_until_next(started: float, every: float) -> None:
@@ -508,7 +579,7 @@ def run_check(args) -> int:
     if args.webhook_env:
         webhook = os.environ.get(args.webhook_env, "").strip()
         if not webhook:
-            raise ConfigError(f"environment variable {args.webhook_env} (--webhook-env) is not set or empty; "
+            raise ConfigError(f"{_env_var_shown(args.webhook_env)} (--webhook-env) is not set or empty; "
                               "export the webhook URL in it")
     store = HistoryStore(args.history or settings.get("history", DEFAULT_HISTORY))
     if rules.empty:

@@ -12,7 +12,6 @@ documented shape is an :class:`~roma_analytics.errors.InvalidResponse`, never ze
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import math
 import os
@@ -23,13 +22,12 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import InvalidHeader
 from urllib3.util import Retry
 from urllib3.util.retry import RequestHistory
 
+from . import transport
 from .auth import canonical_query_string
+from .redact import redact, shown_url, url_problem
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -48,8 +46,9 @@ log = logging.getLogger("roma_analytics.client")
 
 #: Statuses worth another attempt; everything else (400, 401, 403, 404, ...) fails at once.
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-#: Statistics, lists and error pages are small; a bigger body is a broken server or proxy.
-MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_BODY_BYTES = transport.MAX_BODY_BYTES
+#: A 401 whose gateway Date is this far from the local clock is blamed on the clock, seconds.
+CLOCK_SKEW_WARNING = 300
 #: A paging loop stops here even if the server keeps announcing more.
 MAX_PAGES = 1000
 INSTANCE_PAGE_LIMIT = 100
@@ -105,15 +104,7 @@ class TaskStatistics:
     attempts: int
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _loads_strict(body: bytes | str):
-    """JSON without NaN/Infinity; bytes must be UTF-8.  Raises ValueError."""
-    if isinstance(body, (bytes, bytearray)):
-        body = bytes(body).decode("utf-8")  # UnicodeDecodeError is a ValueError
-    return json.loads(body, parse_constant=_reject_constant)
+_loads_strict = transport.loads
 
 
 def parse_task_statistics(body: bytes | str | dict, instance_id: str | None = None) -> tuple[TaskCounts, TaskCounts]:
@@ -199,15 +190,6 @@ class _Reply:
     attempts: int
 
 
-class _TransportFailure(Exception):
-    """A failed attempt without an HTTP status (internal)."""
-
-    def __init__(self, kind: str, description: str) -> None:
-        super().__init__(description)
-        self.kind = kind  # "timeout" | "connection" | "tls"
-        self.description = description
-
-
 # --------------------------------------------------------------------------------------------
 # The client
 # --------------------------------------------------------------------------------------------
@@ -266,11 +248,8 @@ class RomaClient:
         self.auth = auth
         self._owns_session = session is None
         if session is None:
-            session = requests.Session()
             # Retries are driven here, not by the adapter, so the body read is covered too.
-            adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
+            session = transport.make_session(pool_size, hosts=pool_size)
             # Every request goes to one endpoint, so the environment's proxy and CA-bundle
             # settings are resolved once here instead of on every request (requests re-reads
             # os.environ per request: a fifth of the client's CPU time); this also keeps
@@ -406,15 +385,16 @@ class RomaClient:
             except RomaError as exc:  # from the auth object, e.g. IAM refused a token
                 exc.attempts = attempts
                 raise
-            except _TransportFailure as failure:
+            except transport.TransportFailure as failure:
                 elapsed = time.monotonic() - started
                 log.debug("%s %s -> %s (attempt %d, %.3fs)", method, shown, self._redact(failure.description),
                           attempts, elapsed)
-                if failure.kind == "tls" or not policy.total:
+                if failure.kind in ("tls", "deadline", "cancelled") or not policy.total:
                     raise self._transport_error(failure, shown, attempts) from None
                 policy = policy.new(total=policy.total - 1,
                                     history=policy.history + (RequestHistory(method, url, None, None, None),))
-                self._sleep(policy.get_backoff_time())
+                if self._sleep(policy.get_backoff_time()) is False:
+                    raise self._transport_error(failure, shown, attempts) from None
                 continue
 
             elapsed = time.monotonic() - started
@@ -449,65 +429,29 @@ class RomaClient:
             policy = policy.new(total=policy.total - 1,
                                 history=policy.history + (RequestHistory(method, url, None, status, None),))
             delay = policy.get_backoff_time()
-            if retry_after is not None and status in policy.RETRY_AFTER_STATUS_CODES:
-                try:
-                    delay = policy.parse_retry_after(retry_after)
-                except InvalidHeader:
-                    pass  # a garbled Retry-After falls back to the backoff
-            self._sleep(min(delay, self.max_backoff))
+            if status in policy.RETRY_AFTER_STATUS_CODES:
+                asked = transport.retry_after(retry_after, cap=self.max_backoff)
+                delay = delay if asked is None else asked   # unreadable: the backoff
+            if self._sleep(min(delay, self.max_backoff)) is False:
+                raise error
 
     def _attempt(self, method: str, url: str, started: float):
-        """One HTTP request, body included: (status, headers, body) or _TransportFailure."""
-        connect_timeout, read_timeout = self._timeout
-        try:
-            # The session re-runs the auth for each attempt: a fresh X-Sdk-Date and signature.
-            response = self.session.request(
-                method, url, auth=self.auth, timeout=self._timeout, verify=self._request_verify,
-                allow_redirects=False, stream=True, headers={"Accept": "application/json"},
-            )
-        except requests.exceptions.InvalidHeader:
-            raise _invalid_header() from None
-        except requests.exceptions.SSLError as exc:
-            raise _TransportFailure("tls", f"TLS error ({_root_cause(exc)}); check verify / the CA bundle") from None
-        except requests.exceptions.ConnectTimeout:
-            raise _TransportFailure("timeout", f"no connection within {connect_timeout}s") from None
-        except requests.exceptions.ReadTimeout:
-            raise _TransportFailure("timeout", f"no response within {read_timeout}s") from None
-        except requests.exceptions.RequestException as exc:
-            raise _TransportFailure("connection", f"connection failed ({_root_cause(exc)})") from None
-        except ValueError:  # http.client: a header value with a newline or a non-latin-1 character
-            raise _invalid_header() from None
-        try:
-            deadline = started + connect_timeout + read_timeout
-            chunks, size = [], 0
-            while True:
-                chunk = response.raw.read1(65536, decode_content=True)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise _TransportFailure("connection", f"response body larger than {MAX_BODY_BYTES} bytes")
-                if time.monotonic() > deadline:
-                    # A server trickling bytes would otherwise hold a worker forever.
-                    raise _TransportFailure(
-                        "timeout", f"response body not complete within {connect_timeout + read_timeout}s")
-            return response.status_code, response.headers, b"".join(chunks)
-        except urllib3.exceptions.ReadTimeoutError:
-            raise _TransportFailure("timeout", f"response body stalled for {read_timeout}s") from None
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
-            raise _TransportFailure(
-                "connection", f"connection broken while reading the body ({_root_cause(exc)})") from None
-        finally:
-            response.close()
+        """One HTTP request, body included, bounded end to end: (status, headers, body)."""
+        # The session re-runs the auth for each attempt: a fresh X-Sdk-Date and signature.
+        return transport.attempt(self.session, method, url, timeout=self._timeout, auth=self.auth,
+                                 verify=self._request_verify, headers={"Accept": "application/json"})
 
-    def _transport_error(self, failure: _TransportFailure, shown: str, attempts: int) -> RomaError:
+    def _transport_error(self, failure: transport.TransportFailure, shown: str, attempts: int) -> RomaError:
         tries = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
-        failure.description = self._redact(failure.description)
+        description = _clean(self._redact(failure.description), 300)
+        if failure.kind in ("deadline", "cancelled"):
+            code = "RUN_DEADLINE" if failure.kind == "deadline" else "CANCELLED"
+            return RomaTimeout(f"GET {self._endpoint}{shown}: {description} ({tries})", error_code=code,
+                               attempts=attempts)
         if failure.kind == "timeout":
-            return RomaTimeout(f"GET {self._endpoint}{shown}: {failure.description} ({tries}); "
+            return RomaTimeout(f"GET {self._endpoint}{shown}: {description} ({tries}); "
                                f"raise the timeout or check the endpoint", attempts=attempts)
-        return RomaConnectionError(f"GET {self._endpoint}{shown}: {failure.description} ({tries}); "
+        return RomaConnectionError(f"GET {self._endpoint}{shown}: {description} ({tries}); "
                                    f"check the endpoint, network and proxy", attempts=attempts)
 
     def _api_error(self, status: int, headers, body: bytes, shown: str, attempts: int) -> RomaApiError:
@@ -522,56 +466,61 @@ class RomaClient:
             message = payload.get("error_msg") or inner.get("message")
             request_id = payload.get("request_id")
         if not message:
-            excerpt = _excerpt(body)
+            # Secrets are removed from the whole text before it is cut: a cut secret is unrecognisable.
+            excerpt = _excerpt(body, redact=self._redact)
             reason = http.client.responses.get(status) or "HTTP error"
             # A proxy page often just repeats the reason ("502 Bad Gateway"); say it once.
             message = excerpt if reason.lower() in excerpt.lower() else (
                 f"{reason}: {excerpt}" if excerpt else reason)
-        code = _clean(str(code), 64) if code else f"HTTP_{status}"
-        message = self._redact(_clean(str(message), 512))
+        code = _clean(self._redact(str(code)), 64) if code else f"HTTP_{status}"
+        message = _clean(self._redact(str(message)), 512)
+        if status == 401:
+            message += _clock_skew_note(headers)
         request_id = _request_id(request_id) or _request_id(headers.get("X-Request-Id"))
         cls = AuthenticationError if status in (401, 403) else ThrottledError if status == 429 else RomaApiError
         return cls(message, status=status, error_code=code, request_id=request_id, attempts=attempts)
 
     def _redact(self, text: str) -> str:
         secrets = getattr(self.auth, "_secret_values", None)
-        for secret in (secrets() if callable(secrets) else ()):
-            if secret:
-                text = text.replace(secret, "<hidden>")
-        return text
+        return redact(text, secrets() if callable(secrets) else ())
 
     @staticmethod
-    def _sleep(seconds: float) -> None:
-        if seconds > 0:
-            time.sleep(seconds)
+    def _sleep(seconds: float) -> bool:
+        """Wait before a retry; False when the run's deadline would pass first (give up)."""
+        return transport.sleep(seconds)
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
 
-def _invalid_header() -> ConfigError:
-    # requests and http.client quote the offending value, which may be a token: never show it.
-    return ConfigError("a request header value is invalid (a token or key with a newline, a space "
-                       "or a non-latin-1 character?); check the credentials")
+def _clock_skew_note(headers) -> str:
+    """What to tell the user when a refused request's gateway clock is far from this machine's.
+
+    Signatures are refused when X-Sdk-Date is 15 minutes off the gateway's clock, and IAM tokens
+    look expired; the cause is then the local clock, not the key.
+    """
+    offset = transport.server_clock_offset(headers)
+    if offset is None or abs(offset) < CLOCK_SKEW_WARNING:
+        return ""
+    direction = "ahead of" if offset > 0 else "behind"
+    return (f" (this machine's clock is {_duration(abs(offset))} {direction} the gateway's Date header: "
+            f"signatures more than 15 minutes off are refused; synchronise the clock, e.g. with NTP)")
+
+
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
 def _check_endpoint(endpoint) -> tuple[str, str]:
     if not isinstance(endpoint, str):
         raise ConfigError(f"endpoint must be a URL string, got {type(endpoint).__name__}")
-    try:
-        parts = urlsplit(endpoint.strip())
-        port = parts.port
-    except ValueError:
-        raise ConfigError("endpoint is not a valid URL (bad port or brackets)") from None
-    if parts.username is not None or parts.password is not None:
-        # Never echo it: the user part may hold a password.
-        raise ConfigError("endpoint must not contain user:password@; use auth= for credentials")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"endpoint {endpoint!r} must be an http(s) URL with a host, "
-                          f"e.g. https://roma.cn-north-4.myhuaweicloud.com")
-    if parts.query or parts.fragment:
-        raise ConfigError(f"endpoint {endpoint!r} must not have a query string or fragment")
+    problem = url_problem(endpoint)
+    if problem:
+        raise ConfigError(f"endpoint {problem}")
+    parts = urlsplit(endpoint.strip())
+    port = parts.port
     base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
     known = _ROMA_HOST_RE.match(parts.hostname)
     region = known.group(1) if known else (f"{parts.hostname}:{port}" if port else parts.hostname)
@@ -662,20 +611,13 @@ def _safe_location(location: str | None) -> str:
     """Scheme, host and path of a redirect target: no query, no user info."""
     if not location:
         return "(no Location header)"
-    try:
-        parts = urlsplit(location)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "(an unparseable Location)"
-    if not host:
-        return _clean(parts.path, 200) or "(an empty Location)"
-    return _clean(f"{parts.scheme}://{host}{port}{parts.path}", 200)
+    return _clean(shown_url(location), 200) or "(an empty Location)"
 
 
-def _excerpt(body: bytes, limit: int = 160) -> str:
-    """A short, printable excerpt of an error body; HTML reduced to its title or text."""
-    text = body[:4096].decode("utf-8", errors="replace")
+def _excerpt(body: bytes, limit: int = 160, redact=lambda text: text) -> str:
+    """A short, printable excerpt of an error body; HTML reduced to its title or text; ``redact``
+    applied before anything is cut."""
+    text = redact(body[:65536].decode("utf-8", errors="replace"))
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
     if title:
         text = title.group(1)
@@ -701,19 +643,3 @@ def _clean(text: str, limit: int) -> str:
     text = " ".join(_CONTROL_RE.sub(" ", text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost exception's class name and short text (no URL query, no headers)."""
-    seen = set()
-    while True:
-        inner = exc.__cause__ or exc.__context__ or next(
-            (a for a in getattr(exc, "args", ()) if isinstance(a, BaseException)), None)
-        reason = getattr(exc, "reason", None)
-        if isinstance(reason, BaseException) and reason is not inner:
-            inner = reason
-        if inner is None or id(inner) in seen:
-            break
-        seen.add(id(exc))
-        exc = inner
-    text = _clean(str(exc), 120)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -16,8 +16,19 @@ How a run goes:
    row with its status, code, message, request id and attempts; any other exception becomes a
    row with ``error_code = "INTERNAL"``.  Nothing one instance does ends the run.
 
-Ctrl-C (``KeyboardInterrupt``) cancels what has not started, leaves in-flight requests to their
-timeouts without waiting for them, and re-raises: an interrupted run returns nothing.
+Limits that keep a run from hurting the user (docs/reliability.md has the details):
+
+* ``deadline`` bounds the whole run: every attempt and every backoff is cut at it, and the
+  instances (or discoveries) not reached in time are ``errors`` rows with ``error_code =
+  "RUN_DEADLINE"`` and ``attempts = 0`` (an attempt cut by it also says ``RUN_DEADLINE``).
+* A credential is not spent blindly: until the gateway has accepted it once in the run, one
+  request at a time uses it; after ``MAX_AUTH_FAILURES`` refused requests (401) the rest of its
+  instances are not attempted (``error_code = "CREDENTIAL_SUSPENDED"``, ``attempts = 0``), so a
+  wrong key or a skewed clock cannot get the AK locked (Huawei Cloud locks it after 5
+  consecutive failures).
+
+Ctrl-C (``KeyboardInterrupt``) cancels what has not started, cuts in-flight requests at once (their
+sockets are shut down) without waiting for them, and re-raises: an interrupted run returns nothing.
 """
 from __future__ import annotations
 
@@ -35,10 +46,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import pandas as pd
 import requests
-from requests.adapters import HTTPAdapter
 
+from roma_analytics import transport
 from roma_analytics.client import RomaClient
-from roma_analytics.errors import ConfigError, RomaError
+from roma_analytics.errors import AuthenticationError, ConfigError, RomaApiError, RomaError
 from roma_analytics.schema import (
     COUNT_COLUMNS, ERRORS_DTYPES, SCOPES_DTYPES, STATS_DTYPES, TASK_TYPES, TIMESTAMP_DTYPE, conform,
     empty_errors, empty_scopes,
@@ -53,6 +64,13 @@ DISCOVERY_INSTANCE_ID = "*"
 EXIT_OK = 0
 EXIT_PARTIAL = 3
 EXIT_NONE = 4
+
+#: Refused requests (401) with one credential after which a run stops using it.
+MAX_AUTH_FAILURES = 3
+#: ``error_code`` of instances not attempted because the run's deadline passed.
+RUN_DEADLINE = "RUN_DEADLINE"
+#: ``error_code`` of instances not attempted because their credential was refused too often.
+CREDENTIAL_SUSPENDED = "CREDENTIAL_SUSPENDED"
 
 
 @dataclass
@@ -165,12 +183,9 @@ def client_key(target: Target) -> tuple:
 
 
 def make_session(workers: int, hosts: int = 1) -> requests.Session:
-    """A Session whose pool keeps ``workers`` connections to each of ``hosts`` hosts."""
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=max(1, hosts), pool_maxsize=max(1, workers))
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
+    """A Session whose pool keeps ``workers`` connections to each of ``hosts`` hosts, with
+    attempts bounded end to end (see :mod:`roma_analytics.transport`)."""
+    return transport.make_session(workers, hosts)
 
 
 def session_for(targets: Iterable[Target], workers: int) -> requests.Session:
@@ -192,8 +207,11 @@ def collect(
     run_id: str | None = None,
     now: datetime | pd.Timestamp | None = None,
     verify: bool | str = True,
+    deadline: float | None = None,
 ) -> Collection:
     """Collect the task statistics of ``targets``; see the module docstring for how.
+
+    ``deadline`` (seconds, None for none) bounds the whole run, discovery included.
 
     ``session`` and ``clients`` let a caller keep connections and renewed tokens across runs
     (``clients`` maps ``client_key(target)`` to a RomaClient; new clients are added to it and
@@ -211,6 +229,7 @@ def collect(
                     else collected_at.tz_convert("UTC")).as_unit("us")
     run_id = run_id or new_run_id(collected_at)
 
+    run_deadline = transport.Deadline(deadline)
     own_session = session is None
     if own_session:
         session = session_for(targets, workers)
@@ -231,6 +250,20 @@ def collect(
         if rate_limit:
             limiters[client.endpoint].acquire()
 
+    guards: dict[object, _CredentialGuard] = {}
+    for target in targets:
+        key = credential_key(target.auth)
+        if key is not None and key not in guards:
+            guards[key] = _CredentialGuard(run_deadline)
+
+    def bounded(target: Target, call: Callable[[], object]):
+        """Run one API call for ``target`` under the run's deadline and its credential's guard."""
+        with run_deadline.applied():
+            if run_deadline.passed:
+                raise _not_attempted(run_deadline.failure().description, RUN_DEADLINE)
+            guard = guards.get(credential_key(target.auth))
+            return guard.call(call) if guard is not None else call()
+
     run = _Run(collected_at, run_id)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roma-collect")
     try:
@@ -239,11 +272,12 @@ def collect(
             client = client_for(target)
             if rate_limit and client.endpoint not in limiters:
                 limiters[client.endpoint] = RateLimiter(rate_limit)
-        instances = run.discover(pool, targets, client_for, limited)
-        run.fetch_all(pool, instances, client_for, limited, progress)
+        instances = run.discover(pool, targets, client_for, limited, bounded)
+        run.fetch_all(pool, instances, client_for, limited, progress, bounded)
     except BaseException:
-        # Ctrl-C (or anything else escaping): drop what has not started, do not wait for in-flight calls.
+        # Ctrl-C (or anything else escaping): drop what has not started, cut in-flight calls.
         pool.shutdown(wait=False, cancel_futures=True)
+        run_deadline.cancel()
         raise
     else:
         pool.shutdown(wait=True)
@@ -256,6 +290,88 @@ def collect(
     return Collection(stats=run.stats_frame(), errors=run.errors_frame(), run_id=run_id,
                       collected_at=collected_at, instances=len(instances),
                       elapsed=time.monotonic() - started, scopes=run.scopes_frame())
+
+
+def credential_key(auth) -> object | None:
+    """What identifies the credential behind ``auth`` (one AK, one IAM user, one token), so that
+    its failures are counted together across projects; None without auth."""
+    if auth is None:
+        return None
+    return getattr(auth, "credential_key", None) or ("object", id(auth))
+
+
+def _not_attempted(reason: str, code: str) -> RomaError:
+    return RomaError(f"not attempted: {reason}", error_code=code, attempts=0)
+
+
+class _CredentialGuard:
+    """Spends one credential carefully during a run (see the module docstring).
+
+    Until the gateway has answered a request made with it by anything but 401 (it authenticated
+    it), one request at a time uses it; each 401 counts, and after ``MAX_AUTH_FAILURES`` the
+    guard refuses every further call.  A request that got no HTTP answer proves nothing and
+    opens the way too, so a fleet behind a dead endpoint is not collected one at a time.
+    """
+
+    def __init__(self, deadline: transport.Deadline, limit: int = MAX_AUTH_FAILURES) -> None:
+        self.limit = limit
+        self.failures = 0
+        self.proven = False
+        self.refused: AuthenticationError | None = None
+        self._deadline = deadline
+        self._probing = False
+        self._condition = threading.Condition()
+
+    def call(self, function: Callable[[], object]):
+        with self._condition:
+            while self._probing and not self.proven and self.refused is None:
+                if self._deadline.passed:
+                    raise _not_attempted(self._deadline.failure().description, RUN_DEADLINE)
+                self._condition.wait(min(1.0, self._deadline.remaining() or 1.0))
+            if self.refused is not None:
+                raise self._suspended()
+            probe = not self.proven
+            self._probing = self._probing or probe
+        outcome = "open"
+        try:
+            result = function()
+        except AuthenticationError as exc:
+            outcome = "refused" if exc.status in (None, 401) else "proven"   # 403: authenticated, not allowed
+            if outcome == "refused":
+                with self._condition:
+                    self._record_refusal(exc)
+            raise
+        except RomaApiError:
+            outcome = "proven"
+            raise
+        else:
+            outcome = "proven"
+            return result
+        finally:
+            with self._condition:
+                if outcome == "proven":
+                    self.proven, self.failures = True, 0
+                elif outcome == "open":
+                    self.proven = True
+                if probe:
+                    self._probing = False
+                self._condition.notify_all()
+
+    def _record_refusal(self, exc: AuthenticationError) -> None:
+        self.failures += 1
+        self.proven = False      # refused now: back to one request at a time
+        if self.failures >= self.limit and self.refused is None:
+            self.refused = exc
+            log.warning("stopped using a credential after %d refused requests in this run: %s",
+                        self.failures, exc.error_code)
+
+    def _suspended(self) -> RomaError:
+        last = self.refused
+        return _not_attempted(
+            f"{self.failures} requests with this credential were refused in this run, so it is not "
+            f"used again until the next run (the gateway locks an access key after 5 consecutive "
+            f"failures); last refusal: HTTP {last.status} {last.error_code}: {last.error_msg}",
+            CREDENTIAL_SUSPENDED)
 
 
 class _Run:
@@ -275,7 +391,7 @@ class _Run:
         return self.scopes.setdefault(key, {"discovery": "explicit", "instances": 0, "collected": 0, "failed": 0})
 
     # -- the two phases ------------------------------------------------------------------------
-    def discover(self, pool, targets, client_for, limited) -> list[Target]:
+    def discover(self, pool, targets, client_for, limited, bounded) -> list[Target]:
         """Targets with an instance id as given, plus every RUNNING instance of the others' projects."""
         listed = [t for t in targets if t.instance_id is not None]
         known = {(client_key(t), t.project_id, t.instance_id) for t in listed}
@@ -285,8 +401,11 @@ class _Run:
 
         def list_running(target: Target) -> list[dict]:
             client = client_for(target)
-            limited(client)
-            return client.list_instances(target.project_id, status="RUNNING")
+
+            def call():
+                limited(client)
+                return client.list_instances(target.project_id, status="RUNNING")
+            return bounded(target, call)
 
         futures = [pool.submit(list_running, t) for t in discoveries]
         found: list[Target] = []
@@ -306,15 +425,20 @@ class _Run:
                 if key in known:
                     continue
                 known.add(key)
-                found.append(replace(target, instance_id=instance_id, instance_name=item.get("name")))
+                name = item.get("name")
+                found.append(replace(target, instance_id=instance_id,
+                                     instance_name=name if isinstance(name, str) else None))
             log.debug("discovered %d RUNNING instance(s) in project %s", len(instances), target.project_id)
         return listed + found
 
-    def fetch_all(self, pool, instances: list[Target], client_for, limited, progress) -> None:
+    def fetch_all(self, pool, instances: list[Target], client_for, limited, progress, bounded) -> None:
         def fetch(target: Target):
             client = client_for(target)
-            limited(client)
-            return client.task_statistics(target.project_id, target.instance_id)
+
+            def call():
+                limited(client)
+                return client.task_statistics(target.project_id, target.instance_id)
+            return bounded(target, call)
 
         total = len(instances)
         if progress:

@@ -37,6 +37,7 @@ HTTP/1.1 keep-alive and each response written with a single ``send``.
 from __future__ import annotations
 
 import argparse
+import email.utils
 import errno
 import hashlib
 import hmac
@@ -84,6 +85,8 @@ FAULTS = (
     "huge_count",               # 200, common completed_tasks_count = 999999999999 + 1
     "not_json",                 # 200, an HTML page
     "redirect_other_host",      # 302 to the same path on "localhost" (another host name)
+    "unicode_error",            # 400 whose JSON error_msg has lone surrogates (an emoji cut in half)
+    "trickle_headers",          # the status line and headers one byte every TRICKLE_INTERVAL, endlessly
 )
 #: What ``fault_rate`` draws from.
 RANDOM_FAULTS = ("http_500", "http_429_retry_after", "truncated_json")
@@ -92,6 +95,11 @@ RANDOM_FAULTS = ("http_500", "http_429_retry_after", "truncated_json")
 TIMEOUT_SECONDS = 5.0
 #: Pause between two bytes of a ``slow_drip`` body, seconds.
 SLOW_DRIP_INTERVAL = 0.05
+#: Pause between two bytes of ``trickle_headers``: shorter than any read timeout, so only a
+#: deadline on the whole attempt ends it.
+TRICKLE_INTERVAL = 0.5
+#: The error message of ``unicode_error``: a lone high surrogate and the first half of an emoji.
+UNICODE_ERROR_MESSAGE = r"Invalid parameters: bad \ud800 m, cut \ud83d"
 
 MAX_COUNT = 999_999_999_999
 INSTANCE_STATUSES = ("CREATING", "RUNNING", "DELETING", "DELETED", "ERROR", "CREATE_FAILED",
@@ -378,7 +386,8 @@ class Simulator:
                  host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0,
                  fault_rate: float = 0.0, token: str | None = None, ak: str | None = None,
                  sk: str | None = None, clock: Callable[[], float] | None = None,
-                 iam_password: str | None = None, token_ttl: float = 86_400) -> None:
+                 iam_password: str | None = None, token_ttl: float = 86_400,
+                 gateway_clock_offset: float = 0.0) -> None:
         if isinstance(projects, bool) or not isinstance(projects, (int, list, tuple)):
             raise ValueError("projects must be a number of projects or a list of project ids")
         if isinstance(projects, int):
@@ -409,6 +418,9 @@ class Simulator:
         self.latency_ms = float(latency_ms)
         self.fault_rate = float(fault_rate)
         self.token_ttl = float(token_ttl)
+        #: Seconds the gateway's clock (its Date header, its signature check) is ahead of this
+        #: machine's: -1200 makes a client look 20 minutes fast.
+        self.gateway_clock_offset = float(gateway_clock_offset)
         self._token = token
         self._ak = ak
         self._sk = sk
@@ -542,6 +554,20 @@ class Simulator:
 
     def _instance_anywhere(self, instance_id: str) -> bool:
         return any(instance_id in project for project in self._fleet.values())
+
+    def _gateway_time(self) -> float:
+        """The gateway's real clock (not the simulated clock of the counts)."""
+        return time.time() + self.gateway_clock_offset
+
+    def rename_instance(self, instance_id: str, name) -> None:
+        """Give an instance another ``name`` in the instance list (any JSON value: a test can send
+        names a collector must survive)."""
+        for project in self._fleet.values():
+            if instance_id in project:
+                with self._lock:
+                    project[instance_id].info["name"] = name
+                return
+        raise ValueError(f"instance {instance_id!r} is not in the simulated fleet")
 
     # ---- faults and counters
 
@@ -695,7 +721,7 @@ class Simulator:
         except ValueError:
             raise refuse("the X-Sdk-Date header is missing or not YYYYMMDDTHHMMSSZ.") from None
         # The gateway compares with its real clock, not with the simulated clock of the counts.
-        if abs(time.time() - signed_at.timestamp()) > _SIGNATURE_MAX_SKEW:
+        if abs(self._gateway_time() - signed_at.timestamp()) > _SIGNATURE_MAX_SKEW:
             raise refuse("X-Sdk-Date is more than 15 minutes off the gateway's clock.")
         signed_headers = signed.split(";")
         headers = {name.lower(): value for name, value in handler.headers.items()}
@@ -860,7 +886,7 @@ class Simulator:
     def _head(handler: _Handler, status: int, length: int, content_type: str, extra_headers: tuple) -> bytes:
         lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
                  f"Server: {handler.server_version}",
-                 f"Date: {handler.date_time_string()}",
+                 f"Date: {email.utils.formatdate(handler.server.simulator._gateway_time(), usegmt=True)}",
                  f"Content-Type: {content_type}",
                  f"Content-Length: {length}",
                  f"X-Request-Id: {handler.request_id}"]
@@ -880,6 +906,22 @@ class Simulator:
         }
         if fault in simple:
             raise _fdi_error(*simple[fault])
+        if fault == "unicode_error":
+            # Valid JSON that no UTF-8 encoder can write back out once decoded.
+            body = ('{"error_code": "FDI.3002", "error_msg": "%s"}' % UNICODE_ERROR_MESSAGE).encode()
+            return self._send(handler, 400, body)
+        if fault == "trickle_headers":
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Padding: "
+            handler.close_connection = True
+            index = 0
+            while not self._stopping.wait(TRICKLE_INTERVAL):
+                try:
+                    handler.wfile.write(head[index:index + 1] if index < len(head) else b"a")
+                    handler.wfile.flush()
+                except OSError:
+                    return
+                index += 1
+            return
         if fault in ("http_502_html", "http_503_html"):
             status = 502 if fault == "http_502_html" else 503
             phrase = HTTPStatus(status).phrase

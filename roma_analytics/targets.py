@@ -27,10 +27,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from roma_analytics.auth import AkSkAuth, IamPasswordAuth, TokenAuth
 from roma_analytics.errors import ConfigError
+from roma_analytics.redact import looks_like_secret, url_problem
 
 #: Regions the official SDK knows; others are accepted when they look like a region id.
 KNOWN_REGIONS = (
@@ -95,7 +95,8 @@ def load_targets(path: str | os.PathLike) -> TargetsFile:
     """Read and validate a targets file; ``ConfigError`` (with file, line and key) on any problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: editors on Windows save a byte-order mark, which TOML does not allow.
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read targets file {path}: {exc}") from None
     return parse_targets(text, source=str(path))
@@ -103,6 +104,7 @@ def load_targets(path: str | os.PathLike) -> TargetsFile:
 
 def parse_targets(text: str, source: str = "<targets>", environ: dict | None = None) -> TargetsFile:
     """Parse the text of a targets file (``environ`` defaults to ``os.environ``)."""
+    text = text.removeprefix("\ufeff")
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -214,12 +216,7 @@ class _Loader:
                 raise self.fail(path + ("region",), f"{region!r} is not a region id; known regions: "
                                                     f"{', '.join(KNOWN_REGIONS)} (or give endpoint = URL)")
         if endpoint is not None:
-            endpoint = self._str(endpoint, path + ("endpoint",))
-            parts = urlsplit(endpoint)
-            if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-                raise self.fail(path + ("endpoint",), f"{endpoint!r} is not an http(s) URL such as "
-                                                      f"\"https://roma.cn-north-4.myhuaweicloud.com\"")
-            endpoint = endpoint.rstrip("/")
+            endpoint = self._url(endpoint, path + ("endpoint",))
         endpoint_auth = table.get("auth")
         projects = table.get("projects")
         if projects is None:
@@ -282,11 +279,16 @@ class _Loader:
             raise self.fail(path, f"{kind} auth needs {', '.join(missing)} (names of environment variables)")
         for key in sorted(set(table) - {"type", "iam_endpoint"}):
             self._str(table[key], path + (key,))
+            if looks_like_secret(table[key]):
+                # Never echoed: it is most likely the key itself, pasted where its name belongs.
+                raise self.fail(path + (key,), "looks like a secret value (a key or token), not the name of "
+                                               "an environment variable; put the value in an environment "
+                                               "variable and write that variable's name here")
             if not _ENV_NAME_RE.match(table[key]):
                 raise self.fail(path + (key,), "must be the name of an environment variable, "
                                                "such as ROMA_AUTH_TOKEN")
         if "iam_endpoint" in table:
-            self._str(table["iam_endpoint"], path + ("iam_endpoint",))
+            self._url(table["iam_endpoint"], path + ("iam_endpoint",))
         self._auth_tables[path] = table
         # A token is used as given; IAM tokens and AK/SK signatures are scoped to one project.
         return (path, None if kind == "token" else project_id, region)
@@ -336,6 +338,13 @@ class _Loader:
             if key not in allowed:
                 raise self.fail(path + (key,), f"unknown key {key!r}; expected one of "
                                                f"{', '.join(sorted(allowed))}")
+
+    def _url(self, value: Any, path: tuple) -> str:
+        url = self._str(value, path)
+        problem = url_problem(url)
+        if problem:
+            raise self.fail(path, problem)
+        return url.rstrip("/")
 
     def _str(self, value: Any, path: tuple) -> str:
         if not isinstance(value, str) or not value:

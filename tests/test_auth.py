@@ -127,7 +127,9 @@ def test_canonical_helpers_on_small_cases():
     assert canonical_uri("/v2/a%2Fb/c") == "/v2/a/b/c/"   # the SDK decodes before splitting
     assert canonical_uri("/v2/%7E~/") == "/v2/~~/"
     assert canonical_query_string("b=2&a=&a=1&c") == "a=&a=1&b=2&c="
-    assert canonical_query_string("x=a+b") == "x=a%2Bb"      # "+" is a plus, not a space
+    # "+" on the wire is a space, as the gateway (and requests' params=) reads it; a plus is %2B.
+    assert canonical_query_string("x=a+b") == "x=a%20b"
+    assert canonical_query_string("x=a%2Bb") == "x=a%2Bb"
     assert canonical_query_string("") == ""
 
 

@@ -112,6 +112,10 @@ MATRIX: tuple[Case, ...] = (
     _invalid("huge_count", "200, a count of 10^12 (over 999999999999)"),
     Case("redirect_other_host", "302 to another host (not followed: credentials stay home)", "error", 302,
          "REDIRECT", 1, 3),
+    Case("unicode_error", "400 FDI.3002 whose error_msg has lone surrogates (an emoji cut in half)", "error",
+         400, "FDI.3002", 1, 3),
+    Case("trickle_headers", "the headers one byte every 0.5 s, endlessly (each read is on time; the "
+         "attempt's whole budget ends it)", "error", None, "TIMEOUT", 3, 3),
 )
 
 

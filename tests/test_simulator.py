@@ -485,9 +485,38 @@ FAULT_CHECKS = {
     "string_count": _malformed(_set("common", "running", "2")),
     "huge_count": _malformed(_set("common", "completed", 999_999_999_999 + 1)),
     "not_json": _not_json,
+    "unicode_error": _json_error(400, "FDI.3002"),
 }
 # Faults about the connection rather than the body: each has its own test below.
-CONNECTION_FAULTS = {"timeout", "reset", "slow_drip", "redirect_other_host"}
+CONNECTION_FAULTS = {"timeout", "reset", "slow_drip", "redirect_other_host", "trickle_headers"}
+
+
+def test_unicode_error_sends_lone_surrogate_escapes(sim, session):
+    project_id, instance = first_instance(sim)
+    sim.set_fault(instance["id"], "unicode_error")
+    response = session.get(stats_url(sim, project_id, instance["id"]))
+    assert rb"bad \ud800 m" in response.content and response.content.endswith(rb'cut \ud83d"}')
+    message = json.loads(response.content)["error_msg"]
+    with pytest.raises(UnicodeEncodeError):
+        message.encode("utf-8")
+
+
+def test_trickle_headers_never_ends_the_head(sim, monkeypatch):
+    monkeypatch.setattr(simulator_module, "TRICKLE_INTERVAL", 0.005)
+    project_id, instance = first_instance(sim)
+    sim.set_fault(instance["id"], "trickle_headers")
+    url = stats_url(sim, project_id, instance["id"])
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    path = "/" + url.removeprefix("http://").split("/", 1)[1]
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        received = b""
+        while len(received) < 300:
+            chunk = connection.recv(4096)
+            assert chunk, "the trickle stopped"
+            assert len(chunk) <= 4, "bytes come one at a time"
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\n\r\n" not in received
 
 
 def test_every_fault_is_tested():
