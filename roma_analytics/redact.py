@@ -92,7 +92,7 @@ def url_problem(url: str) -> str | None:
         return ("must not contain user:password@ (not shown here): credentials are named in the auth "
                 "settings, never written into a URL")
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return (f"{shown_url(url)!r} must be an http(s) URL with a host, such as "
+        return (f"{shown_url(url)!r} is not an http(s) URL with a host: it must be an http(s) URL such as "
                 "\"https://roma.cn-north-4.myhuaweicloud.com\"")
     if parts.query or parts.fragment:
         return f"{shown_url(url)!r} must not have a query string or fragment"
