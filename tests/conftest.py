@@ -1,11 +1,15 @@
 """Shared fixtures: a real simulator on loopback, a recording loopback server, temporary histories."""
 from __future__ import annotations
 
+import ctypes
 import http.server
 import json
 import os
+import signal
+import sys
 import threading
 
+import psutil
 import pytest
 
 from roma_analytics.simulator import Simulator
@@ -60,6 +64,47 @@ def recorder():
     finally:
         server.server.shutdown()
         server.server.server_close()
+# `nohup scripts/test &` starts the suite with SIGINT ignored; an ignored signal stays ignored in
+# every child (exec keeps it), where Python then installs no KeyboardInterrupt handler, so the
+# Ctrl-C tests would wait for a signal that never lands.  A handled signal is reset to its
+# default action on exec: handling it here gives every child the ordinary Ctrl-C behaviour.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# Orphans (a grandchild whose parent the test killed) are handed to the test process rather
+# than to init, so the check below sees them too.
+_PR_SET_CHILD_SUBREAPER = 36
+if sys.platform == "linux":
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _running_children() -> list[psutil.Process]:
+    alive = []
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """A test that starts a process must end it: one left running fails the test (and is killed)."""
+    before = {child.pid for child in _running_children()}
+    yield
+    new = [child for child in _running_children() if child.pid not in before]
+    _, alive = psutil.wait_procs(new, timeout=5)
+    left = []
+    for child in alive:
+        try:
+            left.append(" ".join(child.cmdline())[:200] or child.name())
+            child.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=5)
+    assert not left, f"the test left {len(left)} process(es) running: {left}"
 
 
 @pytest.fixture

@@ -319,7 +319,8 @@ def test_iam_unknown_project_is_authentication_error(iam_sim):
     with pytest.raises(AuthenticationError) as caught:
         auth.token()
     assert caught.value.status == 400
-    assert "project" in str(caught.value)
+    # IAM's own reason reaches the message (the fixed wording alone would also say "project").
+    assert "does not name a project of this account" in str(caught.value)
 
 
 def test_token_lifetime_comes_from_iam_times_not_the_local_clock():

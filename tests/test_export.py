@@ -16,7 +16,7 @@ from unprivileged import as_unprivileged
 
 from roma_analytics import schema
 from roma_analytics.collect import Collection
-from roma_analytics.errors import ConfigError
+from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.export import WRITERS, ExportReport, export_table
 from roma_analytics.store import HistoryStore
 
@@ -199,7 +199,7 @@ def test_failure_while_writing_leaves_the_old_file_and_no_temp(store, tmp_path, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setitem(WRITERS, "broken", broken_writer)
-    with pytest.raises(Exception, match="No space left"):
+    with pytest.raises(RomaError, match="No space left"):
         export_table(store, out, format="broken")
     assert out.read_bytes() == before
     assert [p.name for p in out.parent.iterdir()] == ["stats.csv"]

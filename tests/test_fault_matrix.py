@@ -27,6 +27,7 @@ import pytest
 
 from roma_analytics.auth import AkSkAuth, IamPasswordAuth, TokenAuth
 from roma_analytics.client import RomaClient
+from roma_analytics.errors import RomaApiError
 from roma_analytics.collect import client_key, collect, make_session
 from roma_analytics.simulator import FAULTS, Simulator
 from roma_analytics.store import HistoryStore
@@ -274,9 +275,9 @@ def test_http_502_html_message_is_the_page_title_not_the_page(sim, tmp_path):
     sim.clear_faults()
     sim.set_fault(instance_id, "http_502_html")
     client = RomaClient(sim.base_url, auth=TokenAuth(TOKEN), retries=0, timeout=TIMEOUT)
-    with client, pytest.raises(Exception) as caught:
+    with client, pytest.raises(RomaApiError) as caught:
         client.task_statistics(project_id, instance_id)
-    assert caught.value.error_msg == "502 Bad Gateway"
+    assert (caught.value.status, caught.value.error_msg) == (502, "502 Bad Gateway")
     sim.clear_faults()
 
 

@@ -93,7 +93,7 @@ def test_cli_report_and_its_errors(history, tmp_path, capsys):
 
 @pytest.mark.browser
 def test_report_renders_in_headless_chromium(history, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api as playwright
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
         pytest.skip("Debian's chromium is not installed (scripts/test installs it)")

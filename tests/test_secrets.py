@@ -204,7 +204,7 @@ STATS_BODY = {"common_task_details": {"running_tasks_count": 7, "abnormal_tasks_
 
 def make_ca_and_server_cert(folder: Path) -> tuple[Path, Path, Path]:
     """A private CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem)."""
-    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID

@@ -511,10 +511,7 @@ def test_concurrent_appenders_compactor_and_reader(history_dir):
 # ------------------------------------------------------------------------------------ analysis
 
 def test_trend_and_cdc_vs_common_match_analysis_on_load(history_dir):
-    try:
-        from roma_analytics import analysis, sqlagg  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"sqlagg/analysis not written yet ({exc})")
+    from roma_analytics import analysis, sqlagg
     store = HistoryStore(history_dir)
     build_days(store, days=3)
     store.append(make_run("rx", "2024-05-02T05:00Z", instances=("i1", "i5"), project="p2"))

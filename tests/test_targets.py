@@ -2,6 +2,7 @@
 naming the key path and the line."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import textwrap
 from pathlib import Path
@@ -73,8 +74,8 @@ def test_good_file_gives_one_target_per_instance_and_discovery():
     assert type(first.auth).__name__ == "TokenAuth"
     assert fourth.auth is None
     assert isinstance(first, Target)
-    with pytest.raises(Exception):
-        first.project_id = "other"          # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.project_id = "other"
     assert SECRET not in repr(loaded)
 
 
