@@ -12,7 +12,7 @@ from pandas.testing import assert_frame_equal
 
 from roma_analytics import analysis
 from roma_analytics.errors import ConfigError
-from roma_analytics.schema import STATS_COLUMNS, conform, empty_errors, empty_stats
+from roma_analytics.schema import STATS_COLUMNS, TIMESTAMP_DTYPE, conform, empty_errors, empty_stats
 
 COLUMNS = ["collected_at", "run_id", "region", "project_id", "instance_id", "instance_name",
            "task_type", "running", "abnormal", "terminated", "completed"]
@@ -533,3 +533,172 @@ def test_row_order_changes_nothing(stats, freq, random):
     assert_frame_equal(analysis.cdc_vs_common(shuffled, freq), analysis.cdc_vs_common(stats, freq))
     assert_frame_equal(analysis.changes(shuffled), analysis.changes(stats))
     assert_frame_equal(analysis.abnormal_ranking(shuffled, n=None), analysis.abnormal_ranking(stats, n=None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges found by mutation testing (scripts/mutation): each test fails on a mutant that survived
+# the tests above.
+
+
+def test_bucket_of_keeps_the_index_name_and_not_a_times():
+    times = pd.Series([ts("2024-05-01T10:07"), pd.NaT, ts("2024-05-01T11:59")], index=[10, 20, 30])
+    out = analysis.bucket_of(times, "1h")
+    assert out.name == "bucket" and out.index.tolist() == [10, 20, 30] and out.dtype == TIMESTAMP_DTYPE
+    assert out.tolist()[0] == ts("2024-05-01T10:00") and pd.isna(out[20]) and out[30] == ts("2024-05-01T11:00")
+
+
+@pytest.mark.parametrize("kwargs, complaint", [
+    (dict(window=2.5), "window must be a whole number"),
+    (dict(window=True), "window must be a whole number"),
+    (dict(window=0), "window must be a whole number"),
+    (dict(window=4, min_periods=5), r"min_periods must be between 1 and window \(4\)"),
+    (dict(z=0), "z must be a positive threshold"),
+    (dict(mad_floor=0), "mad_floor must be positive"),
+])
+def test_anomalies_refuses_bad_settings_saying_which(kwargs, complaint):
+    stats = make_stats(*_hourly([1, 2, 1]))
+    with pytest.raises(ConfigError, match=complaint):
+        analysis.anomalies(stats, "1h", **kwargs)
+
+
+def test_anomalies_accepts_the_smallest_valid_settings():
+    stats = make_stats(*_hourly([1, 1, 9]))
+    out = analysis.anomalies(stats, "1h", window=1, z=0.5, mad_floor=0.001)
+    assert out["baseline_buckets"].tolist() == [0, 1, 1]
+    assert out["is_anomaly"].tolist() == [False, False, True]   # NaN scores are never anomalies
+
+
+def test_anomalies_defaults_are_24_hourly_buckets_and_z_3():
+    # 30 flat hours, then a jump whose robust z is between 3 and 4.
+    jump = 0.1 + 3.5 * 1.4826 * 0.005
+    stats = make_stats(*_hourly([1] * 30), snapshot("2024-05-02T06:00Z", "rjump", "i1", "common",
+                                                      0, round(jump * 1000), 0, 1000 - round(jump * 1000)))
+    out = analysis.anomalies(stats)
+    assert out["baseline_buckets"].iloc[-1] == 24
+    assert 3 < out["robust_z"].iloc[-1] < 4 and bool(out["is_anomaly"].iloc[-1])
+
+
+@pytest.mark.parametrize("window, scored_from", [(4, 3), (7, 3), (8, 4), (40, 20)])
+def test_anomalies_default_min_periods_is_half_the_window_at_least_3(window, scored_from):
+    out = analysis.anomalies(make_stats(*_hourly([1] * 45)), "1h", window=window)
+    assert out["robust_z"].notna().idxmax() == scored_from
+
+
+def test_anomalies_a_score_equal_to_z_is_an_anomaly():
+    stats = make_stats(*_hourly([1, 2, 1, 3, 9]))
+    score = analysis.anomalies(stats, "1h", window=4, min_periods=4)["robust_z"].iloc[4]
+    assert score == pytest.approx((0.9 - 0.15) / (1.4826 * 0.05))
+    out = analysis.anomalies(stats, "1h", window=4, min_periods=4, z=float(score))   # |z| >= z, not >
+    assert bool(out["is_anomaly"].iloc[4])
+
+
+def test_anomalies_blocks_give_the_same_baselines(monkeypatch):
+    stats = make_stats(*_hourly([1, 2, 1, 3, 9, 1, 2]), *_hourly([5, 5, 4, 6, 5, 9, 5], instance="i2"))
+    whole = analysis.anomalies(stats, "1h", window=3, min_periods=1)
+    monkeypatch.setattr(analysis, "_BASELINE_BLOCK_ROWS", 3)
+    assert_frame_equal(analysis.anomalies(stats, "1h", window=3, min_periods=1), whole)
+
+
+def test_anomalies_groups_never_see_each_others_buckets():
+    # i1 has only late buckets, i2 only early ones: no baseline may cross between them.
+    late = [snapshot(f"2024-05-01T{h:02d}:00Z", f"a{h}", "i1", "common", 0, 9, 0, 1) for h in range(10, 14)]
+    early = [snapshot(f"2024-05-01T{h:02d}:00Z", f"b{h}", "i2", "common", 0, 1, 0, 9) for h in range(0, 4)]
+    out = analysis.anomalies(make_stats(*late, *early), "1h", window=24, min_periods=1)
+    for instance, ratio in (("i1", 0.9), ("i2", 0.1)):
+        rows = out[out["instance_id"] == instance]
+        assert rows["baseline_buckets"].tolist() == [0, 1, 2, 3]
+        assert rows["baseline_median"].iloc[1:].tolist() == pytest.approx([ratio] * 3)
+
+
+def test_anomalies_output_dtypes():
+    out = analysis.anomalies(make_stats(*_hourly([1, 2, 1, 3])), "1h", window=2, min_periods=1)
+    assert out["baseline_buckets"].dtype == "int64"
+    assert out["baseline_median"].dtype == out["baseline_mad"].dtype == out["robust_z"].dtype == "float64"
+    assert out["is_anomaly"].dtype == bool
+
+
+def test_nan_row_median_of_odd_even_and_empty_rows():
+    nan = np.nan
+    values = np.array([[1.0, nan, nan, nan], [2.0, 1.0, nan, nan], [3.0, 1.0, 2.0, nan],
+                       [4.0, 1.0, 3.0, 2.0], [nan, nan, nan, nan]])
+    count, median = analysis._nan_row_median(values)
+    assert count.tolist() == [1, 2, 3, 4, 0]
+    assert median.dtype == "float64"
+    np.testing.assert_array_equal(median, [1.0, 1.5, 2.0, 2.5, nan])
+
+
+def test_health_names_the_errors_table_when_a_column_is_missing():
+    stats, errors = _health_fixture()
+    for function in (analysis.collection_health, analysis.instance_health):
+        with pytest.raises(ConfigError, match="^errors data is missing column"):
+            function(errors.drop(columns=["region"]), stats)
+    with pytest.raises(ConfigError, match="^errors data is missing column.*error_msg"):
+        analysis.instance_health(errors.drop(columns=["error_msg"]), stats)
+    with pytest.raises(ConfigError, match="^errors data is missing column.*error_code"):
+        analysis.errors_by_code(errors.drop(columns=["error_code"]))
+
+
+def test_collection_health_columns_and_dtypes():
+    stats, errors = _health_fixture()
+    out = analysis.collection_health(errors, stats)
+    assert out.columns.tolist() == ["run_id", "collected_at", "attempted", "collected", "failed", "success_ratio"]
+    assert out.index.tolist() == [0, 1, 2]
+    assert [str(out[c].dtype) for c in ("attempted", "collected", "failed", "success_ratio")] == [
+        "int64", "int64", "int64", "float64"]
+
+
+def test_instance_health_lists_instances_that_never_failed():
+    stats, errors = _health_fixture()
+    stats = pd.concat([stats, make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i3", "common", 0, 0, 0, 3),
+        snapshot("2024-05-01T10:00Z", "r1", "i0", "common", 0, 0, 0, 3, project="p0"),
+        snapshot("2024-05-01T10:00Z", "r1", "i4", "common", 0, 0, 0, 3, region="af-south-1"),
+    )], ignore_index=True)
+    out = analysis.instance_health(errors, stats)
+    assert out.columns.tolist() == ["region", "project_id", "instance_id", "collected", "failed", "failure_ratio",
+                                    "last_error_at", "last_error_code", "last_error_msg", "last_http_status"]
+    # most failures first, then region, project and instance in ascending order
+    assert out[["region", "project_id", "instance_id"]].values.tolist() == [
+        ["cn-north-4", "p1", "i2"], ["cn-north-4", "p1", "i1"], ["af-south-1", "p1", "i4"],
+        ["cn-north-4", "p0", "i0"], ["cn-north-4", "p1", "i3"]]
+    assert out["last_http_status"].tolist()[:2] == [500, 500] and out["last_http_status"].isna().tolist()[2:] == [True] * 3
+    assert out["last_error_at"].isna().tolist() == [False, False, True, True, True]
+    assert (str(out["collected"].dtype), str(out["failed"].dtype), out["last_http_status"].dtype) == (
+        "int64", "int64", pd.Int64Dtype())
+    assert out["last_error_at"].dtype == TIMESTAMP_DTYPE
+
+
+def test_instance_health_last_error_is_the_latest_one():
+    stats, _ = _health_fixture()
+    errors = make_errors(("2024-05-01T10:10Z", "r3", "i2", "LATE"), ("2024-05-01T10:05Z", "r2", "i2", "EARLY"))
+    out = analysis.instance_health(errors, stats)
+    assert out.set_index("instance_id").loc["i2", "last_error_code"] == "LATE"
+
+
+def test_errors_by_code_keeps_errors_without_a_code():
+    errors = make_errors(("2024-05-01T10:05Z", "r2", "i2", "TIMEOUT"), ("2024-05-01T10:06Z", "r2", "i1", "X"))
+    errors.loc[1, "error_code"] = pd.NA
+    out = analysis.errors_by_code(errors)
+    assert out["errors"].sum() == 2 and out["error_code"].isna().tolist() == [False, True]
+    assert out["errors"].dtype == "int64" and out.index.tolist() == [0, 1]
+
+
+def test_analysis_reads_string_timestamps_naive_as_utc_and_mixed_offsets():
+    rows = [dict(collected_at="2024-05-01T23:30:00+02:00", run_id="r1", region="r", project_id="p",
+                 instance_id="i1", instance_name="n", task_type="common", running=0, abnormal=1,
+                 terminated=0, completed=1, total=2),
+            dict(collected_at="2024-05-01T22:00:00", run_id="r2", region="r", project_id="p",
+                 instance_id="i1", instance_name="n", task_type="common", running=0, abnormal=0,
+                 terminated=0, completed=2, total=2)]
+    out = analysis.trend(pd.DataFrame(rows), "1D")
+    # 23:30+02:00 is 21:30 UTC, before the naive (UTC) 22:00: the later snapshot wins.
+    assert out[["bucket", "abnormal", "total"]].values.tolist() == [[ts("2024-05-01"), 0, 2]]
+    assert analysis.latest(pd.DataFrame(rows))["run_id"].tolist() == ["r2"]
+
+
+def test_rows_without_collected_at_are_left_out():
+    stats = make_stats(snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 1, 0, 1))
+    frame = pd.concat([stats.astype({"collected_at": object}),
+                       pd.DataFrame([dict(stats.iloc[0], collected_at=None, run_id="r0")])], ignore_index=True)
+    assert analysis.trend(frame, "1D")["total"].tolist() == [2]
+    assert analysis.latest(frame)["run_id"].tolist() == ["r1"]
