@@ -140,6 +140,13 @@ def add_collect(subparsers) -> None:
                      help="stop each run after S seconds; instances not reached are errors rows "
                           "with error_code RUN_DEADLINE")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    tasks = run.add_mutually_exclusive_group()
+    tasks.add_argument("--task-list-budget", metavar="N", type=non_negative_int,
+                       help="at most N extra task-list requests per run to list the ERROR tasks of "
+                            "instances with abnormal tasks (default 100); instances beyond it are "
+                            "recorded as NOT_LISTED in the errors table")
+    tasks.add_argument("--no-task-list", action="store_true",
+                       help="do not list abnormal tasks (counts only, no extra request)")
     tls = run.add_mutually_exclusive_group()
     tls.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (test endpoints only)")
     tls.add_argument("--ca-bundle", metavar="FILE", help="verify TLS with this CA bundle")
@@ -171,7 +178,10 @@ def run_collect(args) -> int:
                 try:
                     collection = collect(targets, workers=workers, timeout=timeout, retries=retries,
                                          rate_limit=rate_limit, progress=progress, session=session,
-                                         clients=clients, verify=verify, deadline=args.deadline)
+                                         clients=clients, verify=verify, deadline=args.deadline,
+                                         task_list=not args.no_task_list,
+                                         **({} if args.task_list_budget is None
+                                            else {"task_list_budget": args.task_list_budget}))
                 except KeyboardInterrupt as stop:
                     if progress:
                         progress.clear()
@@ -381,7 +391,7 @@ class _ProgressBar:
 # ------------------------------------------------------------------------------------------- export
 
 EXPORT_HELP = """\
-Write the rows of the history (stats or errors table) that match the filters to one CSV or
+Write the rows of the history (stats, errors or abnormal_tasks table) matching the filters to one CSV or
 Parquet file. Times are ISO-8601, UTC unless they carry an offset; a date alone is 00:00 UTC;
 --since is inclusive and --until exclusive. The file is replaced atomically.
 
@@ -405,7 +415,8 @@ def add_export(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="PATH", help="output file")
     parser.add_argument("--history", metavar="DIR", default=DEFAULT_HISTORY,
                         help=f"history folder (default {DEFAULT_HISTORY})")
-    parser.add_argument("--table", choices=("stats", "errors"), default="stats", help="table (default stats)")
+    parser.add_argument("--table", choices=("stats", "errors", "abnormal_tasks"), default="stats",
+                        help="table (default stats)")
     parser.add_argument("--since", metavar="ISO", type=iso_time, help="first time included")
     parser.add_argument("--until", metavar="ISO", type=iso_time, help="first time excluded")
     parser.add_argument("--project-id", metavar="ID", nargs="+", action="extend", help="only these projects")

@@ -315,30 +315,39 @@ class RomaClient:
         return self._all_pages(path, query, "instances", "id", INSTANCE_PAGE_LIMIT)
 
     def list_tasks(self, project_id: str, instance_id: str, execute_status: str | None = None,
-                   **filters) -> list[dict]:
+                   *, page_limit: int | None = None, before_request=None, **filters) -> list[dict]:
         """All data-integration tasks of an instance (every page), with the API's filters.
 
         ``filters``: task_id, name (fuzzy), status (0/1), task_type (realtime/timing),
         sort_field, sort_type (ASC/DESC), source/target_datasource_id, source/target_app_id,
-        task_tag.  Paging is automatic; the API cannot page past offset 20000, so a larger result
-        is a ConfigError asking for narrower filters rather than a silently cut list.
+        task_tag.  Paging is automatic (``page_limit`` entries a page, at most 999); the API
+        cannot page past offset 20000, so a larger result is a ConfigError asking for narrower
+        filters rather than a silently cut list.  ``before_request()``, when given, is called
+        before every HTTP request, retries included; what it raises ends the listing (a request
+        budget).
         """
+        if page_limit is None:
+            page_limit = TASK_PAGE_LIMIT
+        if isinstance(page_limit, bool) or not isinstance(page_limit, int) or not 1 <= page_limit <= TASK_PAGE_LIMIT:
+            raise InvalidParameter("limit", f"page_limit must be a whole number from 1 to {TASK_PAGE_LIMIT}")
         query = _task_query(execute_status, filters)
         path = (f"/v2/{_path_param('project_id', project_id)}/fdi/instances/"
                 f"{_path_param('instance_id', instance_id)}/tasks")
-        return self._all_pages(path, query, "entities", "task_id", TASK_PAGE_LIMIT,
-                               instance_id=instance_id, max_offset=TASK_MAX_OFFSET)
+        return self._all_pages(path, query, "entities", "task_id", page_limit,
+                               instance_id=instance_id, max_offset=TASK_MAX_OFFSET,
+                               before_request=before_request)
 
     # -- paging --------------------------------------------------------------------------------
 
     def _all_pages(self, path: str, query: list[tuple[str, str]], items_key: str, id_key: str,
-                   limit: int, *, instance_id: str | None = None, max_offset: int | None = None) -> list[dict]:
+                   limit: int, *, instance_id: str | None = None, max_offset: int | None = None,
+                   before_request=None) -> list[dict]:
         items: list[dict] = []
         seen: set[str] = set()
         offset = 0
         for _ in range(MAX_PAGES):
             page_query = canonical_query_string([*query, ("offset", str(offset)), ("limit", str(limit))])
-            reply = self._call("GET", path, page_query, instance_id=instance_id)
+            reply = self._call("GET", path, page_query, instance_id=instance_id, before_request=before_request)
             total, page = _parse_page(reply, items_key, id_key, path, offset, instance_id)
             if not page:
                 break
@@ -370,14 +379,19 @@ class RomaClient:
             respect_retry_after_header=True, raise_on_redirect=False, raise_on_status=False,
         )
 
-    def _call(self, method: str, path: str, query: str = "", *, instance_id: str | None = None) -> _Reply:
-        """Send one API call, retrying per policy; return the 2xx reply or raise a RomaError."""
+    def _call(self, method: str, path: str, query: str = "", *, instance_id: str | None = None,
+              before_request=None) -> _Reply:
+        """Send one API call, retrying per policy; return the 2xx reply or raise a RomaError.
+
+        ``before_request()`` runs before every attempt (a request budget may raise there)."""
         url = f"{self._endpoint}{path}" + (f"?{query}" if query else "")
         shown = path + (f"?{query}" if query else "")
         policy = self._new_policy()
         attempts = 0
         renewed = False
         while True:
+            if before_request is not None:
+                before_request()
             attempts += 1
             started = time.monotonic()
             try:

@@ -16,6 +16,9 @@ How a run goes:
    row with its status, code, message, request id and attempts; any other exception becomes a
    row with ``error_code = "INTERNAL"``.  Nothing one instance does ends the run.
 
+4. The ERROR tasks of every instance whose counts show abnormal tasks, within a per-run budget
+   of extra requests (``tasks.py``) -> ``abnormal_tasks``; ``task_list=False`` skips this.
+
 Limits that keep a run from hurting the user (docs/reliability.md has the details):
 
 * ``deadline`` bounds the whole run: every attempt and every backoff is cut at it, and the
@@ -55,6 +58,7 @@ from roma_analytics.schema import (
     empty_errors, empty_scopes,
 )
 from roma_analytics.targets import Target
+from roma_analytics.tasks import DEFAULT_BUDGET, TaskListBudget, list_abnormal_tasks, task_rows
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,8 @@ class Collection:
     discovery found no instance or failed -- so that readers can tell "gone" from "not
     collected" (see :mod:`roma_analytics.fleet`).  ``instances`` is how many instances the run
     tried to collect (after discovery); ``elapsed`` the wall time of the run in seconds.
+    ``abnormal_tasks`` holds the listed ERROR tasks (None when the run did not list tasks);
+    ``task_list_requests`` the requests it took.
     """
 
     stats: pd.DataFrame
@@ -91,6 +97,8 @@ class Collection:
     instances: int = 0
     elapsed: float = 0.0
     scopes: pd.DataFrame = field(default_factory=empty_scopes)
+    abnormal_tasks: pd.DataFrame | None = None
+    task_list_requests: int = 0
 
     @property
     def collected(self) -> int:
@@ -100,7 +108,21 @@ class Collection:
     @property
     def failed(self) -> int:
         """Instances that could not be collected (discovery failures are counted apart)."""
-        return int((self.errors["instance_id"] != DISCOVERY_INSTANCE_ID).sum())
+        return int(self._failure_rows().sum())
+
+    @property
+    def not_listed(self) -> int:
+        """Instances with stats whose abnormal tasks were not listed (budget or a failed listing)."""
+        return int(self._task_list_rows().sum())
+
+    def _task_list_rows(self):
+        # An errors row of an instance that has stats rows in the run is about its task list.
+        collected = pd.MultiIndex.from_frame(self.stats[["project_id", "instance_id"]].astype(object))
+        keys = pd.MultiIndex.from_frame(self.errors[["project_id", "instance_id"]].astype(object))
+        return keys.isin(collected)
+
+    def _failure_rows(self):
+        return (self.errors["instance_id"] != DISCOVERY_INSTANCE_ID).to_numpy() & ~self._task_list_rows()
 
     @property
     def failed_discoveries(self) -> int:
@@ -115,7 +137,7 @@ class Collection:
         """
         if self.collected == 0:
             return EXIT_NONE
-        return EXIT_PARTIAL if len(self.errors) else EXIT_OK
+        return EXIT_PARTIAL if self.failed or self.failed_discoveries else EXIT_OK
 
     def summary_dict(self) -> dict:
         """The run in numbers, for ``--json`` and logs."""
@@ -129,6 +151,9 @@ class Collection:
             "stats_rows": len(self.stats),
             "error_rows": len(self.errors),
             "error_codes": dict(Counter(self.errors["error_code"].astype(object))),
+            "abnormal_task_rows": None if self.abnormal_tasks is None else len(self.abnormal_tasks),
+            "task_list_requests": self.task_list_requests,
+            "not_listed": self.not_listed,
             "elapsed_s": round(self.elapsed, 3),
             "exit_status": self.exit_status,
         }
@@ -138,10 +163,14 @@ class Collection:
         text = (f"run {self.run_id}: collected {self.collected} of {self.instances} instances "
                 f"({len(self.stats)} stats rows) in {self.elapsed:.1f}s")
         if self.failed:
-            codes = Counter(self.errors.loc[self.errors["instance_id"] != DISCOVERY_INSTANCE_ID, "error_code"])
+            codes = Counter(self.errors.loc[self._failure_rows(), "error_code"])
             text += f"; {self.failed} failed (" + ", ".join(f"{n} {c}" for c, n in codes.most_common()) + ")"
         if self.failed_discoveries:
             text += f"; discovery failed in {self.failed_discoveries} project(s)"
+        if self.abnormal_tasks is not None:
+            text += f"; {len(self.abnormal_tasks)} abnormal task(s) listed in {self.task_list_requests} request(s)"
+        if self.not_listed:
+            text += f", {self.not_listed} instance(s) not listed"
         return text
 
 
@@ -208,6 +237,9 @@ def collect(
     now: datetime | pd.Timestamp | None = None,
     verify: bool | str = True,
     deadline: float | None = None,
+    task_list: bool = True,
+    task_list_budget: int | None = DEFAULT_BUDGET,
+    task_page_limit: int | None = None,
 ) -> Collection:
     """Collect the task statistics of ``targets``; see the module docstring for how.
 
@@ -217,6 +249,8 @@ def collect(
     (``clients`` maps ``client_key(target)`` to a RomaClient; new clients are added to it and
     left open).  Without them the run makes its own and closes them.  ``now`` fixes
     ``collected_at`` (tests); ``progress(done, total)`` is called as instances finish.
+    ``task_list`` lists the ERROR tasks of instances with abnormal tasks, at most
+    ``task_list_budget`` extra requests per run (None: no limit), ``task_page_limit`` tasks a page.
     """
     started = time.monotonic()
     targets = list(targets)
@@ -228,6 +262,7 @@ def collect(
     collected_at = (collected_at.tz_localize("UTC") if collected_at.tzinfo is None
                     else collected_at.tz_convert("UTC")).as_unit("us")
     run_id = run_id or new_run_id(collected_at)
+    budget = TaskListBudget(task_list_budget) if task_list else None
 
     run_deadline = transport.Deadline(deadline)
     own_session = session is None
@@ -274,6 +309,8 @@ def collect(
                 limiters[client.endpoint] = RateLimiter(rate_limit)
         instances = run.discover(pool, targets, client_for, limited, bounded)
         run.fetch_all(pool, instances, client_for, limited, progress, bounded)
+        if budget is not None:
+            run.list_tasks(pool, client_for, limited, bounded, budget, task_page_limit)
     except BaseException:
         # Ctrl-C (or anything else escaping): drop what has not started, cut in-flight calls.
         pool.shutdown(wait=False, cancel_futures=True)
@@ -289,7 +326,9 @@ def collect(
             session.close()
     return Collection(stats=run.stats_frame(), errors=run.errors_frame(), run_id=run_id,
                       collected_at=collected_at, instances=len(instances),
-                      elapsed=time.monotonic() - started, scopes=run.scopes_frame())
+                      elapsed=time.monotonic() - started, scopes=run.scopes_frame(),
+                      abnormal_tasks=run.tasks_frame() if budget is not None else None,
+                      task_list_requests=budget.used if budget is not None else 0)
 
 
 def credential_key(auth) -> object | None:
@@ -385,6 +424,8 @@ class _Run:
         self.error_rows: list[dict] = []
         # (region, project_id) -> {"discovery": ..., "instances": n, "collected": n, "failed": n}
         self.scopes: dict[tuple[str, str], dict] = {}
+        self.collected: list[tuple[Target, object]] = []            # (target, TaskStatistics)
+        self.listings: list[tuple[str, str, str, list[dict]]] = []   # region, project, instance, tasks
 
     def _scope(self, target: Target, client: RomaClient) -> dict:
         key = (target.region or client.region, target.project_id)
@@ -470,8 +511,25 @@ class _Run:
             self.keys.append((target.region or client.region, target.project_id, target.instance_id,
                               target.instance_name))
             common, cdc = statistics.common, statistics.cdc
+            self.collected.append((target, statistics))
             self.counts.append((common.running, common.abnormal, common.terminated, common.completed,
                                 cdc.running, cdc.abnormal, cdc.terminated, cdc.completed))
+
+    def list_tasks(self, pool, client_for, limited, bounded, budget: TaskListBudget, page_limit: int | None) -> None:
+        """The ERROR tasks of the collected instances with abnormal tasks (see ``tasks.py``)."""
+        entries = [(client_for(target), target, statistics.common.abnormal + statistics.cdc.abnormal)
+                   for target, statistics in self.collected]
+        listed, failures = list_abnormal_tasks(pool, entries, budget=budget, limited=limited, bounded=bounded,
+                                               page_limit=page_limit)
+        for position, exc in failures:
+            client, target, _ = entries[position]
+            self._record_error(target, target.instance_id, exc, client)
+        for position, entities in listed:
+            client, target, _ = entries[position]
+            self.listings.append((target.region or client.region, target.project_id, target.instance_id, entities))
+
+    def tasks_frame(self) -> pd.DataFrame:
+        return task_rows(self.listings, collected_at=self.collected_at, run_id=self.run_id)
 
     def _record_error(self, target: Target, instance_id: str, exc: Exception, client: RomaClient) -> None:
         if isinstance(exc, RomaError):

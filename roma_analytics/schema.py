@@ -1,4 +1,5 @@
-"""The tables every part of roma-analytics shares: ``stats``, ``errors`` and ``scopes``.
+"""The tables every part of roma-analytics shares: ``stats``, ``errors``, ``scopes`` and
+``abnormal_tasks``.
 
 DESIGN.md fixes their columns and meaning; this module fixes their pandas dtypes, so that
 ``collect``, the history, the exports and the analysis all agree on one shape, also when a
@@ -73,11 +74,36 @@ DISCOVERY_VALUES: tuple[str, ...] = ("listed", "explicit", "failed")
 #: What identifies a scope: what one run covers for one project.
 SCOPE_KEY: tuple[str, ...] = ("region", "project_id")
 
+#: One row per task that the task-list API reported in ``execute_status`` ERROR, per run, for
+#: the instances whose statistics showed abnormal tasks.  ``task_type`` is ``common`` or ``cdc``
+#: as in ``stats`` (``cdc`` when the API's ``ext_type`` is CDC); ``api_task_type`` is the API's
+#: own ``task_type`` (``REALTIME`` / ``TIMING``).  ``last_modified_time`` is the API's epoch
+#: milliseconds as a UTC time.
+ABNORMAL_TASKS_DTYPES: dict[str, object] = {
+    "collected_at": TIMESTAMP_DTYPE,
+    "run_id": STRING_DTYPE,
+    "region": STRING_DTYPE,
+    "project_id": STRING_DTYPE,
+    "instance_id": STRING_DTYPE,
+    "task_type": STRING_DTYPE,
+    "task_id": STRING_DTYPE,
+    "task_name": STRING_DTYPE,
+    "api_task_type": STRING_DTYPE,
+    "execute_status": STRING_DTYPE,
+    "status": "Int64",
+    "task_tag": STRING_DTYPE,
+    "created_date": TIMESTAMP_DTYPE,
+    "last_modified_time": TIMESTAMP_DTYPE,
+}
+
 STATS_COLUMNS: tuple[str, ...] = tuple(STATS_DTYPES)
 ERRORS_COLUMNS: tuple[str, ...] = tuple(ERRORS_DTYPES)
+ABNORMAL_TASKS_COLUMNS: tuple[str, ...] = tuple(ABNORMAL_TASKS_DTYPES)
+#: What identifies one task through time.
+TASK_KEY: tuple[str, ...] = ("region", "project_id", "instance_id", "task_id")
 
 TABLES: dict[str, dict[str, object]] = {"stats": STATS_DTYPES, "errors": ERRORS_DTYPES,
-                                        "scopes": SCOPES_DTYPES}
+                                        "scopes": SCOPES_DTYPES, "abnormal_tasks": ABNORMAL_TASKS_DTYPES}
 
 
 def empty_stats() -> pd.DataFrame:
@@ -93,6 +119,16 @@ def empty_errors() -> pd.DataFrame:
 def empty_scopes() -> pd.DataFrame:
     """An empty ``scopes`` frame with its columns and dtypes."""
     return _empty(SCOPES_DTYPES)
+
+
+def empty_abnormal_tasks() -> pd.DataFrame:
+    """An empty ``abnormal_tasks`` frame with the table's columns and dtypes."""
+    return _empty(ABNORMAL_TASKS_DTYPES)
+
+
+def empty(table: str) -> pd.DataFrame:
+    """An empty frame of ``table`` (a key of ``TABLES``) with its columns and dtypes."""
+    return _empty(TABLES[table])
 
 
 def _empty(dtypes: dict[str, object]) -> pd.DataFrame:

@@ -59,7 +59,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["FAULTS", "RANDOM_FAULTS", "Simulator", "main"]
+__all__ = ["FAULTS", "RANDOM_FAULTS", "TASK_LIST_FAULTS", "Simulator", "main"]
 
 #: Every fault ``Simulator.set_fault`` can force on an instance's statistics requests.
 FAULTS = (
@@ -88,6 +88,9 @@ FAULTS = (
     "unicode_error",            # 400 whose JSON error_msg has lone surrogates (an emoji cut in half)
     "trickle_headers",          # the status line and headers one byte every TRICKLE_INTERVAL, endlessly
 )
+#: The faults ``set_fault(..., api="tasks")`` can force on task-list requests.
+TASK_LIST_FAULTS = ("http_400", "http_404", "http_500", "http_502_html", "http_503_html", "http_429",
+                    "http_429_retry_after", "auth_401_signature")
 #: What ``fault_rate`` draws from.
 RANDOM_FAULTS = ("http_500", "http_429_retry_after", "truncated_json")
 
@@ -146,12 +149,13 @@ class _Instance:
     """One synthetic instance: its public description and the constants its counts follow."""
 
     __slots__ = ("info", "id", "project_id", "pools", "abnormal_rates", "day_phase", "week_phase",
-                 "terminated_share", "flaky", "created", "seed")
+                 "terminated_share", "flaky", "created", "seed", "_orders")
 
     def __init__(self, seed: int, project_id: str, position: int, status: str, has_cdc: bool,
                  flaky: bool, rng: random.Random) -> None:
         self.seed = seed
         self.project_id = project_id
+        self._orders: dict[str, list[int]] = {}
         self.id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         self.flaky = flaky
         self.pools = {"common": rng.randint(20, 400), "cdc": rng.randint(5, 120) if has_cdc else 0}
@@ -222,21 +226,44 @@ class _Instance:
                                               for name in COUNT_NAMES}
                 for task_type in ("common", "cdc")}
 
-    def tasks(self, at: float) -> list[dict]:
-        """The task list at ``at``: one entity per task counted by the statistics at ``at``."""
-        counts = self.counts(at)
-        entities = []
-        for task_type, pool in self.pools.items():
-            present = sum(counts[task_type].values())
+    def _order(self, task_type: str) -> list[int]:
+        """Every task index of the pool in the fixed order in which tasks take the states."""
+        order = self._orders.get(task_type)
+        if order is None:
             # A fixed order per instance decides which tasks fail first: the same tasks tend to
-            # be the abnormal ones, as in a real fleet.
-            order = sorted(range(present), key=lambda index: _digest(self.seed, self.id, task_type, index))
+            # be the abnormal ones, as in a real fleet.  Task ``index`` exists while
+            # ``index < present`` (the pool shrinks and grows over the week), so a task keeps
+            # its identity and may disappear while in ERROR.
+            order = sorted(range(self.pools[task_type]),
+                           key=lambda index: _digest(self.seed, self.id, task_type, index))
+            self._orders[task_type] = order
+        return order
+
+    def task_states(self, at: float) -> dict[str, list[tuple[int, str]]]:
+        """``{task_type: [(task index, execute_status), ...]}`` of the tasks present at ``at``."""
+        counts = self.counts(at)
+        result = {}
+        for task_type in self.pools:
+            present = sum(counts[task_type].values())
             states = []
             for count_name, execute_status in _STATE_OF_COUNT:
                 states += [execute_status] * counts[task_type][count_name]
-            for index, execute_status in zip(order, states):
-                entities.append(self._task(task_type, index, execute_status))
-        return entities
+            order = (index for index in self._order(task_type) if index < present)
+            result[task_type] = list(zip(order, states))
+        return result
+
+    def tasks(self, at: float) -> list[dict]:
+        """The task list at ``at``: one entity per task counted by the statistics at ``at``."""
+        return [self._task(task_type, index, execute_status)
+                for task_type, states in self.task_states(at).items()
+                for index, execute_status in states]
+
+    def error_task_ids(self, at: float) -> dict[str, dict]:
+        """``{task_id: entity}`` of the tasks in ERROR at ``at``."""
+        return {entity["task_id"]: entity for entity in
+                (self._task(task_type, index, "ERROR")
+                 for task_type, states in self.task_states(at).items()
+                 for index, execute_status in states if execute_status == "ERROR")}
 
     def _task(self, task_type: str, index: int, execute_status: str) -> dict:
         key = _digest(self.seed, self.id, "task", task_type, index)
@@ -545,6 +572,46 @@ class Simulator:
             raise ValueError(f"instance {instance_id!r} is not in project {project_id!r}")
         return instance.counts(self._clock() if at is None else at)
 
+    def error_episodes(self, project_id: str, instance_id: str, since: float, until: float) -> list[dict]:
+        """Ground truth: every stretch of time in ``[since, until)`` a task of the instance was ERROR.
+
+        Evaluated minute by minute (counts change at most once a minute).  One dict per episode,
+        in order of start: ``task_id``, ``task_name``, ``task_type`` (``common``/``cdc``),
+        ``start`` (epoch seconds of the first minute in ERROR, or ``since`` floored to the minute
+        if it already was), ``end`` (first minute no longer in ERROR: recovered or gone; None
+        while still ERROR at ``until``) and ``ended`` (``recovered``, ``disappeared`` or None).
+        """
+        instance = self._project(project_id).get(instance_id)
+        if instance is None:
+            raise ValueError(f"instance {instance_id!r} is not in project {project_id!r}")
+        open_: dict[tuple[str, int], dict] = {}
+        episodes: list[dict] = []
+        minute = int(since // _MINUTE) * _MINUTE
+        while minute < until:
+            counts = instance.counts(minute)
+            errors, present = set(), {}
+            for task_type in instance.pools:
+                present[task_type] = sum(counts[task_type].values())
+                wanted, chosen = counts[task_type]["abnormal"], []
+                # The first `abnormal` present tasks in the fixed order are the ERROR ones.
+                for index in instance._order(task_type):
+                    if len(chosen) == wanted:
+                        break
+                    if index < present[task_type]:
+                        chosen.append(index)
+                errors.update((task_type, index) for index in chosen)
+            for key in [key for key in open_ if key not in errors]:
+                episode = open_.pop(key)
+                episode.update(end=minute, ended="recovered" if key[1] < present[key[0]] else "disappeared")
+            for key in errors:
+                if key not in open_:
+                    entity = instance._task(key[0], key[1], "ERROR")
+                    open_[key] = {"task_id": entity["task_id"], "task_name": entity["task_name"],
+                                  "task_type": key[0], "start": minute, "end": None, "ended": None}
+                    episodes.append(open_[key])
+            minute += _MINUTE
+        return sorted(episodes, key=lambda episode: (episode["start"], episode["task_id"]))
+
     def _project(self, project_id: str) -> dict[str, _Instance]:
         try:
             return self._fleet[project_id]
@@ -571,17 +638,21 @@ class Simulator:
 
     # ---- faults and counters
 
-    def set_fault(self, instance_id: str, fault: str, times: int | None = None) -> None:
+    def set_fault(self, instance_id: str, fault: str, times: int | None = None, api: str = "statistics") -> None:
         """Answer ``instance_id``'s statistics requests with ``fault`` (the next ``times`` ones,
-        or all of them until ``clear_faults`` when ``times`` is None)."""
-        if fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; choose one of: {', '.join(FAULTS)}")
+        or all of them until ``clear_faults`` when ``times`` is None).  ``api="tasks"`` applies
+        it to the instance's task-list requests instead (one of ``TASK_LIST_FAULTS``)."""
+        if api not in ("statistics", "tasks"):
+            raise ValueError(f"api must be 'statistics' or 'tasks', got {api!r}")
+        allowed = FAULTS if api == "statistics" else TASK_LIST_FAULTS
+        if fault not in allowed:
+            raise ValueError(f"unknown fault {fault!r}; choose one of: {', '.join(allowed)}")
         if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
             raise ValueError(f"times must be a whole number >= 1 or None, got {times!r}")
         if not self._instance_anywhere(instance_id):
             raise ValueError(f"instance {instance_id!r} is not in the simulated fleet")
         with self._lock:
-            self._faults[instance_id] = [fault, times]
+            self._faults[instance_id if api == "statistics" else f"tasks:{instance_id}"] = [fault, times]
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -599,6 +670,7 @@ class Simulator:
             self._request_counts.clear()
 
     def _take_fault(self, instance_id: str) -> str | None:
+        """The fault of this request; ``tasks:<id>`` for the task list (never a random one)."""
         with self._lock:
             forced = self._faults.get(instance_id)
             if forced is not None:
@@ -609,7 +681,7 @@ class Simulator:
                     else:
                         forced[1] = remaining - 1
                 return fault
-            if self.fault_rate and self._fault_rng.random() < self.fault_rate:
+            if self.fault_rate and not instance_id.startswith("tasks:") and self._fault_rng.random() < self.fault_rate:
                 return self._fault_rng.choice(RANDOM_FAULTS)
         return None
 
@@ -838,6 +910,9 @@ class Simulator:
         instance = self._fleet.get(project_id, {}).get(instance_id)
         if instance is None:
             raise _fdi_error(404, "FDI.3081", f"The instance {instance_id} does not exist in project {project_id}.")
+        fault = self._take_fault(f"tasks:{instance_id}")
+        if fault is not None:
+            return self._send_fault(handler, fault, instance)
         name = params.get("name", "").lower()
         tasks = [task for task in instance.tasks(self._clock())
                  if name in task["task_name"].lower()

@@ -5,6 +5,8 @@ Layout (DESIGN.md, "history on disk")::
     HISTORY/stats/date=YYYY-MM-DD/<run_id>.parquet       one file per run (written even when empty)
     HISTORY/errors/date=YYYY-MM-DD/<run_id>.parquet      only for runs that had errors
     HISTORY/scopes/date=YYYY-MM-DD/<run_id>.parquet      what the run covered (region, project)
+    HISTORY/abnormal_tasks/date=YYYY-MM-DD/<run_id>.parquet   for runs that listed abnormal tasks
+                                                         (written even when empty: the run listed)
     HISTORY/<table>/date=YYYY-MM-DD/compacted-<first>-<last>-<hash>.parquet   after ``compact``
 
 ``date`` is the UTC day of the run's ``collected_at``.  It lives in the directory names only (hive
@@ -72,9 +74,11 @@ _SORT_KEYS = {
     "stats": ("collected_at", *schema.SERIES_KEY, "run_id"),
     "errors": ("collected_at", "region", "project_id", "instance_id", "run_id"),
     "scopes": ("collected_at", "region", "project_id", "run_id"),
+    "abnormal_tasks": ("collected_at", *schema.TASK_KEY, "run_id"),
 }
-#: Tables written for every run, even without a row (so that every run is listed).
-_ALWAYS_WRITTEN = ("stats",)
+#: Tables written for every run, even without a row (so that every run is listed); abnormal_tasks
+#: for every run that listed tasks (its frame is None otherwise), so an empty file means "none found".
+_ALWAYS_WRITTEN = ("stats", "abnormal_tasks")
 
 
 @dataclass(frozen=True)
@@ -144,10 +148,12 @@ class HistoryStore:
         """Store one collection run; return the files written (stats, then errors if any).
 
         Uses ``collection.stats``, ``.errors``, ``.run_id``, ``.collected_at`` and, when it has
-        one, ``.scopes`` (what the run covered; see :mod:`roma_analytics.fleet`).  The stats
-        file is written even for a run without rows, so every run is listed by :meth:`runs`; an
-        errors or scopes file only when it has rows.  A run id already in the history is
-        a :class:`ConfigError`: nothing is ever overwritten.
+        one, ``.scopes`` (what the run covered; see :mod:`roma_analytics.fleet`) and
+        ``.abnormal_tasks`` (None: the run did not list tasks).  The stats file is written even for
+        a run without rows, so every run is listed by :meth:`runs`; an abnormal_tasks file
+        whenever the run listed abnormal tasks (even none found), so :meth:`listed_runs` knows
+        which runs looked; an errors or scopes file only when it has rows.  A run id already in
+        the history is a :class:`ConfigError`: nothing is ever overwritten.
         """
         run_id = str(collection.run_id)
         if not _RUN_ID.fullmatch(run_id) or run_id.startswith(COMPACTED_PREFIX):
@@ -162,9 +168,12 @@ class HistoryStore:
             "errors": self._run_rows(collection.errors, "errors", run_id, day),
             "scopes": self._run_rows(getattr(collection, "scopes", None), "scopes", run_id, day),
         }
+        tasks = getattr(collection, "abnormal_tasks", None)
+        if tasks is not None:
+            frames["abnormal_tasks"] = self._run_rows(tasks, "abnormal_tasks", run_id, day)
         runs_meta = json.dumps([{"run_id": run_id, "collected_at": collected_at.isoformat()}])
         name = f"{run_id}.parquet"
-        targets = {table: self.path / table / f"date={day}" / name for table in TABLE_NAMES}
+        targets = {table: self.path / table / f"date={day}" / name for table in frames}
         for table, target in targets.items():
             # Under the read lock, like any reader: a compaction swapping the day could
             # otherwise delete a merged file between listing it and reading its run list.
@@ -179,7 +188,7 @@ class HistoryStore:
         written = []
         with _os_errors(f"cannot write to the history folder {self.path}"):
             self._ensure_layout()
-            for table in TABLE_NAMES:
+            for table in frames:
                 if table not in _ALWAYS_WRITTEN and frames[table].empty:
                     continue
                 arrow = to_arrow(frames[table], table, {META_RUNS: runs_meta})
@@ -281,6 +290,25 @@ class HistoryStore:
         _table_dtypes(table)
         with self._reading():
             return self._files(table, parse_time(since, "since"), parse_time(until, "until"))
+
+    def listed_runs(self, since=None, until=None) -> pd.DataFrame:
+        """Runs that listed abnormal tasks: ``run_id, collected_at``, oldest first.
+
+        A run with abnormal instances but no rows in ``abnormal_tasks`` either found no ERROR
+        task or did not look (``--no-task-list``); only this list tells the two apart.
+        """
+        start, end = parse_time(since, "since"), parse_time(until, "until")
+        with self._reading():
+            listed = [run for path in self._files("abnormal_tasks", start, end) for run in _file_runs(path)]
+        runs = pd.DataFrame(listed, columns=["run_id", "collected_at"]).drop_duplicates("run_id")
+        runs["run_id"] = runs["run_id"].astype(schema.STRING_DTYPE)
+        runs["collected_at"] = pd.to_datetime(runs["collected_at"], utc=True, format="ISO8601").astype(
+            schema.TIMESTAMP_DTYPE)
+        if start is not None:
+            runs = runs[runs["collected_at"] >= start]
+        if end is not None:
+            runs = runs[runs["collected_at"] < end]
+        return runs.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
 
     # ---------------------------------------------------------------------------- analysis
     def trend(self, freq="1D", by=("task_type",), since=None, until=None, projects=None,
@@ -551,7 +579,7 @@ def _table_dtypes(table: str) -> dict[str, object]:
 
 
 def _empty(table: str) -> pd.DataFrame:
-    return schema._empty(schema.TABLES[table])
+    return schema.empty(table)
 
 
 def _conform(frame: pd.DataFrame, table: str) -> pd.DataFrame:
