@@ -13,6 +13,7 @@
       disappeared = true             # tried by its project's previous run, not by the latest
       stale = true                   # a project not collected within its staleness window
                                      # (or stale = "30min": that window for every project)
+      task_abnormal_hours = 6        # a task listed in ERROR for 6 hours or more (abnormal_tasks)
 
 * :func:`evaluate` -- pure: ``stats``, ``errors`` (and ``scopes``) frames -> a list of
   :class:`Finding`, judged on the fleet's state as of now (:mod:`roma_analytics.fleet`: each
@@ -121,6 +122,10 @@ class Rules:
       failure); projects collected by other collectors are judged by their own runs.
     * ``stale``: a project (scope) not collected within its staleness window: ``True`` for
       ``fleet.STALENESS_FACTOR`` times its usual interval, or a duration such as ``"30min"``.
+    * ``task_abnormal_hours = H``: a task whose abnormal episode (:mod:`roma_analytics.episodes`)
+      is still open and has lasted at least ``H`` hours.  One finding per task while the
+      episode lasts: reported once, resolved when the task leaves ERROR, new again if a later
+      episode grows as long.
     """
 
     abnormal_ratio: AbnormalRatioRule | None = None
@@ -129,11 +134,13 @@ class Rules:
     collection_failures: int | None = None
     disappeared: bool = False
     stale: bool | str = False
+    task_abnormal_hours: float | None = None
 
     @property
     def empty(self) -> bool:
         return not (self.abnormal_ratio or self.abnormal_increase or self.anomalies
-                    or self.collection_failures or self.disappeared or self.stale)
+                    or self.collection_failures or self.disappeared or self.stale
+                    or self.task_abnormal_hours)
 
     @property
     def staleness(self) -> pd.Timedelta | None:
@@ -150,7 +157,8 @@ def _rules_dict(rules: Rules) -> dict:
     return {name: getattr(rules, name) for name in Rules.__dataclass_fields__}
 
 
-_RULE_KEYS = {"abnormal_ratio", "abnormal_increase", "anomalies", "collection_failures", "disappeared", "stale"}
+_RULE_KEYS = {"abnormal_ratio", "abnormal_increase", "anomalies", "collection_failures", "disappeared", "stale",
+              "task_abnormal_hours"}
 
 
 def parse_rules(table: Mapping | None, source: str = "targets file") -> Rules:
@@ -240,8 +248,13 @@ def parse_rules(table: Mapping | None, source: str = "targets file") -> Rules:
     elif not isinstance(stale, bool):
         raise fail("stale", "must be true, false or a duration such as \"30min\"")
 
+    hours = table.get("task_abnormal_hours")
+    if hours is not None and not (_is_number(hours) and hours > 0):
+        raise fail("task_abnormal_hours", "must be a positive number of hours such as 6")
+
     return Rules(abnormal_ratio=ratio, abnormal_increase=increase, anomalies=anomaly,
-                 collection_failures=failures, disappeared=disappeared, stale=stale)
+                 collection_failures=failures, disappeared=disappeared, stale=stale,
+                 task_abnormal_hours=float(hours) if hours is not None else None)
 
 
 def _is_number(value) -> bool:
@@ -337,11 +350,14 @@ def _key(rule: str, level: str, subject: Mapping, columns: Iterable[str]) -> str
 # -------------------------------------------------------------------------------------- evaluate
 
 def evaluate(stats: pd.DataFrame, errors: pd.DataFrame, rules: Rules, scopes: pd.DataFrame | None = None, *,
-             now=None, state: fleet.FleetState | None = None) -> list[Finding]:
+             now=None, state: fleet.FleetState | None = None, tasks: pd.DataFrame | None = None,
+             listed_runs: Iterable[str] = ()) -> list[Finding]:
     """Every finding of ``rules`` on the fleet's state as of ``now`` (default: the present).
 
     ``stats``/``errors``/``scopes`` (schema frames) must reach back far enough for the rules
-    (each project's last K runs, the anomaly window); :func:`check` loads exactly that.
+    (each project's last K runs, the anomaly window, ``task_abnormal_hours``); :func:`check`
+    loads exactly that.  ``tasks`` (``abnormal_tasks`` rows) and ``listed_runs`` (the run ids
+    that listed tasks) feed ``task_abnormal_hours``.
     ``state`` is the fleet state if the caller has it (``HistoryStore.fleet_state``); otherwise
     it is computed from the frames.  Findings come sorted by key.
     """
@@ -371,7 +387,29 @@ def evaluate(stats: pd.DataFrame, errors: pd.DataFrame, rules: Rules, scopes: pd
         findings += _disappeared(state.changes, names)
     if rules.stale:
         findings += _stale(state)
+    if rules.task_abnormal_hours and tasks is not None:
+        tasks = conform(tasks, "abnormal_tasks")
+        findings += _long_abnormal_tasks(stats, errors, tasks[tasks["collected_at"] <= cutoff], listed_runs,
+                                         rules.task_abnormal_hours, names)
     return sorted(findings, key=lambda finding: finding.key)
+
+
+def _long_abnormal_tasks(stats, errors, tasks, listed_runs, hours: float, names) -> list[Finding]:
+    from roma_analytics import episodes
+
+    found = episodes.episodes(stats, tasks, errors, listed_runs)
+    found = found[found["still_open"] & (found["duration"] >= pd.Timedelta(hours=hours))]
+    findings = []
+    for row in found.to_dict("records"):
+        subject = _with_name(_subject(row, (*_INSTANCE_KEY, "task_type")), names)
+        task = f"task {row['task_name'] or row['task_id']} ({row['task_id']})"
+        message = (f"{task} of {_label({**subject, 'task_type': None}, 'instance')} has been abnormal for "
+                   f"{row['duration'] / pd.Timedelta(hours=1):.1f} h (since {row['first_seen']:%Y-%m-%d %H:%M} UTC; "
+                   f"threshold {hours:g} h)")
+        key = "/".join(["task_abnormal_hours", "task", *(str(row[c]) for c in (*_INSTANCE_KEY, "task_id"))])
+        findings.append(Finding(key=key, rule="task_abnormal_hours", message=message, level="task",
+                                value=row["duration"] / pd.Timedelta(hours=1), threshold=hours, **subject))
+    return findings
 
 
 def _instance_names(stats: pd.DataFrame) -> dict:
@@ -584,7 +622,16 @@ def check(store, rules: Rules, *, state_path=None, webhook: str | None = None, t
         stats, errors, scopes = _load_window(store, rules, lookback, now)
         if stats is None:  # the rules judge the fleet state only
             stats, errors = state.latest_stats(), schema_empty_errors()
-        findings = evaluate(stats, errors, rules, scopes, now=now, state=state)
+        tasks, listed = None, ()
+        if rules.task_abnormal_hours:
+            # Back `lookback` beyond the threshold: an episode's start is seen (an episode older
+            # than that shows the window's start as its own, and still fires: it is long).
+            # A longer window than the other rules need serves them as well.
+            since = now - pd.Timedelta(hours=rules.task_abnormal_hours) - lookback
+            stats, errors = store.load(since=since), store.load(since=since, table="errors")
+            tasks = store.load(since=since, table="abnormal_tasks")
+            listed = store.listed_runs(since=since)["run_id"].tolist()
+        findings = evaluate(stats, errors, rules, scopes, now=now, state=state, tasks=tasks, listed_runs=listed)
         kpis = state.kpis()
         state = _read_state(state_path)
         section_key = _section_key(rules, webhook)

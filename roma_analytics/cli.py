@@ -563,6 +563,8 @@ def add_check(subparsers) -> None:
     rules.add_argument("--anomaly-z", metavar="Z", type=positive_float, help="robust z threshold (default 3)")
     rules.add_argument("--failures", metavar="K", type=positive_int, help="consecutive failed runs")
     rules.add_argument("--disappeared", action="store_true", help="instances gone since the previous run")
+    rules.add_argument("--max-task-abnormal-hours", metavar="H", type=positive_float,
+                       help="a task listed in ERROR for H hours or more (once per episode)")
     notify = parser.add_argument_group("notification")
     hook = notify.add_mutually_exclusive_group()
     hook.add_argument("--webhook", metavar="URL", help="POST new and resolved findings as JSON to URL")
@@ -638,7 +640,8 @@ def _flag_rules(args, alerts):
                                                ("z", args.anomaly_z)) if value}
         anomaly = alerts.parse_rules({"anomalies": table}, source="command line").anomalies
     return alerts.Rules(abnormal_ratio=ratio, abnormal_increase=args.abnormal_increase, anomalies=anomaly,
-                        collection_failures=args.failures, disappeared=args.disappeared)
+                        collection_failures=args.failures, disappeared=args.disappeared,
+                        task_abnormal_hours=args.max_task_abnormal_hours)
 
 
 def _report_check(result, as_json: bool, new_only: bool = False) -> None:

@@ -75,8 +75,8 @@ def test_collect_json_and_exit_3_with_errors_on_stderr(simulator, history_dir, c
     summary = json.loads(out)
     assert (summary["instances"], summary["collected"], summary["failed"]) == (len(ids), len(ids) - 1, 1)
     assert summary["error_codes"] == {"FDI.3081": 1} and summary["exit_status"] == 3
-    # stats, errors and the abnormal tasks the run listed
-    assert all(Path(f).exists() for f in summary["files"]) and len(summary["files"]) == 3
+    # stats, errors, scopes and the abnormal tasks the run listed
+    assert all(Path(f).exists() for f in summary["files"]) and len(summary["files"]) == 4
     assert summary["abnormal_task_rows"] > 0 and summary["not_listed"] == 0
     assert f"{project}/{ids[0]}: HTTP 404 FDI.3081" in err
     errors = pq.read_table(parquet_files(history_dir / "errors")[0]).to_pandas()
@@ -240,14 +240,14 @@ def test_compact_merges_the_day_without_losing_rows(two_run_history, capsys):
     store = HistoryStore(two_run_history)
     before_rows = store.load().sort_values(["run_id", "instance_id", "task_type"]).reset_index(drop=True)
     assert len(parquet_files(two_run_history / "stats")) == 4
-    tasks_rows = len(store.load(table="abnormal_tasks"))
+    other_rows = len(store.load(table="abnormal_tasks")) + len(store.load(table="scopes"))
     # Today is not finished, so the default leaves it alone; --before tomorrow includes it.
     assert "compacted 0 day(s)" in run_cli(capsys, "compact", "--history", two_run_history)[1]
     code, out, err = run_cli(capsys, "compact", "--history", two_run_history,
                              "--before", date.today() + timedelta(days=1))
     assert code == 0, err
-    # 4 runs: 4 stats files and 4 abnormal_tasks files (the runs listed tasks), no errors
-    assert f"8 file(s) merged, {len(before_rows) + tasks_rows} row(s)" in out
+    # 4 runs: 4 files each of stats, scopes and abnormal_tasks (the runs listed tasks), no errors
+    assert f"12 file(s) merged, {len(before_rows) + other_rows} row(s)" in out
     assert len(parquet_files(two_run_history / "stats")) == 1
     after_rows = store.load().sort_values(["run_id", "instance_id", "task_type"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(before_rows, after_rows)

@@ -10,7 +10,7 @@ import pytest
 from roma_analytics import HistoryStore, Target, collect
 from roma_analytics import episodes as ep
 from roma_analytics.collect import make_session
-from roma_analytics.schema import conform, empty_errors
+from roma_analytics.schema import conform, empty_abnormal_tasks, empty_errors
 from roma_analytics.simulator import Simulator
 
 #: 2025-11-30T00:00:00Z, a Sunday; the simulated clock starts here.
@@ -140,6 +140,8 @@ def _stats(rows):
 
 
 def _tasks(rows):
+    if not rows:
+        return empty_abnormal_tasks()
     frame = pd.DataFrame([dict(region="r", project_id="p", task_type="common", task_name=row["task_id"],
                                api_task_type="TIMING", execute_status="ERROR", status=1, task_tag=None,
                                created_date=None, last_modified_time=None, **row) for row in rows])
@@ -190,3 +192,58 @@ def test_a_run_that_did_not_list_neither_ends_nor_extends_an_episode():
     assert share.loc[0, "runs"] == 1 and share.loc[0, "share"] == 1.0
     short = ep.listing_share(stats, tasks.iloc[:0], empty_errors(), ["r0"])
     assert short.loc[0, "share"] == 0.0
+
+
+# ---------------------------------------------------------------------------------- check rule
+
+def _append_run(store, minute, abnormal, error_tasks, listed=True):
+    """One run of instance a at ``_t(minute)``: ``abnormal`` common abnormal tasks, ``error_tasks`` listed."""
+    from types import SimpleNamespace
+
+    run_id = f"run-{minute:05d}"
+    stats = _stats([dict(run_id=run_id, collected_at=_t(minute), instance_id="a", abnormal=abnormal)])
+    tasks = _tasks([dict(run_id=run_id, collected_at=_t(minute), instance_id="a", task_id=task)
+                    for task in error_tasks]) if listed else None
+    store.append(SimpleNamespace(stats=stats, errors=empty_errors(), run_id=run_id, collected_at=_t(minute),
+                                 abnormal_tasks=tasks))
+
+
+def test_check_reports_a_long_abnormal_task_once_per_episode(tmp_path):
+    from roma_analytics import alerts
+
+    store = HistoryStore(tmp_path / "h")
+    rules = alerts.Rules(task_abnormal_hours=2)
+
+    def check(minute):
+        return alerts.check(store, rules, now=_t(minute))
+
+    def keys(findings):
+        return [finding.key for finding in findings]
+
+    for minute in range(0, 115, 5):          # x in ERROR from minute 0; 1 h 50 min: not yet
+        _append_run(store, minute, 1, ["x"])
+    assert check(115).findings == []
+    _append_run(store, 120, 1, ["x"])         # 2 h: fires, new
+    first = check(121)
+    assert keys(first.new) == keys(first.findings) == ["task_abnormal_hours/task/r/p/a/x"]
+    assert "x" in first.new[0].message and "2.0 h" in first.new[0].message
+    _append_run(store, 125, 1, ["x"], listed=False)   # not listed: neither ends nor re-reports
+    second = check(126)
+    assert keys(second.findings) == keys(first.findings) and second.new == []
+    _append_run(store, 130, 0, [])            # recovered
+    third = check(131)
+    assert third.findings == [] and [entry["key"] for entry in third.resolved] == keys(first.findings)
+    for minute in range(135, 135 + 125, 5):   # a second episode of x, as long again
+        _append_run(store, minute, 1, ["x"])
+    fourth = check(135 + 125)
+    assert keys(fourth.new) == keys(first.findings)
+
+
+def test_task_abnormal_hours_rule_parses_and_refuses_nonsense():
+    from roma_analytics import alerts
+    from roma_analytics.errors import ConfigError
+
+    assert alerts.parse_rules({"task_abnormal_hours": 6}).task_abnormal_hours == 6.0
+    for bad in (0, -1, "6", True):
+        with pytest.raises(ConfigError, match="task_abnormal_hours"):
+            alerts.parse_rules({"task_abnormal_hours": bad})
