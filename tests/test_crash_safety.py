@@ -163,11 +163,12 @@ def test_kill_collect_at_random_points(forkserver, sim, tmp_path, capsys):
 
 
 def synthetic_collection(base, run_id: str, at: pd.Timestamp):
-    stats, errors = base.stats.copy(), base.errors.copy()
-    for frame in (stats, errors):
+    tables = {name: getattr(base, name).copy() for name in ("stats", "errors", "scopes") if hasattr(base, name)}
+    for frame in tables.values():
         frame["run_id"] = pd.array([run_id] * len(frame), dtype="string")
-        frame["collected_at"] = pd.Series([at] * len(frame), dtype=frame["collected_at"].dtype)
-    return dataclasses.replace(base, stats=stats, errors=errors, run_id=run_id, collected_at=at)
+        if "collected_at" in frame:
+            frame["collected_at"] = pd.Series([at] * len(frame), dtype=frame["collected_at"].dtype)
+    return dataclasses.replace(base, **tables, run_id=run_id, collected_at=at)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,52 @@ def test_kill_append_at_random_points(forkserver, base_collection, tmp_path):
     # The next append succeeds and is complete.
     store.append(synthetic_collection(base_collection, "run-final", now))
     assert check_history(history, committed)["run-final"] == (STATS_PER_RUN, ERRORS_PER_RUN)
+
+
+def append_stopping_mid_write(history: str, collection, ready: str) -> None:
+    """Child: append, but the Parquet write stops half-way (the file's first bytes are on disk)
+    and waits to be killed; ``ready`` appears once it is there."""
+    from roma_analytics import store as store_module
+
+    def half_a_file(arrow, file) -> None:
+        file.write(b"PAR1" + b"\0" * 1024)
+        file.flush()
+        Path(ready).touch()
+        time.sleep(120)
+
+    store_module.write_parquet = half_a_file
+    HistoryStore(history).append(collection)
+
+
+def test_kill_during_a_write_leaves_only_an_ignored_temporary_file(forkserver, base_collection, tmp_path):
+    """The random kills above may or may not land inside a write; this one does, for sure."""
+    history = tmp_path / "history"
+    store = HistoryStore(history)
+    day = pd.Timestamp("2024-03-01T06:00Z")
+    store.append(synthetic_collection(base_collection, "run-before", day))
+    committed = check_history(history, {})
+    ready = tmp_path / "ready"
+    child = forkserver.Process(target=append_stopping_mid_write,
+                               args=(str(history), synthetic_collection(base_collection, "run-killed", day), str(ready)))
+    child.start()
+    try:
+        while not ready.exists():
+            assert child.is_alive(), f"the child ended before writing (exit {child.exitcode})"
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+    # The kill landed inside the write: its dot-prefixed temporary file is there, and ignored.
+    temporary = [p for p in (history / "stats").rglob(".*") if ".tmp-" in p.name]
+    assert len(temporary) == 1 and temporary[0].stat().st_size > 0
+    assert check_history(history, committed) == committed
+    # The same run can be stored afterwards, complete.
+    store.append(synthetic_collection(base_collection, "run-killed", day))
+    assert check_history(history, committed)["run-killed"] == (STATS_PER_RUN, ERRORS_PER_RUN)
 
 
 def test_kill_compact_at_random_points_with_a_reader(forkserver, base_collection, tmp_path):
