@@ -170,6 +170,7 @@ def run_collect(args) -> int:
     # One session and one set of clients for all runs: connections and IAM tokens are reused.
     session = session_for(targets, workers)
     clients: dict = {}
+    credentials: dict = {}    # refused credentials stay unused across the runs of --every
     progress = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     try:
         with _sigterm_as_interrupt():
@@ -180,6 +181,7 @@ def run_collect(args) -> int:
                                          rate_limit=rate_limit, progress=progress, session=session,
                                          clients=clients, verify=verify, deadline=args.deadline,
                                          task_list=not args.no_task_list,
+                                         credentials=credentials,
                                          **({} if args.task_list_budget is None
                                             else {"task_list_budget": args.task_list_budget}))
                 except KeyboardInterrupt as stop:

@@ -25,10 +25,11 @@ Limits that keep a run from hurting the user (docs/reliability.md has the detail
   instances (or discoveries) not reached in time are ``errors`` rows with ``error_code =
   "RUN_DEADLINE"`` and ``attempts = 0`` (an attempt cut by it also says ``RUN_DEADLINE``).
 * A credential is not spent blindly: until the gateway has accepted it once in the run, one
-  request at a time uses it; after ``MAX_AUTH_FAILURES`` refused requests (401) the rest of its
-  instances are not attempted (``error_code = "CREDENTIAL_SUSPENDED"``, ``attempts = 0``), so a
-  wrong key or a skewed clock cannot get the AK locked (Huawei Cloud locks it after 5
-  consecutive failures).
+  request at a time uses it; after ``MAX_AUTH_FAILURES`` consecutive refused requests (401) the
+  rest of its instances are not attempted (``error_code = "CREDENTIAL_SUSPENDED"``, ``attempts =
+  0``), so a wrong key or a skewed clock cannot get the AK locked (Huawei Cloud locks it after 5
+  consecutive failures).  Runs that share ``credentials`` (``collect --every``) count together:
+  a suspended credential is left alone for ``SUSPENSION_S`` seconds, then one request probes it.
 
 Ctrl-C (``KeyboardInterrupt``) cancels what has not started, cuts in-flight requests at once (their
 sockets are shut down) without waiting for them, and re-raises: an interrupted run returns nothing.
@@ -69,8 +70,11 @@ EXIT_OK = 0
 EXIT_PARTIAL = 3
 EXIT_NONE = 4
 
-#: Refused requests (401) with one credential after which a run stops using it.
+#: Consecutive refused requests (401) with one credential after which it is not used any more.
 MAX_AUTH_FAILURES = 3
+#: How long a suspended credential stays unused by later runs sharing ``credentials`` (``--every``);
+#: then one request probes it again.
+SUSPENSION_S = 900.0
 #: ``error_code`` of instances not attempted because the run's deadline passed.
 RUN_DEADLINE = "RUN_DEADLINE"
 #: ``error_code`` of instances not attempted because their credential was refused too often.
@@ -240,10 +244,13 @@ def collect(
     task_list: bool = True,
     task_list_budget: int | None = DEFAULT_BUDGET,
     task_page_limit: int | None = None,
+    credentials: MutableMapping[object, object] | None = None,
 ) -> Collection:
     """Collect the task statistics of ``targets``; see the module docstring for how.
 
     ``deadline`` (seconds, None for none) bounds the whole run, discovery included.
+    ``credentials`` keeps each credential's refusals across runs (pass the same dict to every
+    run of a loop, as ``clients``), so that a loop never adds up to a locked AK.
 
     ``session`` and ``clients`` let a caller keep connections and renewed tokens across runs
     (``clients`` maps ``client_key(target)`` to a RomaClient; new clients are added to it and
@@ -285,11 +292,9 @@ def collect(
         if rate_limit:
             limiters[client.endpoint].acquire()
 
-    guards: dict[object, _CredentialGuard] = {}
-    for target in targets:
-        key = credential_key(target.auth)
-        if key is not None and key not in guards:
-            guards[key] = _CredentialGuard(run_deadline)
+    guards = {} if credentials is None else credentials
+    for key in {credential_key(target.auth) for target in targets} - {None}:
+        guards.setdefault(key, _CredentialGuard()).start_run(run_deadline)
 
     def bounded(target: Target, call: Callable[[], object]):
         """Run one API call for ``target`` under the run's deadline and its credential's guard."""
@@ -352,14 +357,27 @@ class _CredentialGuard:
     opens the way too, so a fleet behind a dead endpoint is not collected one at a time.
     """
 
-    def __init__(self, deadline: transport.Deadline, limit: int = MAX_AUTH_FAILURES) -> None:
+    def __init__(self, limit: int = MAX_AUTH_FAILURES, suspension: float = SUSPENSION_S) -> None:
         self.limit = limit
-        self.failures = 0
+        self.suspension = suspension
+        self.failures = 0          # consecutive refusals, across runs, until one is accepted
         self.proven = False
         self.refused: AuthenticationError | None = None
-        self._deadline = deadline
+        self.refused_at = 0.0
+        self._deadline = transport.Deadline()
         self._probing = False
         self._condition = threading.Condition()
+
+    def start_run(self, deadline: transport.Deadline) -> None:
+        """A new run: proven again from scratch; a suspension that has lasted long enough ends
+        with one probe (one more refusal suspends it again)."""
+        with self._condition:
+            self._deadline = deadline
+            self.proven = False
+            self._probing = False
+            if self.refused is not None and time.monotonic() - self.refused_at >= self.suspension:
+                self.refused = None
+                self.failures = self.limit - 1
 
     def call(self, function: Callable[[], object]):
         with self._condition:
@@ -400,17 +418,18 @@ class _CredentialGuard:
         self.failures += 1
         self.proven = False      # refused now: back to one request at a time
         if self.failures >= self.limit and self.refused is None:
-            self.refused = exc
+            self.refused, self.refused_at = exc, time.monotonic()
             log.warning("stopped using a credential after %d refused requests in this run: %s",
                         self.failures, exc.error_code)
 
     def _suspended(self) -> RomaError:
         last = self.refused
+        wait = max(0.0, self.suspension - (time.monotonic() - self.refused_at))
         return _not_attempted(
-            f"{self.failures} requests with this credential were refused in this run, so it is not "
-            f"used again until the next run (the gateway locks an access key after 5 consecutive "
-            f"failures); last refusal: HTTP {last.status} {last.error_code}: {last.error_msg}",
-            CREDENTIAL_SUSPENDED)
+            f"{self.failures} consecutive requests with this credential were refused, so it is not used "
+            f"for {wait / 60:.0f} more minute(s) (the gateway locks an access key after 5 consecutive "
+            f"failures); fix the credential or the clock; last refusal: HTTP {last.status} "
+            f"{last.error_code}: {last.error_msg}", CREDENTIAL_SUSPENDED)
 
 
 class _Run:
@@ -537,7 +556,9 @@ class _Run:
                        request_id=exc.request_id, attempts=exc.attempts)
             log.debug("project %s instance %s failed: %s", target.project_id, instance_id, exc.error_code)
         else:
-            row = dict(http_status=None, error_code="INTERNAL", error_msg=f"{type(exc).__name__}: {exc}",
+            # Redacted: an unexpected exception's text may quote a request (and its credentials).
+            row = dict(http_status=None, error_code="INTERNAL",
+                       error_msg=client._redact(f"{type(exc).__name__}: {exc}")[:512],
                        request_id=None, attempts=getattr(exc, "attempts", 1))
             log.warning("unexpected error collecting project %s instance %s", target.project_id, instance_id,
                         exc_info=log.isEnabledFor(logging.DEBUG))

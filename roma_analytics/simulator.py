@@ -57,7 +57,7 @@ from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 __all__ = ["FAULTS", "RANDOM_FAULTS", "TASK_LIST_FAULTS", "Simulator", "main"]
 
@@ -801,7 +801,10 @@ class Simulator:
             raise refuse("SignedHeaders must list x-sdk-date and only headers the request has.")
         from roma_analytics.auth import signature_for   # lazily: auth pulls in requests
 
-        expected = signature_for(self._sk, method, path, query, headers, body, signed_headers, sdk_date)
+        # The query as the gateway reads it ("+" is a space), not as the client's own code would:
+        # a client that signs another reading of the query than the gateway's is refused here too.
+        pairs = parse_qsl(query, keep_blank_values=True)
+        expected = signature_for(self._sk, method, path, pairs, headers, body, signed_headers, sdk_date)
         if not hmac.compare_digest(expected.lower().encode(), signature.lower().encode()):
             raise refuse("verify aksk signature fail.")
 
