@@ -118,9 +118,10 @@ def add_collect(subparsers) -> None:
     source.add_argument("--config", metavar="FILE", help="targets file (TOML)")
     source.add_argument("--endpoint", metavar="URL", help="ROMA Connect endpoint URL")
     source.add_argument("--region", metavar="ID", help="region id, e.g. cn-north-4 (endpoint derived from it)")
-    source.add_argument("--project-id", metavar="ID", help="project id")
+    source.add_argument("--project-id", metavar="ID", nargs="+", action="extend",
+                        help="project id(s); each project's RUNNING instances are discovered")
     source.add_argument("--instance-id", metavar="ID", nargs="+", action="extend",
-                        help="instance id(s); default: discover the project's RUNNING instances")
+                        help="instance id(s) of the one --project-id; default: discover the RUNNING instances")
     source.add_argument("--token-env", metavar="VAR",
                         help=f"environment variable holding the X-Auth-Token (default {DEFAULT_TOKEN_ENV}; "
                              "without --config only)")
@@ -147,6 +148,11 @@ def add_collect(subparsers) -> None:
                             "recorded as NOT_LISTED in the errors table")
     tasks.add_argument("--no-task-list", action="store_true",
                        help="do not list abnormal tasks (counts only, no extra request)")
+    run.add_argument("--openmetrics-out", metavar="FILE",
+                     help="after every run, whatever its exit status, write the fleet state as "
+                          "OpenMetrics to FILE (node_exporter's textfile collector)")
+    run.add_argument("--label", metavar="NAME=VALUE", action="append",
+                     help="static label on every OpenMetrics sample (repeatable), e.g. env=prod")
     tls = run.add_mutually_exclusive_group()
     tls.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (test endpoints only)")
     tls.add_argument("--ca-bundle", metavar="FILE", help="verify TLS with this CA bundle")
@@ -166,6 +172,7 @@ def run_collect(args) -> int:
     rate_limit = args.rate_limit or settings.get("rate_limit")
     verify = _tls_verify(args, settings)
     store = HistoryStore(args.history or settings.get("history", DEFAULT_HISTORY))
+    labels = _openmetrics_labels(args)
 
     # One session and one set of clients for all runs: connections and IAM tokens are reused.
     session = session_for(targets, workers)
@@ -198,6 +205,7 @@ def run_collect(args) -> int:
                         files = _store_run(store, collection, keep_going=bool(args.every))
                     if files is not None:
                         _report_collection(collection, files, as_json=args.json)
+                        _after_run(store, collection, args.openmetrics_out, labels, keep_going=bool(args.every))
                     if not args.every:
                         return collection.exit_status
                     _sleep_until_next(started, args.every)
@@ -254,6 +262,39 @@ def _store_run(store, collection, keep_going: bool):
         return None
 
 
+def _openmetrics_labels(args) -> dict:
+    from roma_analytics.openmetrics import parse_labels
+
+    if args.label and not getattr(args, "openmetrics_out", True):
+        raise _Usage("--label needs --openmetrics-out FILE")
+    return parse_labels(args.label)
+
+
+def _after_run(store, collection, openmetrics_out, labels, keep_going: bool = False) -> None:
+    """Warn about runs stamped in the future; refresh the OpenMetrics file (any exit status).
+
+    With ``keep_going`` (--every) a failure here is reported and the loop goes on."""
+    try:
+        _warn_and_export(store, collection, openmetrics_out, labels)
+    except (RomaError, OSError) as exc:
+        if not keep_going:
+            raise
+        print(f"{PROG}: error: {exc}; the run is stored, trying again after the next run", file=sys.stderr)
+
+
+def _warn_and_export(store, collection, openmetrics_out, labels) -> None:
+    from roma_analytics.export import export_table
+
+    future = store.future_runs(collection.collected_at)
+    if len(future):
+        first = future.iloc[0]
+        print(f"{PROG}: warning: the history holds {future['run_id'].nunique()} run(s) stamped after this "
+              f"run's start (e.g. {first['run_id']} at {first['collected_at'].isoformat()}): a collector's "
+              "clock is wrong; every view ignores them until their time. Fix the clock (NTP).", file=sys.stderr)
+    if openmetrics_out:
+        export_table(store, openmetrics_out, format="openmetrics", labels=labels or None)
+
+
 def _collect_targets(args):
     from roma_analytics.targets import Target, identifier_problem, load_targets
 
@@ -269,18 +310,23 @@ def _collect_targets(args):
         raise _Usage("give --config FILE, or --endpoint URL or --region ID with --project-id ID")
     if not args.project_id:
         raise _Usage("--project-id is required with --endpoint/--region")
-    for flag, what, value in [("--project-id", "project id", args.project_id),
+    for flag, what, value in [*(("--project-id", "project id", p) for p in args.project_id),
                               *(("--instance-id", "instance id", i) for i in args.instance_id or ())]:
         problem = identifier_problem(value, what)
         if problem:
             raise _Usage(f"{flag}: {problem}")
+    if len(set(args.project_id)) != len(args.project_id):
+        raise _Usage("--project-id lists a project twice")
+    if args.instance_id and len(args.project_id) > 1:
+        raise _Usage("--instance-id names instances of one project; with several --project-id ids, leave it "
+                     "out (each project's RUNNING instances are discovered) or use a targets file")
     auth = _token_auth(args.token_env)
-    common = dict(project_id=args.project_id, endpoint=args.endpoint, region=args.region, auth=auth)
+    common = dict(endpoint=args.endpoint, region=args.region, auth=auth)
     if not args.instance_id:
-        return [Target(**common)], {}
+        return [Target(project_id=project, **common) for project in args.project_id], {}
     if len(set(args.instance_id)) != len(args.instance_id):
         raise _Usage("--instance-id lists an instance twice")
-    return [Target(instance_id=i, **common) for i in args.instance_id], {}
+    return [Target(project_id=args.project_id[0], instance_id=i, **common) for i in args.instance_id], {}
 
 
 def _token_auth(token_env: str | None):
@@ -413,12 +459,15 @@ def add_export(subparsers) -> None:
     parser = _subparser(subparsers, "export", "export the history to CSV, Parquet or OpenMetrics", EXPORT_HELP,
                         EXPORT_EXAMPLE)
     parser.add_argument("--format", required=True, choices=("csv", "parquet", "openmetrics"),
-                        help="file format; openmetrics writes the latest run as Prometheus gauges")
+                        help="file format; openmetrics writes the fleet state (each series' latest "
+                             "snapshot) as Prometheus gauges")
     parser.add_argument("--out", required=True, metavar="PATH", help="output file")
     parser.add_argument("--history", metavar="DIR", default=DEFAULT_HISTORY,
                         help=f"history folder (default {DEFAULT_HISTORY})")
-    parser.add_argument("--table", choices=("stats", "errors", "abnormal_tasks"), default="stats",
-                        help="table (default stats)")
+    parser.add_argument("--table", choices=("stats", "errors", "scopes", "abnormal_tasks"), default="stats",
+                        help="table (default stats; scopes: what each run covered)")
+    parser.add_argument("--label", metavar="NAME=VALUE", action="append",
+                        help="openmetrics: static label on every sample (repeatable), e.g. env=prod")
     parser.add_argument("--since", metavar="ISO", type=iso_time, help="first time included")
     parser.add_argument("--until", metavar="ISO", type=iso_time, help="first time excluded")
     parser.add_argument("--project-id", metavar="ID", nargs="+", action="extend", help="only these projects")
@@ -441,8 +490,11 @@ def run_export(args) -> int:
     if args.since and args.until and args.since >= args.until:
         raise _Usage("--since must be before --until")
     _existing_history(args.history)
+    from roma_analytics.openmetrics import parse_labels
+
     report = export_table(args.history, args.out, format=args.format, table=args.table, since=args.since,
-                          until=args.until, projects=args.project_id, instances=args.instance_id)
+                          until=args.until, projects=args.project_id, instances=args.instance_id,
+                          labels=parse_labels(args.label) or None)
     print(f"exported {report.rows} {args.table} row(s) to {report.path}")
     return 0
 
@@ -524,7 +576,8 @@ rules:
   --anomalies              the latest bucket is an anomaly of the abnormal ratio (robust z-score
                            against the previous --anomaly-window buckets; rises only)
   --failures K             an instance (or a project's discovery) failed in each of the last K runs
-  --disappeared            an instance of the previous run is not in the latest run at all
+  --disappeared            an instance its project's previous run had is not tried by the latest
+  --stale [DURATION]       a project not collected within its staleness window
 
 --webhook URL POSTs one JSON message {"new": [...], "resolved": [...], "text": ...} when there
 are new or resolved findings, with a timeout and retries (backoff) on connection errors, 429 and
@@ -564,7 +617,11 @@ def add_check(subparsers) -> None:
     rules.add_argument("--anomaly-window", metavar="N", type=positive_int, help="baseline buckets (default 24)")
     rules.add_argument("--anomaly-z", metavar="Z", type=positive_float, help="robust z threshold (default 3)")
     rules.add_argument("--failures", metavar="K", type=positive_int, help="consecutive failed runs")
-    rules.add_argument("--disappeared", action="store_true", help="instances gone since the previous run")
+    rules.add_argument("--disappeared", action="store_true",
+                       help="instances their project's previous run had and its latest run no longer tries")
+    rules.add_argument("--stale", metavar="DURATION", nargs="?", const=True, default=None,
+                       help="projects not collected within their staleness window (3 usual intervals), "
+                            "or within DURATION such as 30min")
     rules.add_argument("--max-task-abnormal-hours", metavar="H", type=positive_float,
                        help="a task listed in ERROR for H hours or more (once per episode)")
     notify = parser.add_argument_group("notification")
@@ -641,8 +698,11 @@ def _flag_rules(args, alerts):
         table = {key: value for key, value in (("freq", args.anomaly_freq), ("window", args.anomaly_window),
                                                ("z", args.anomaly_z)) if value}
         anomaly = alerts.parse_rules({"anomalies": table}, source="command line").anomalies
+    stale = False
+    if args.stale is not None:
+        stale = alerts.parse_rules({"stale": args.stale}, source="command line").stale
     return alerts.Rules(abnormal_ratio=ratio, abnormal_increase=args.abnormal_increase, anomalies=anomaly,
-                        collection_failures=args.failures, disappeared=args.disappeared,
+                        collection_failures=args.failures, disappeared=args.disappeared, stale=stale,
                         task_abnormal_hours=args.max_task_abnormal_hours)
 
 

@@ -97,12 +97,14 @@ def export_table(
     projects=None,
     instances=None,
     regions=None,
+    labels: dict[str, str] | None = None,
 ) -> ExportReport:
     """Write the ``table`` rows of the history matching the filters to ``out`` in ``format``.
 
     ``store_or_path`` is a :class:`HistoryStore` or a history folder.  Filters are those of
     :meth:`HistoryStore.load` (``since`` inclusive, ``until`` exclusive, naive times = UTC).
     ``out`` must be a file path in an existing, writable directory; it is replaced atomically.
+    ``labels``: static labels added to every OpenMetrics sample (that format only).
     """
     writer = WRITERS.get(str(format).lower())
     if writer is None:
@@ -112,7 +114,12 @@ def export_table(
     filters = dict(since=since, until=until, projects=projects, instances=instances, regions=regions)
     load = getattr(writer, "load", None)
     data = load(store, table=table, **filters) if load is not None else store.load(table=table, **filters)
-    _atomic_write(target, lambda file: writer(data, table, file))
+    if labels:
+        if writer is not WRITERS["openmetrics"]:
+            raise ConfigError("--label applies to --format openmetrics only")
+        _atomic_write(target, lambda file: writer(data, table, file, labels=labels))
+    else:
+        _atomic_write(target, lambda file: writer(data, table, file))
     return ExportReport(rows=len(data), path=target)
 
 

@@ -22,7 +22,8 @@ Terms (docs/architecture.md, "Fleet state"):
   series keeps its last good snapshot, marked failed.
 * **Stale**: the series' snapshot is older than its scope's staleness window: ``staleness`` if
   given, else ``STALENESS_FACTOR`` times the scope's usual interval (median gap of its last
-  ``INTERVAL_RUNS`` runs), else ``DEFAULT_STALENESS`` for a scope seen only once.  Stale series
+  ``INTERVAL_RUNS`` runs) but at least ``MIN_STALENESS``, else ``DEFAULT_STALENESS`` for a
+  scope seen only once.  Stale series
   are kept and shown with their ``age``; readers that must not show old values as current (the
   OpenMetrics export) leave them out.
 * **Changes** compare each series' latest snapshot with its own previous snapshot, at its scope's
@@ -57,6 +58,8 @@ __all__ = [
 DEFAULT_TOLERANCE = pd.Timedelta(minutes=5)
 #: A series is stale after this many of its scope's usual intervals without a new snapshot.
 STALENESS_FACTOR = 3
+#: The shortest staleness window: collectors seconds apart (tests, bursts) must not flap.
+MIN_STALENESS = pd.Timedelta(minutes=5)
 #: The staleness window of a scope with a single run (no interval to judge by yet).
 DEFAULT_STALENESS = pd.Timedelta(days=1)
 #: How many recent gaps between a scope's runs estimate its usual interval (their median).
@@ -112,6 +115,10 @@ class FleetState:
     #: Instances that failed and never had a snapshot (``region, project_id, instance_id,
     #: collected_at, run_id, error_code, error_msg`` of their last error), unless gone.
     unseen: pd.DataFrame = None
+
+    def __len__(self) -> int:
+        """How many series are current and fresh (what an export of the state shows)."""
+        return int((~self.series["disappeared"] & ~self.series["stale"]).sum())
 
     @property
     def current(self) -> pd.DataFrame:
@@ -169,13 +176,18 @@ class FleetState:
 
     def future_note(self) -> str | None:
         """One sentence about runs stamped in the future, or None when there are none."""
-        if self.future.empty:
-            return None
-        runs = self.future.drop_duplicates("run_id").sort_values(_RUN_ORDER, kind="stable")
-        first = runs.iloc[0]
-        return (f"{len(runs)} run(s) are stamped after {self.as_of.isoformat()} (e.g. run {first['run_id']} at "
-                f"{pd.Timestamp(first['collected_at']).isoformat()}): a collector's clock is wrong; they are "
-                "ignored until their time comes. Fix the clock (NTP) and move or delete those runs.")
+        return future_note(self.future, self.as_of)
+
+
+def future_note(future: pd.DataFrame, as_of: pd.Timestamp) -> str | None:
+    """One sentence about the runs of ``future`` (``FleetState.future`` rows), or None."""
+    if future.empty:
+        return None
+    runs = future.drop_duplicates("run_id").sort_values(_RUN_ORDER, kind="stable")
+    first = runs.iloc[0]
+    return (f"{len(runs)} run(s) are stamped after {as_of.isoformat()} (e.g. run {first['run_id']} at "
+            f"{pd.Timestamp(first['collected_at']).isoformat()}): a collector's clock is wrong; they are "
+            "ignored until their time comes. Fix the clock (NTP) and move or delete those runs.")
 
 
 # ------------------------------------------------------------------------------------ entry points
@@ -312,7 +324,7 @@ def _scope_table(scope_runs, top_stats, top_errors, as_of, staleness) -> pd.Data
     if staleness is not None:
         table["stale_after"] = pd.Series(staleness, index=table.index).astype("timedelta64[us]")
     else:
-        window = (table["interval"] * STALENESS_FACTOR).fillna(DEFAULT_STALENESS)
+        window = (table["interval"] * STALENESS_FACTOR).clip(lower=MIN_STALENESS).fillna(DEFAULT_STALENESS)
         table["stale_after"] = window.astype("timedelta64[us]")
     complete = runs[runs["discovery"] != "failed"].groupby(list(SCOPE_KEY), sort=True, dropna=False).tail(1)
     complete = complete.set_index(list(SCOPE_KEY))

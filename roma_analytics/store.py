@@ -357,6 +357,23 @@ class HistoryStore:
         return fleet.finish(top_stats, top_errors, scope_runs, fleet._future_frame(future), as_of=as_of,
                             staleness=staleness)
 
+    def future_runs(self, now=None, tolerance=None) -> pd.DataFrame:
+        """Runs stamped later than ``now`` (default: the present) plus ``tolerance`` (default
+        ``fleet.DEFAULT_TOLERANCE``): ``run_id, collected_at``, oldest first.  Cheap: only the
+        day folders from ``now``'s day on are opened."""
+        from .fleet import DEFAULT_TOLERANCE
+
+        present = parse_time(now if now is not None else pd.Timestamp.now(tz="UTC"), "now")
+        cutoff = present + (DEFAULT_TOLERANCE if tolerance is None else pd.Timedelta(tolerance))
+        expression = _row_filter(cutoff + pd.Timedelta(1, "us"), None, {})
+        frames = []
+        with self._reading():
+            for table in ("stats", "errors"):
+                files = self._files(table, cutoff.floor("D"), None)
+                frames.append(self._scan(files, table, ["run_id", "collected_at"], expression).to_pandas())
+        runs = pd.concat(frames, ignore_index=True).drop_duplicates("run_id")
+        return runs.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
+
     # ---------------------------------------------------------------------------- compaction
     def compact(self, before=None) -> CompactReport:
         """Merge each day strictly before ``before`` (default: today UTC) into one file per table.

@@ -15,7 +15,7 @@ import os
 import pandas as pd
 import streamlit as st
 
-from roma_analytics import analysis, charts, dashboard
+from roma_analytics import analysis, charts, dashboard, fleet
 from roma_analytics.display import markdown as md
 from roma_analytics.collect import collect
 from roma_analytics.errors import ConfigError, RomaError
@@ -81,7 +81,7 @@ def overview(source: tuple, filters: dashboard.Filters, _prepared):
         "ranking": analysis.abnormal_ranking(selection.latest, n=None),
         "changes": state.changes,
         "scopes": state.scopes,
-        "future_note": state.future_note(),
+        "future_note": state.future_note() or fleet.future_note(_prepared.future, _prepared.as_of),
     }
 
 
