@@ -102,8 +102,11 @@ def load_state(store, since=None, until=None, projects=None, instances=None, reg
                           "leave out --table (or use --table stats)")
     now = pd.Timestamp.now(tz="UTC")
     end = parse_time(until, "until")
-    as_of = now if end is None else min(end, now)
-    return store.fleet_state(as_of=as_of, projects=projects, instances=instances, regions=regions)
+    if end is not None and end <= now:
+        # A past --until is exclusive and exact: no clock tolerance beyond it.
+        return store.fleet_state(as_of=end - pd.Timedelta(1, "us"), tolerance=pd.Timedelta(0),
+                                 projects=projects, instances=instances, regions=regions)
+    return store.fleet_state(as_of=now, projects=projects, instances=instances, regions=regions)
 
 
 def _escaped(values: pd.Series) -> pd.Series:

@@ -77,9 +77,13 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
     present = parse_time(now if now is not None else pd.Timestamp.now(tz="UTC"), "now")
     # The fleet as it stood at the end of the period -- never later than now: runs stamped in
     # the future (a collector's wrong clock) are left out and named in the summary.
-    as_of = present if end is None else min(end, present)
-    state = store.fleet_state(as_of=as_of, projects=projects, instances=instances, regions=regions)
-    horizon = as_of + fleet.DEFAULT_TOLERANCE
+    if end is not None and end <= present:  # a past --until is exclusive and exact
+        as_of, tolerance = end - pd.Timedelta(1, "us"), pd.Timedelta(0)
+    else:
+        as_of, tolerance = present, fleet.DEFAULT_TOLERANCE
+    state = store.fleet_state(as_of=as_of, tolerance=tolerance, projects=projects, instances=instances,
+                              regions=regions)
+    horizon = as_of + tolerance + pd.Timedelta(1, "us")
     filters = dict(since=start, until=horizon if end is None else min(end, horizon), projects=projects,
                    instances=instances, regions=regions)
     stats = store.load(table="stats", **filters)

@@ -1,4 +1,4 @@
-"""``export --format openmetrics``: the latest run as gauges, parsed back with prometheus_client's
+"""``export --format openmetrics``: the fleet state as gauges, parsed back with prometheus_client's
 own parsers (the Prometheus text parser node_exporter's format follows, and the OpenMetrics one).
 
 The counts are checked against ``Simulator.expected_counts`` (what the API answered), not against
@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families as parse_pro
 from roma_analytics.cli import main
 from roma_analytics.collect import collect
 from roma_analytics.export import export_table
-from roma_analytics.openmetrics import LatestRun, latest_run, render
+from roma_analytics import fleet
+from roma_analytics.openmetrics import render
 from roma_analytics.schema import conform, empty_errors
 from roma_analytics.simulator import Simulator
 from roma_analytics.store import HistoryStore
@@ -51,12 +52,21 @@ def history(tmp_path):
                 sim.set_fault(ids[0], "http_404")
             store.append(collect(targets, now=at, retries=0))
         expected = {i: sim.expected_counts(project, i, at=t2.timestamp()) for i in ids[1:]}
+        # The failed instance keeps its last good snapshot, the first run's.
+        expected[ids[0]] = sim.expected_counts(project, ids[0], at=t1.timestamp())
     return {"store": store, "project": project, "ids": ids, "expected": expected, "at": t2}
+
+
+def state_of(stats, errors=None):
+    """The fleet state of frames, as of their newest row."""
+    return fleet.fleet_state(stats, errors, as_of=stats["collected_at"].max())
 
 
 def test_export_round_trips_the_latest_counts(history, tmp_path, capsys):
     out = tmp_path / "roma.prom"
-    code = main(["export", "--format", "openmetrics", "--out", str(out), "--history", str(history["store"].path)])
+    # As of just after the second run (the export is as of now otherwise, when these are stale).
+    code = main(["export", "--format", "openmetrics", "--out", str(out), "--history", str(history["store"].path),
+                 "--until", "2024-05-01T10:06:00Z"])
     assert code == 0, capsys.readouterr().err
     text = out.read_text(encoding="utf-8")
     assert text.endswith("# EOF\n")
@@ -73,7 +83,7 @@ def test_export_round_trips_the_latest_counts(history, tmp_path, capsys):
                     labels = dict(region=REGION, project_id=project, instance_id=instance_id, task_type=task_type,
                                   state=state)
                     want[tuple(sorted(labels.items()))] = value
-        # Only the latest run, only what it collected: the failed instance has no counts.
+        # Each instance's latest snapshot: the failed one keeps its last good counts.
         assert tasks == want
 
         ratios = samples(parsed["roma_fdi_abnormal_ratio"])
@@ -90,10 +100,12 @@ def test_export_round_trips_the_latest_counts(history, tmp_path, capsys):
         success = {dict(labels)["instance_id"]: value
                    for labels, value in samples(parsed["roma_fdi_collection_success"]).items()}
         assert success == {failed: 0, collected[0]: 1, collected[1]: 1}
-        (stamp,) = samples(parsed["roma_fdi_collection_timestamp_seconds"]).values()
-        assert stamp == history["at"].timestamp()
+        (stamp,) = samples(parsed["roma_fdi_collection_timestamp_seconds"]).items()
+        assert stamp == ((("project_id", project), ("region", REGION)), history["at"].timestamp())
+        (scope_success,) = samples(parsed["roma_fdi_scope_collection_success"]).values()
+        assert scope_success == 0  # one instance failed
         names = {dict(labels)["instance_id"]: dict(labels)["instance_name"]
-                 for labels in samples(parsed["roma_fdi_instance_name"])}
+                 for labels in samples(parsed["roma_fdi_instance_info"])}
         assert names == {collected[0]: ODD_NAME}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -104,7 +116,7 @@ def test_every_label_survives_escaping():
              "project_id": f"p{n}{value}", "instance_id": f"i{value}", "instance_name": value, "task_type": "common",
              "running": n, "abnormal": 1, "terminated": 0, "completed": 0, "total": n + 1}
             for n, value in enumerate(odd)]
-    text = render(latest_run(conform(pd.DataFrame(rows)), empty_errors()))
+    text = render(state_of(conform(pd.DataFrame(rows))))
     for parser in (parse_prometheus, parse_openmetrics):
         tasks = families(text, parser)["roma_fdi_tasks"]
         running = {s.labels["region"]: (s.labels, s.value) for s in tasks.samples if s.labels["state"] == "running"}
@@ -112,7 +124,7 @@ def test_every_label_survives_escaping():
         for n, value in enumerate(odd):
             labels, count = running[value]
             assert (labels["project_id"], labels["instance_id"], count) == (f"p{n}{value}", f"i{value}", n)
-        names = [s.labels["instance_name"] for s in families(text, parser)["roma_fdi_instance_name"].samples]
+        names = [s.labels["instance_name"] for s in families(text, parser)["roma_fdi_instance_info"].samples]
         assert sorted(names) == sorted(odd)
 
 
@@ -120,11 +132,11 @@ def test_an_instance_without_tasks_has_a_nan_ratio_and_zero_counts():
     row = {"collected_at": pd.Timestamp("2024-05-01T10:00Z"), "run_id": "r1", "region": REGION, "project_id": "p",
            "instance_id": "i", "instance_name": None, "task_type": "cdc", "running": 0, "abnormal": 0,
            "terminated": 0, "completed": 0, "total": 0}
-    parsed = families(render(latest_run(conform(pd.DataFrame([row])), empty_errors())))
+    parsed = families(render(state_of(conform(pd.DataFrame([row])))))
     (ratio,) = samples(parsed["roma_fdi_abnormal_ratio"]).values()
     assert math.isnan(ratio)
     assert set(samples(parsed["roma_fdi_tasks"]).values()) == {0}
-    assert "roma_fdi_instance_name" not in parsed
+    assert "roma_fdi_instance_info" not in parsed
 
 
 def test_empty_history_and_wrong_table(tmp_path, capsys):
@@ -137,13 +149,12 @@ def test_empty_history_and_wrong_table(tmp_path, capsys):
     assert code == 2 and "--table" in capsys.readouterr().err
 
 
-def test_filters_choose_the_latest_matching_run(history, tmp_path):
-    """--until before the second run exports the first run, where every instance was collected."""
+def test_until_gives_the_state_as_it_stood_then(history, tmp_path):
+    """--until before the second run exports the state after the first, where every instance was collected."""
     out = tmp_path / "first.prom"
     export_table(history["store"], out, format="openmetrics", until="2024-05-01T10:01:00Z")
     success = samples(families(out.read_text())["roma_fdi_collection_success"])
     assert sorted(success.values()) == [1, 1, 1]
-    assert isinstance(latest_run(history["store"].load(), history["store"].load(table="errors")), LatestRun)
 
 
 def test_an_instance_with_counts_is_collected_even_if_an_error_row_names_it():
@@ -155,5 +166,5 @@ def test_an_instance_with_counts_is_collected_even_if_an_error_row_names_it():
                                     "instance_id": iid, "http_status": 500, "error_code": "FDI.9999",
                                     "error_msg": "x", "request_id": None, "attempts": 1} for iid in ("i", "j")]),
                      "errors")
-    success = samples(families(render(latest_run(stats, errors)))["roma_fdi_collection_success"])
+    success = samples(families(render(state_of(stats, errors)))["roma_fdi_collection_success"])
     assert {dict(labels)["instance_id"]: value for labels, value in success.items()} == {"i": 1, "j": 0}
