@@ -212,7 +212,13 @@ class _Loader:
             raise self.fail(path, "needs region = \"cn-north-4\" (for example) or endpoint = \"https://...\"")
         if region is not None:
             region = self._str(region, path + ("region",))
-            if region not in KNOWN_REGIONS and not _REGION_RE.match(region):
+            if endpoint is not None:
+                # Beside an explicit endpoint the region is only the label of the rows (a private
+                # cloud's or a proxy's name): any short printable name will do.
+                problem = identifier_problem(region, "region label")
+                if problem:
+                    raise self.fail(path + ("region",), problem)
+            elif region not in KNOWN_REGIONS and not _REGION_RE.match(region):
                 raise self.fail(path + ("region",), f"{region!r} is not a region id; known regions: "
                                                     f"{', '.join(KNOWN_REGIONS)} (or give endpoint = URL)")
         if endpoint is not None:

@@ -194,3 +194,23 @@ def test_timeout_is_connect_and_read(value, expected):
 def test_bad_timeout_names_its_line():
     text = "[defaults]\nretries = 1\ntimeout = [1, 2, 3]\n" + BASE.format(project_line="discover = true")
     assert error_of(text).startswith("t.toml:3: defaults.timeout: must be a positive number")
+
+
+def test_a_region_label_beside_an_explicit_endpoint_is_any_short_name():
+    """The sample file's comment: beside endpoint = URL, region is only the label of the rows."""
+    text = textwrap.dedent("""
+        [[endpoints]]
+        endpoint = "https://roma.example.internal:8443"
+        region = "onprem-dc1"
+          [[endpoints.projects]]
+          project_id = "p1"
+          instances = ["i1"]
+    """)
+    (target,) = parse_targets(text, "t.toml").targets
+    assert (target.endpoint, target.region) == ("https://roma.example.internal:8443", "onprem-dc1")
+    # Without an endpoint the region names the endpoint, so it must be a region id.
+    with pytest.raises(ConfigError, match="is not a region id"):
+        parse_targets(text.replace('endpoint = "https://roma.example.internal:8443"\n', ""), "t.toml")
+    # A label is still a label: no control characters.
+    with pytest.raises(ConfigError, match="region"):
+        parse_targets(text.replace("onprem-dc1", "on\\u001bprem"), "t.toml")
