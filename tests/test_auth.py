@@ -332,3 +332,122 @@ def test_token_lifetime_comes_from_iam_times_not_the_local_clock():
                                iam_endpoint=sim.base_url)
         tokens = {auth.token() for _ in range(5)}
         assert len(tokens) == 1 and iam_calls(sim) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges found by mutation testing (scripts/mutation)
+
+
+@pytest.mark.parametrize("token", ["", "   ", None, 42])
+def test_token_auth_refuses_an_empty_or_missing_token_by_name(token):
+    with pytest.raises(ConfigError, match="^TokenAuth needs a non-empty token$"):
+        TokenAuth(token)
+
+
+@pytest.mark.parametrize("token", ["abc def", "abc\tdef", "abc\x7fdef", "abc\x00def"])
+def test_token_auth_refuses_spaces_and_control_characters_without_echoing(token):
+    with pytest.raises(ConfigError, match="^the token contains spaces or control characters; check how it was copied$"):
+        TokenAuth(token)
+
+
+def test_token_auth_from_env_names_the_variable_and_what_it_holds(monkeypatch):
+    monkeypatch.delenv("MY_TOKEN_VAR", raising=False)
+    with pytest.raises(ConfigError, match="^environment variable MY_TOKEN_VAR is not set or empty; set it to the X-Auth-Token$"):
+        TokenAuth.from_env("MY_TOKEN_VAR")
+    monkeypatch.setenv("ROMA_AUTH_TOKEN", " tok-1 ")
+    auth = TokenAuth.from_env()
+    assert repr(auth) == "TokenAuth(from_env='ROMA_AUTH_TOKEN')"
+    assert requests.Request("GET", "http://h/", auth=auth).prepare().headers["X-Auth-Token"] == "tok-1"
+    assert repr(TokenAuth("tok-2")) == "TokenAuth(token=<hidden>)"
+
+
+def test_token_auth_renew_rereads_only_a_changed_valid_token(monkeypatch):
+    monkeypatch.setenv("ROMA_AUTH_TOKEN", "tok-1")
+    auth = TokenAuth.from_env()
+    assert auth.renew() is False                     # unchanged
+    monkeypatch.delenv("ROMA_AUTH_TOKEN")
+    assert auth.renew() is False                     # gone: keep the old one
+    monkeypatch.setenv("ROMA_AUTH_TOKEN", "tok 2")
+    assert auth.renew() is False                     # invalid
+    monkeypatch.setenv("ROMA_AUTH_TOKEN", "tok-2")
+    assert auth.renew() is True
+    assert requests.Request("GET", "http://h/", auth=auth).prepare().headers["X-Auth-Token"] == "tok-2"
+    assert TokenAuth("fixed").renew() is False
+
+
+def test_iam_from_env_reads_each_variable_and_names_a_missing_one(monkeypatch):
+    for var, value in (("ROMA_IAM_USER", "alice"), ("ROMA_IAM_PASSWORD", IAM_PASSWORD), ("ROMA_IAM_DOMAIN", "acme")):
+        monkeypatch.setenv(var, value)
+    auth = IamPasswordAuth.from_env(project_id="p1", iam_endpoint="http://127.0.0.1:9")
+    assert (auth.username, auth.domain, auth.project_id) == ("alice", "acme", "p1")
+    assert auth._secret_values() == (IAM_PASSWORD,)
+    for var, what in (("ROMA_IAM_USER", "the IAM user name"), ("ROMA_IAM_PASSWORD", "the IAM password"),
+                      ("ROMA_IAM_DOMAIN", r"the IAM domain \(account\) name")):
+        with monkeypatch.context() as env:
+            env.delenv(var)
+            with pytest.raises(ConfigError, match=f"^environment variable {var} is not set or empty; set it to {what}$"):
+                IamPasswordAuth.from_env(project_id="p1")
+
+
+@pytest.mark.parametrize("ak, shown", [
+    ("HPUAEXAMPLEACCESSKEY9876", "…9876"),      # long enough: the last 4 characters
+    ("ABCDEFGHIJKL", "…IJKL"),                  # exactly 12
+    ("ABCDEFGHIJK", "…"),                       # 11: nothing of it
+])
+def test_ak_sk_repr_masks_the_access_key(ak, shown):
+    assert repr(AkSkAuth(ak, SK)) == f"AkSkAuth(ak={shown!r})"
+    assert repr(AkSkAuth(ak, SK, project_id="p1", security_token="st-1")) == (
+        f"AkSkAuth(ak={shown!r}, project_id='p1', security_token=<hidden>)")
+    assert repr(AkSkAuth(ak, SK, security_token="st-1")) == f"AkSkAuth(ak={shown!r}, security_token=<hidden>)"
+
+
+def test_ak_sk_secret_values_are_what_redaction_hides():
+    assert AkSkAuth(AK, "sk-é", security_token="st-1")._secret_values() == ("sk-é", "st-1", AK)
+    assert AkSkAuth(AK, SK)._secret_values() == (SK, AK)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('{"error": {"code": 401, "message": "The username or password is wrong.", "title": "Unauthorized"}}',
+     ("401", "The username or password is wrong.")),
+    ('{"error": {"title": "Unauthorized"}}', (None, "Unauthorized")),
+    ('{"error": {}}', (None, "no message")),
+    ('{"error_code": "APIGW.0301", "error_msg": "Incorrect IAM authentication information"}',
+     ("APIGW.0301", "Incorrect IAM authentication information")),
+    ('{"error_msg": "only a message"}', (None, "only a message")),
+    ('{"error_code": "X.1"}', ("X.1", "no message")),
+    ("<html>  <body>Bad\n gateway</body></html>", (None, "<html> <body>Bad gateway</body></html>")),
+    ("", (None, "empty body")),
+    ('{"other": 1}', (None, '{"other": 1}')),
+    ('{"error": {"code": 1, "message": "' + "m" * 400 + '"}}', ("1", "m" * 299 + "…")),
+    ("x" * 200, (None, "x" * 119 + "…")),
+])
+def test_iam_error_bodies_give_code_and_reason(body, expected):
+    from roma_analytics.auth import _iam_error
+
+    assert _iam_error(body.encode(), lambda text: text) == expected
+
+
+def test_iam_error_redacts_before_it_cuts():
+    from roma_analytics.auth import _iam_error
+
+    def hide(text: str) -> str:
+        return text.replace("s3cret", "<hidden>")
+
+    body = '{"error": {"code": "s3cret", "message": "' + "m" * 296 + 's3cret"}}'
+    assert _iam_error(body.encode(), hide) == ("<hidden>", "m" * 296 + "<hi…")   # 299 characters, then …
+    assert _iam_error(b"oops s3cret", hide) == (None, "oops <hidden>")
+
+
+def test_iam_refusal_is_remembered_with_the_first_answer(iam_sim):
+    project = iam_sim.project_ids[0]
+    auth = IamPasswordAuth("alice", "wrong-password-1", "acme", project_id=project, iam_endpoint=iam_sim.base_url)
+    with pytest.raises(AuthenticationError) as first:
+        auth.token()
+    with pytest.raises(AuthenticationError) as again:
+        auth.token()
+    assert iam_calls(iam_sim) == 1
+    assert "not sent again: IAM already refused a token for user 'alice'" in str(again.value)
+    assert "The username or password is wrong." in str(again.value)
+    assert (again.value.status, again.value.error_code, again.value.request_id) == (
+        first.value.status, first.value.error_code, first.value.request_id)
+    assert again.value.status == 401 and again.value.request_id
