@@ -189,6 +189,23 @@ def _replace_in_stdout(old: str, new: str):
     return edit
 
 
+def _nbval_failures(folder: Path, names) -> tuple[subprocess.CompletedProcess, dict[str, list[str]]]:
+    """Run nbval on the notebooks in ``folder``: the run, and per notebook name its failure texts."""
+    report = folder / "report.xml"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env", "--nbval-sanitize-with",
+         "sanitize.cfg", "-p", "no:cacheprovider", "-q", f"--junitxml={report}", "."],
+        cwd=folder, capture_output=True, text=True, timeout=300,
+    )
+    failures: dict[str, list[str]] = {name: [] for name in names}
+    for case in ET.parse(report).iter("testcase"):
+        source = case.get("file") or case.get("classname", "")
+        name = next(n for n in failures if n in source)
+        failures[name] += [(node.get("message", "") + (node.text or "")) for node in case
+                           if node.tag in ("failure", "error")]
+    return run, failures
+
+
 def test_a_changed_number_makes_nbval_fail(tmp_path):
     """nbval on copies of notebook 02 cut after the cell that loads the sample: the untouched copy
     passes, a copy whose committed seed or task count differs by one fails."""
@@ -206,19 +223,8 @@ def test_a_changed_number_makes_nbval_fail(tmp_path):
                     _replace_in_stdout(f"abnormal {abnormal}", f"abnormal {int(abnormal) + 1}"))
     shutil.copy(SANITIZE, tmp_path / "sanitize.cfg")
 
-    report = tmp_path / "report.xml"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env", "--nbval-sanitize-with",
-         "sanitize.cfg", "-p", "no:cacheprovider", "-q", f"--junitxml={report}", "."],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
+    run, failures = _nbval_failures(tmp_path, ("untouched", "other_seed", "other_count"))
     assert run.returncode == 1, run.stdout + run.stderr
-    failures: dict[str, list[str]] = {"untouched": [], "other_seed": [], "other_count": []}
-    for case in ET.parse(report).iter("testcase"):
-        source = case.get("file") or case.get("classname", "")
-        name = next(n for n in failures if n in source)
-        failures[name] += [(node.get("message", "") + (node.text or "")) for node in case
-                           if node.tag in ("failure", "error")]
     assert failures["untouched"] == [], run.stdout
     assert len(failures["other_seed"]) == 1 and "outputs differ" in failures["other_seed"][0], run.stdout
     assert len(failures["other_count"]) == 1 and "outputs differ" in failures["other_count"][0], run.stdout
@@ -226,3 +232,39 @@ def test_a_changed_number_makes_nbval_fail(tmp_path):
     assert f"seed {int(seed) + 1}" in failures["other_seed"][0] and f"seed {seed}" in failures["other_seed"][0]
     assert f"bnormal {int(abnormal) + 1}" in failures["other_count"][0]
     assert f"bnormal {abnormal}" in failures["other_count"][0]
+
+
+_DOUBLE_THE_TREND = '''\
+from roma_analytics import charts
+
+_drawn_by = charts.abnormal_ratio_trend
+
+
+def _doubled(*args, **kwargs):
+    figure = _drawn_by(*args, **kwargs)
+    for trace in figure.data:
+        trace.y = [2 * value for value in trace.y]
+    return figure
+
+
+charts.abnormal_ratio_trend = _doubled'''
+
+
+def test_a_changed_plotted_value_makes_nbval_fail(tmp_path):
+    """Notebook 03 cut after the cell describing the hourly trend figure: with the figure's y
+    values doubled (the figure itself is not compared), the description's numbers differ."""
+    notebook = read("03_cdc_vs_common_trends.ipynb")
+    described = next(i for i, cell in enumerate(notebook.cells)
+                     if cell.cell_type == "code" and cell.source.strip() == "describe_figure(hourly_fig)")
+    _truncated_copy(notebook, described, tmp_path / "untouched.ipynb")
+
+    doubled = nbformat.from_dict(notebook)
+    doubled.cells = doubled.cells[: described + 1]
+    doubled.cells.insert(1, nbformat.v4.new_code_cell(_DOUBLE_THE_TREND))
+    nbformat.write(doubled, tmp_path / "doubled.ipynb")
+    shutil.copy(SANITIZE, tmp_path / "sanitize.cfg")
+
+    run, failures = _nbval_failures(tmp_path, ("untouched", "doubled"))
+    assert failures["untouched"] == [], run.stdout
+    assert len(failures["doubled"]) == 1 and "outputs differ" in failures["doubled"][0], run.stdout
+    assert "Anomaly" in failures["doubled"][0] and "values" in failures["doubled"][0]
