@@ -318,7 +318,8 @@ def state_breakdown(latest_stats: pd.DataFrame | None, top: int = 30) -> go.Figu
     one instance must not be stacked (the counts are gauges).
 
     Instances are sorted by abnormal tasks (both types together), worst at the top, and cut to
-    the ``top`` worst.  Traces: for each task type (common in the left panel, CDC in the right)
+    the ``top`` worst.  Traces: for each task type present (common in the left panel, CDC in the
+    right; a frame of one task type, e.g. filtered to CDC, has one panel, not an empty second one)
     one bar trace per state, named by ``STATE_LABELS`` and coloured by ``STATE_COLORS``.
     """
     builder = "state_breakdown"
@@ -349,7 +350,7 @@ def state_breakdown(latest_stats: pd.DataFrame | None, top: int = 30) -> go.Figu
     shown_ids = ids.reindex(shown).tolist()
     categories = [display.plotly(label, limit=None) for label in shown]
 
-    panels = list(TASK_TYPES)
+    panels = [t for t in TASK_TYPES if t in set(frame["task_type"].dropna())] or list(TASK_TYPES)
     fig = make_subplots(
         rows=1,
         cols=len(panels),
@@ -1028,7 +1029,7 @@ def instance_history(stats_of_one_instance: pd.DataFrame | None) -> go.Figure:
         .drop_duplicates(["time", "task_type"], keep="last")
     )
 
-    panels = list(TASK_TYPES)
+    panels = [t for t in TASK_TYPES if t in set(frame["task_type"].dropna())] or list(TASK_TYPES)
     fig = make_subplots(
         rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.1,
         subplot_titles=[f"{TASK_TYPE_LABELS[t]} tasks" for t in panels],

@@ -35,9 +35,9 @@ import pyarrow.parquet as pq
 
 from roma_analytics import analysis, fleet, schema
 from roma_analytics.display import LABEL_LIMIT, visible
-from roma_analytics.fleet import age_text
 from roma_analytics.errors import ConfigError
 from roma_analytics.export import FORMULA_TRIGGERS, csv_safe
+from roma_analytics.fleet import age_text
 from roma_analytics.store import HistoryStore, to_arrow, write_parquet
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
     "REFRESH_ENV",
     "app_path",
     "refresh_seconds",
-    "age_text",
+    "freshness_text",
     "RESOLUTIONS",
     "Filters",
     "PreparedHistory",
@@ -121,21 +121,16 @@ def refresh_seconds(environ: Mapping[str, str] | None = None) -> float:
     return max(seconds, 1.0)
 
 
-def age_text(then, now) -> str:
-    """How long ago ``then`` was, at ``now``, in words: "just now", "4 min ago", "3 h 12 min ago",
-    "16 days ago"; "in the future" for a time after ``now`` (a clock skew)."""
-    seconds = (pd.Timestamp(now) - pd.Timestamp(then)).total_seconds()
-    if seconds < -60:
+def freshness_text(then, now) -> str:
+    """How long before ``now`` ``then`` was, for the freshness caption: "just now", "12 min ago",
+    "3 h 5 min ago", "16 d ago" (:func:`roma_analytics.fleet.age_text`); "in the future (clock
+    skew?)" for a time more than a minute after ``now``."""
+    age = pd.Timestamp(now) - pd.Timestamp(then)
+    if age < -pd.Timedelta(minutes=1):
         return "in the future (clock skew?)"
-    if seconds < 60:
+    if age < pd.Timedelta(minutes=1):
         return "just now"
-    minutes = int(seconds // 60)
-    if minutes < 60:
-        return f"{minutes} min ago"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes} min ago" if minutes else f"{hours} h ago"
-    return f"{hours // 24} days ago"
+    return f"{fleet.age_text(age)} ago"
 
 
 def history_from_env(environ: Mapping[str, str] | None = None) -> Path | None:
@@ -266,17 +261,33 @@ def _read_csv(content: bytes, label: str) -> pd.DataFrame:
     return frame
 
 
+#: The tables an upload can be: the exports of `roma-analytics export --table stats|errors`.
+_UPLOAD_TABLES = ("stats", "errors")
+
+
 def _table_of(frame: pd.DataFrame, label: str) -> str:
     columns = set(frame.columns)
-    missing = {table: [c for c in dtypes if c not in columns] for table, dtypes in schema.TABLES.items()}
-    if not missing["stats"]:
-        return "stats"
-    if not missing["errors"]:
-        return "errors"
-    table = min(missing, key=lambda t: len(missing[t]))
+    wanted = {table: list(schema.TABLES[table]) for table in _UPLOAD_TABLES}
+    missing = {table: [c for c in names if c not in columns] for table, names in wanted.items()}
+    for table in _UPLOAD_TABLES:
+        if not missing[table]:
+            return table
+    # Name a table only when the file has columns of it that the other table lacks: a file that
+    # is nearly an export of one table is told what that table misses; anything else is told it
+    # is neither (a random CSV is no more an "errors" export than a "stats" one).
+    own = {table: columns & (set(wanted[table]) - set(wanted[other]))
+           for table, other in zip(_UPLOAD_TABLES, reversed(_UPLOAD_TABLES))}
+    if bool(own["stats"]) != bool(own["errors"]):
+        table = "stats" if own["stats"] else "errors"
+        raise ConfigError(
+            f"{label} is not a complete roma-analytics {table} export: it lacks the column(s) "
+            f"{', '.join(missing[table])}; export it with `roma-analytics export --table {table}`"
+        )
+    shown = ", ".join(sorted(map(str, columns))[:8]) + (", …" if len(columns) > 8 else "")
     raise ConfigError(
-        f"{label} is not a roma-analytics {table} export: it lacks the column(s) "
-        f"{', '.join(missing[table])}; export it with `roma-analytics export --table {table}`"
+        f"{label} is not a roma-analytics stats or errors export (its columns are {shown or 'none'}); "
+        "upload the CSV or Parquet written by `roma-analytics export --table stats` "
+        "(and `--table errors` beside it if you like)"
     )
 
 
@@ -601,6 +612,102 @@ def _fleet_of(prepared: PreparedHistory, filters: Filters) -> fleet.FleetState:
     scope_filter = Filters(regions=filters.regions, projects=filters.projects)
     scopes = scopes[_mask(scopes, scope_filter, with_task_type=False)]
     return fleet.fleet_state(stats, errors, scopes, as_of=as_of)
+
+
+#: Anomaly baselines per resolution, in buckets: a day at hourly and finer resolutions (the
+#: daily cycle of a fleet), a week at 6 h and 1 day, so every resolution judges its buckets
+#: against a comparable stretch of time and a two-week history has buckets to judge at 1 day.
+ANOMALY_WINDOWS = {"5min": 288, "15min": 96, "1h": 24, "6h": 28, "1D": 7}
+
+
+def anomaly_window(freq: str) -> int:
+    """The anomaly baseline (``analysis.anomalies(window=...)``) for resolution ``freq``."""
+    return ANOMALY_WINDOWS.get(freq, 24)
+
+
+def anomaly_note(flagged: pd.DataFrame, freq: str, window: int) -> str:
+    """What the anomaly rings of the trend mean and, when few or no buckets could be judged, why:
+    ``flagged`` is ``analysis.anomalies(..., window=window)``."""
+    span = pd.to_timedelta(freq) * window
+    span_text = f"{span.days} days" if span >= pd.Timedelta(days=2) else f"{span / pd.Timedelta(hours=1):g} h"
+    needed = min(window, max(3, window // 2))
+    judged = int(flagged["robust_z"].notna().sum()) if len(flagged) else 0
+    found = int(flagged["is_anomaly"].sum()) if len(flagged) else 0
+    text = (f"Rings mark anomalies: a {freq} bucket more than 3 robust standard deviations from the median "
+            f"of the {window} buckets ({span_text}) before it. {found:,} found among {judged:,} of "
+            f"{len(flagged):,} buckets that had at least {needed} earlier buckets to compare with.")
+    if judged == 0:
+        text += (f" None could be judged: the selection is shorter than the {needed} buckets a baseline "
+                 f"needs at {freq}; choose a finer resolution or a longer time range.")
+    return text
+
+
+def bucket_count(snapshots: pd.DataFrame, freq: str) -> int:
+    """How many ``freq`` buckets the selected snapshots fall in (a trend needs two)."""
+    if snapshots.empty:
+        return 0
+    return int(analysis.bucket_of(snapshots["collected_at"], freq).nunique())
+
+
+def single_bucket_note(snapshots: pd.DataFrame, freq: str) -> str | None:
+    """``None`` when the selection spans at least two ``freq`` buckets, else what a trend needs."""
+    if bucket_count(snapshots, freq) >= 2:
+        return None
+    if snapshots.empty:
+        return "No run in the selection."
+    at = snapshots["collected_at"].max()
+    return (f"The selection holds one {freq} bucket (runs at {at:%Y-%m-%d %H:%M} UTC): a trend needs runs "
+            f"in at least two buckets. Collect again later (e.g. `roma-analytics collect --every 1h`), "
+            f"choose a finer resolution, or widen the time range.")
+
+
+def instances_with_tasks(latest: pd.DataFrame) -> int:
+    """Instances whose latest selected snapshots hold at least one task (with a task-type filter,
+    an instance without tasks of that type is not counted)."""
+    if latest.empty:
+        return 0
+    totals = latest.groupby([*analysis.INSTANCE_KEY], dropna=False)["total"].sum()
+    return int((totals > 0).sum())
+
+
+def instance_scopes(snapshots: pd.DataFrame) -> pd.DataFrame:
+    """instance_id, region, project_id of every instance in ``snapshots`` (one row per triple)."""
+    return snapshots[["instance_id", "region", "project_id"]].drop_duplicates().astype(object).reset_index(drop=True)
+
+
+def narrow_instances(options: Mapping[str, str], scopes: pd.DataFrame, regions: Sequence[str] | None,
+                     projects: Sequence[str] | None) -> dict[str, str]:
+    """The instance picker's ``options`` (id -> label) limited to instances in the chosen regions
+    and projects (an empty choice is "all")."""
+    keep = scopes
+    if regions:
+        keep = keep[keep["region"].isin(list(regions))]
+    if projects:
+        keep = keep[keep["project_id"].isin(list(projects))]
+    allowed = set(keep["instance_id"])
+    return {instance: label for instance, label in options.items() if instance in allowed}
+
+
+#: How the failed-instances table names a project-level failure (collect's instance id ``*``).
+WHOLE_PROJECT = "whole project (instance discovery failed)"
+
+
+def failed_instances(health: pd.DataFrame, names: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The failed rows of ``analysis.instance_health`` for display: an ``instance`` column first
+    with "name (id)" where the name is known, and :data:`WHOLE_PROJECT` for a project whose
+    instance list could not be read (instance id ``*``)."""
+    failed = health[health["failed"] > 0].reset_index(drop=True)
+    names = dict(names or {})
+
+    def label(instance_id) -> str:
+        if instance_id == "*":
+            return WHOLE_PROJECT
+        name = names.get(instance_id)
+        return f"{name} ({instance_id})" if isinstance(name, str) and name else str(instance_id)
+
+    shown = failed.drop(columns=["instance_id"])
+    shown.insert(0, "instance", failed["instance_id"].map(label).astype(object))
+    return shown
 
 
 def instance_options(latest: pd.DataFrame) -> dict[str, str]:

@@ -92,7 +92,13 @@ def test_region_instance_and_task_type_filters(app):
                                             store.load(regions=["ap-southeast-1"], table="errors"))
     app.sidebar.multiselect(key="regions").set_value([])
     app.sidebar.multiselect(key="task_types").set_value(["cdc"]).run()
-    assert metrics(app) == expected_metrics(store.load(task_types=["cdc"]), store.load(table="errors"))
+    cdc = store.load(task_types=["cdc"])
+    expected = expected_metrics(cdc, store.load(table="errors"))
+    # Filtered to CDC, an instance counts when its last CDC snapshot holds CDC tasks.
+    last_cdc = cdc.sort_values("collected_at").groupby("instance_id").tail(1)
+    expected["Instances"] = f"{int((last_cdc['total'] > 0).sum()):,}"
+    assert metrics(app) == expected
+    assert int(expected["Instances"]) < 30  # the sample has instances without CDC tasks
     chosen = app.sidebar.multiselect(key="instances").options[:2]
     ids = [option.rsplit("(", 1)[-1].rstrip(")") for option in chosen]
     app.sidebar.multiselect(key="task_types").set_value([])
@@ -124,7 +130,10 @@ def test_bad_upload_shows_an_error_not_a_traceback(app):
     app.sidebar.get("file_uploader")[0].set_value(("stats.csv", b"this,is\nnot,an export\n", "text/csv"))
     app.run()
     assert not app.exception
-    assert any("lacks the column" in error.value for error in app.error)
+    # A random CSV is neither table's export: the message names both, not "errors".
+    assert any("not a roma-analytics stats or errors export" in error.value.replace("\\", "") for error in app.error)
+    # The error says what to do; no generic "choose a data source" under it.
+    assert not any("Choose a data source" in info.value for info in app.info)
 
 
 def test_good_upload_is_shown(app):
@@ -188,7 +197,9 @@ def test_unreachable_endpoint_is_a_message(app, monkeypatch):
     app.sidebar.text_input(key="live_projects").set_value("p1")
     app.sidebar.button[0].click().run()
     assert not app.exception
-    assert any("Nothing was collected" in error.value for error in app.error)
+    message = next(error.value for error in app.error if "Nothing was collected" in error.value).replace("\\", "")
+    # No credentials is said in words, not as "the credentials (none)".
+    assert "(none)" not in message and "none were found" in message
 
 
 def test_live_form_errors_are_messages(app):

@@ -69,3 +69,65 @@ def test_a_run_appended_while_the_page_is_open_is_shown(monkeypatch, one_run, si
     at.run()  # what the page's timer does: the freshness check sees the new files and reloads
     assert not at.exception, at.exception
     assert "2026-11-20 10:00 UTC" in at.caption[0].value
+
+
+def chart_specs(at) -> list[dict]:
+    import json
+
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def open_view(at, view: str) -> None:
+    at.session_state["view"] = view
+    at.run()
+    assert not at.exception, at.exception
+
+
+@pytest.mark.parametrize("view", ["Trends", "Heatmap", "Collection health"])
+def test_one_run_says_what_a_trend_needs(monkeypatch, one_run, view):
+    at = open_app(monkeypatch, one_run)
+    open_view(at, view)
+    assert at.get("plotly_chart"), "the view still draws its charts"
+    assert any("at least two buckets" in info.value for info in at.info), [i.value for i in at.info]
+
+
+def test_one_run_drill_down_says_what_a_trend_needs(monkeypatch, one_run):
+    at = open_app(monkeypatch, one_run)
+    open_view(at, "Instance drill-down")
+    instance = HistoryStore(one_run).load()["instance_id"].iloc[0]
+    at.selectbox(key="drill").set_value(instance).run()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 1
+    assert any("at least two buckets" in info.value for info in at.info)
+
+
+def test_one_run_has_no_previous_run_to_compare_with(monkeypatch, one_run):
+    at = open_app(monkeypatch, one_run)
+    assert any("No previous run to compare with" in info.value for info in at.info)
+    # The changes table ("No changes since the previous run") is not shown: 2 charts, not 3.
+    assert len(at.get("plotly_chart")) == 2
+    assert next(m for m in at.metric if m.label == "Fleet abnormal ratio").delta in (None, "")
+
+
+def test_two_runs_show_their_changes(monkeypatch, one_run, sim):
+    append_run(one_run, sim, FIRST_RUN + pd.Timedelta(hours=1))
+    at = open_app(monkeypatch, one_run)
+    assert not any("No previous run" in info.value for info in at.info)
+    assert len(at.get("plotly_chart")) == 3
+
+
+def test_anomaly_caption_says_why_nothing_could_be_judged(monkeypatch, one_run):
+    at = open_app(monkeypatch, one_run)
+    open_view(at, "Trends")
+    caption = " ".join(c.value for c in at.caption)
+    assert "None could be judged" in caption and "finer resolution" in caption
+
+
+def test_failed_instances_are_named_and_project_failures_spelled_out():
+    from roma_analytics import dashboard
+
+    health = pd.DataFrame({"region": ["r", "r", "r"], "project_id": ["p1", "p1", "p2"],
+                           "instance_id": ["i1", "i2", "*"], "collected": [3, 4, 0], "failed": [1, 0, 2]})
+    table = dashboard.failed_instances(health, {"i1": "orders"})
+    assert table["instance"].tolist() == ["orders (i1)", "whole project (instance discovery failed)"]
+    assert "*" not in table.to_string()

@@ -191,7 +191,9 @@ def _csv_with(**changes) -> bytes:
 @pytest.mark.parametrize("content, message", [
     (b"", "empty"),
     (b"\xff\xfe\x00garbage", "neither Parquet nor UTF-8"),
-    (b"a,b\n1,2\n", "lacks the column"),
+    (b"a,b\n1,2\n", "not a roma-analytics stats or errors export"),
+    (dashboard.csv_bytes(SMALL.drop(columns=["completed"])), "not a complete roma-analytics stats export.*completed"),
+    (dashboard.csv_bytes(ERRORS.drop(columns=["attempts"])), "not a complete roma-analytics errors export.*attempts"),
     (_csv_with(running="2.5"), "whole numbers"),
     (_csv_with(running="-1", total=9), "whole numbers"),
     (_csv_with(total=99), "total is not running"),

@@ -77,6 +77,10 @@ def overview(source: tuple, filters: dashboard.Filters, _prepared):
     state = selection.fleet
     return {
         "kpis": state.kpis(),
+        # Scopes with a single run have no changes (fleet.py): then there is no previous run.
+        "has_previous_run": len(state.changes) > 0,
+        "instances_with_tasks": dashboard.instances_with_tasks(selection.latest),
+        "single_bucket": dashboard.single_bucket_note(selection.snapshots, selection.freq),
         "latest": selection.latest,
         "ranking": analysis.abnormal_ranking(selection.latest, n=None),
         "changes": state.changes,
@@ -99,10 +103,13 @@ def overview_figures(source: tuple, filters: dashboard.Filters, threshold: float
 def trend_figures(source: tuple, filters: dashboard.Filters, _prepared):
     selection = dashboard.apply_filters(_prepared, filters)
     freq = selection.freq
-    flagged = analysis.anomalies(selection.snapshots, freq, by="task_type")
+    window = dashboard.anomaly_window(freq)
+    flagged = analysis.anomalies(selection.snapshots, freq, window=window, by="task_type")
+    # The CDC share compares the two task types: with one of them filtered out it says nothing.
+    both_types = not filters.task_types or set(filters.task_types) >= {"common", "cdc"}
     return (charts.abnormal_ratio_trend(analysis.trend(selection.snapshots, freq), flagged),
-            charts.cdc_share_trend(analysis.cdc_vs_common(selection.snapshots, freq)),
-            int(flagged["is_anomaly"].sum()))
+            charts.cdc_share_trend(analysis.cdc_vs_common(selection.snapshots, freq)) if both_types else None,
+            dashboard.anomaly_note(flagged, freq, window))
 
 
 @st.cache_resource(max_entries=32)
@@ -118,17 +125,19 @@ def health_views(source: tuple, filters: dashboard.Filters, _prepared):
     selection = dashboard.apply_filters(_prepared, filters)
     stats = selection.raw_stats()
     per_instance = analysis.instance_health(selection.errors, stats)
+    names = _prepared.snapshots.drop_duplicates("instance_id", keep="last").set_index("instance_id")["instance_name"]
     return (charts.collection_health_chart(analysis.errors_by_code(selection.errors, selection.freq),
                                            analysis.collection_health(selection.errors, stats),
                                            freq=selection.freq),
-            per_instance[per_instance["failed"] > 0].reset_index(drop=True))
+            dashboard.failed_instances(per_instance, names.dropna().to_dict()))
 
 
 @st.cache_data(max_entries=8)
 def choices(source: tuple, _prepared) -> dict[str, object]:
     """The values the filters offer (scanning the snapshots for them is too slow per rerun)."""
     return {"region": _prepared.values("region"), "project_id": _prepared.values("project_id"),
-            "instance": dashboard.instance_options(_prepared.snapshots.drop_duplicates("instance_id", keep="last"))}
+            "instance": dashboard.instance_options(_prepared.snapshots.drop_duplicates("instance_id", keep="last")),
+            "scopes": dashboard.instance_scopes(_prepared.snapshots)}
 
 
 @st.cache_data(ttl=dt.timedelta(minutes=1))
@@ -212,8 +221,10 @@ try:
             append = st.checkbox("Append the run to the history", key="live_append")
             append_to = st.text_input("History folder to append to", value=str(env_history or "data/history"), key="live_history")
             collect_now = st.form_submit_button("Collect now", type="primary")
-        st.sidebar.caption("Credentials come from `st.secrets` ([roma] token, or ak/sk, or iam_*) or the "
-                           "environment (ROMA_AUTH_TOKEN, ROMA_AK/ROMA_SK, ROMA_IAM_*). They are never shown.")
+        # Names in code spans: Markdown would read the `*` of `iam_*` and `ROMA_IAM_*` as emphasis.
+        st.sidebar.caption("Credentials come from `st.secrets` (section `[roma]`: `token`, or `ak`/`sk`, or "
+                           "`iam_*`) or the environment (`ROMA_AUTH_TOKEN`, `ROMA_AK`/`ROMA_SK`, "
+                           "`ROMA_IAM_*`). They are never shown.")
         if collect_now:
             if how == "Form":
                 auth, auth_source = dashboard.auth_from_settings(secrets(), region=region.strip() or None)
@@ -233,8 +244,10 @@ try:
             if collection.collected == 0:
                 first = collection.errors.iloc[0] if len(collection.errors) else None
                 detail = f" First error: {md(first['error_code'])}: {md(first['error_msg'])}" if first is not None else ""
+                credentials = ("the credentials (none were found in `st.secrets` or the environment)"
+                               if auth_source == "none" else f"the credentials ({auth_source})")
                 st.error(f"Nothing was collected ({md(collection.summary(), limit=2000)}).{detail} Check the endpoint, "
-                         f"the project ids and the credentials ({auth_source}).")
+                         f"the project ids and {credentials}.")
             else:
                 st.session_state.setdefault("live_runs", []).append(
                     (collection.run_id, collection.stats, collection.errors, collection.scopes))
@@ -255,11 +268,16 @@ try:
             source_key = ("live", run_ids, freq)
             live_targets = st.session_state.get("live_target_list")
             source_text = f"live collection ({len(runs)} run{'s' if len(runs) > 1 else ''} this session)"
+    source_error = None
 except (ConfigError, RomaError) as exc:
-    st.error(f"**Cannot use this data source.** {md(exc, limit=2000)}")
+    source_error = exc
     prepared = None
 
 st.title("ROMA Connect task analytics")
+if source_error is not None:
+    # The message says what to do; a generic "choose a data source" under it would contradict it.
+    st.error(f"**Cannot use this data source.** {md(source_error, limit=2000)}")
+    st.stop()
 if prepared is None:
     st.info("Choose a data source in the sidebar: the bundled sample history needs no credentials.")
     st.stop()
@@ -283,7 +301,11 @@ offered = choices(source_key, prepared)
 names = offered["instance"]
 regions = st.sidebar.multiselect("Region", offered["region"], key="regions", placeholder="All regions")
 projects = st.sidebar.multiselect("Project", offered["project_id"], key="projects", placeholder="All projects")
-instances = st.sidebar.multiselect("Instance", list(names), format_func=names.get, key="instances",
+# Only the instances of the chosen regions and projects are offered (a choice outside them is dropped).
+offered_instances = dashboard.narrow_instances(names, offered["scopes"], regions, projects)
+if any(instance not in offered_instances for instance in st.session_state.get("instances", [])):
+    st.session_state["instances"] = [i for i in st.session_state["instances"] if i in offered_instances]
+instances = st.sidebar.multiselect("Instance", list(offered_instances), format_func=names.get, key="instances",
                                    placeholder="All instances (type to search)")
 task_types = st.sidebar.multiselect("Task type", ["common", "cdc"], format_func=charts.TASK_TYPE_LABELS.get,
                                     key="task_types", placeholder="Common and CDC")
@@ -328,7 +350,7 @@ def freshness() -> None:
     now = pd.Timestamp.now(tz="UTC")
     parts = [f"Source: {source_text}", f"resolution {prepared.freq}"]
     if last_run is not None:
-        parts.append(f"data as of the last run, {last_run:%Y-%m-%d %H:%M} UTC ({dashboard.age_text(last_run, now)})")
+        parts.append(f"data as of the last run, {last_run:%Y-%m-%d %H:%M} UTC ({dashboard.freshness_text(last_run, now)})")
     if watched_folder:
         parts.append(f"checked for new runs at {now:%H:%M:%S} UTC, every {refresh:g} s")
     st.caption(" · ".join(parts) + " · all times UTC")
@@ -336,7 +358,13 @@ def freshness() -> None:
 
 freshness()
 tiles = st.columns(7)
-tiles[0].metric("Instances", dashboard.count_text(kpis["instances"]))
+if task_types and set(task_types) != {"common", "cdc"}:
+    # Filtered to one task type: count the instances that have tasks of it.
+    only = charts.TASK_TYPE_LABELS[task_types[0]]
+    tiles[0].metric("Instances", dashboard.count_text(numbers["instances_with_tasks"]),
+                    help=f"Instances with {only} tasks in their latest snapshot.")
+else:
+    tiles[0].metric("Instances", dashboard.count_text(kpis["instances"]))
 for tile, state in zip(tiles[1:5], ("running", "abnormal", "terminated", "completed")):
     tile.metric(f"{charts.STATE_LABELS[state]} tasks", dashboard.count_text(kpis[state]))
 tiles[5].metric("Fleet abnormal ratio", dashboard.ratio_text(kpis["abnormal_ratio"]),
@@ -379,26 +407,38 @@ with tabs["Overview"]:
         st.caption("Click a bar to open that instance's drill-down.")
         above = numbers["ranking"]
         flagged = int((above["wilson_low"] > threshold).sum())
-        st.markdown(f"**{flagged:,}** instance(s) are above {threshold:.1%} even at the low end of their "
-                    f"{analysis.confidence_text()} Wilson interval.")
+        st.markdown(f"**{flagged:,}** instance(s) are above {charts.percent_text(threshold)} even at the low end "
+                    f"of their {analysis.confidence_text()} Wilson interval.")
         # Full width: the tables' instance labels and change summaries are long.
         st.plotly_chart(worst, config=PLOT_CONFIG)
-        st.plotly_chart(changed, config=PLOT_CONFIG)
+        if not numbers["has_previous_run"]:
+            st.info("No previous run to compare with: the changes since the previous run appear after the "
+                    "next collection.")
+        else:
+            st.plotly_chart(changed, config=PLOT_CONFIG)
 
 with tabs["Trends"]:
     if tabs["Trends"].open:
-        ratio_trend, share_trend, anomaly_count = trend_figures(source_key, filters, prepared)
+        if numbers["single_bucket"]:
+            st.info(numbers["single_bucket"])
+        ratio_trend, share_trend, anomaly_text = trend_figures(source_key, filters, prepared)
         st.plotly_chart(ratio_trend, config=PLOT_CONFIG)
-        st.caption(f"Rings mark anomalies: a bucket more than 3 robust standard deviations from the median "
-                   f"of the previous 24 buckets ({anomaly_count:,} found).")
-        st.plotly_chart(share_trend, config=PLOT_CONFIG)
+        st.caption(anomaly_text)
+        if share_trend is None:
+            st.info("The CDC share compares CDC with common tasks: choose both task types (or none) to see it.")
+        else:
+            st.plotly_chart(share_trend, config=PLOT_CONFIG)
 
 with tabs["Heatmap"]:
     if tabs["Heatmap"].open:
+        if numbers["single_bucket"]:
+            st.info(numbers["single_bucket"])
         st.plotly_chart(heatmap_figure(source_key, filters, prepared), config=PLOT_CONFIG)
 
 with tabs["Collection health"]:
     if tabs["Collection health"].open:
+        if numbers["single_bucket"]:
+            st.info(numbers["single_bucket"])
         health_chart, failing = health_views(source_key, filters, prepared)
         st.plotly_chart(health_chart, config=PLOT_CONFIG)
         st.subheader("Instances that failed to collect")
@@ -406,6 +446,7 @@ with tabs["Collection health"]:
             st.success("Every instance was collected in every run of the selection.")
         else:
             st.dataframe(failing, hide_index=True, column_config={
+                "instance": st.column_config.TextColumn("instance", width="large"),
                 "failure_ratio": st.column_config.NumberColumn("failure ratio", format="percent"),
                 "last_error_at": st.column_config.DatetimeColumn("last error (UTC)", format="YYYY-MM-DD HH:mm"),
             })
@@ -421,6 +462,8 @@ with tabs["Instance drill-down"]:
             st.info("Choose an instance, or click its bar in the Overview.")
         else:
             rows = instance_rows(source_key, filters, chosen, prepared)
+            if numbers["single_bucket"]:
+                st.info(numbers["single_bucket"])
             st.plotly_chart(charts.instance_history(rows), config=PLOT_CONFIG)
             if live_targets is not None and len(rows):
                 last = rows.iloc[-1]
