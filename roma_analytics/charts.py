@@ -825,8 +825,8 @@ def _table(
     numeric_until = len(columns) if numeric_until is None else numeric_until
     align = ["right" if numeric_from <= i < numeric_until else "left" for i in range(len(columns))]
     texts = [series.astype(object).tolist() for series in columns.values()]
-    longest = [max([len(str(name)), *(len(str(v)) for v in values)]) for name, values in zip(columns, texts)]
-    weights = [min(max(chars, 4), 60) * (1.0 if widths is None else widths[i]) for i, chars in enumerate(longest)]
+    weights = [_column_weight(name, values) * (1.0 if widths is None else widths[i])
+               for i, (name, values) in enumerate(zip(columns, texts))]
     fig = go.Figure(
         go.Table(
             header={
@@ -848,6 +848,16 @@ def _table(
         )
     )
     return fig
+
+
+def _column_weight(name: str, values: Sequence) -> float:
+    """A column's share of a table's width, in characters: plotly wraps text at spaces only, so a
+    column gets its longest unbreakable word (an id) in full, and text that can wrap gets at
+    most 16 characters a line."""
+    texts = [str(name), *(str(v) for v in values)]
+    longest = max(len(text) for text in texts)
+    longest_word = max((len(word) for text in texts for word in text.split()), default=0)
+    return float(min(max(longest_word, min(longest, 16), 4), 60))
 
 
 def _table_layout(fig: go.Figure, title: str, rows: int) -> None:
