@@ -1,4 +1,4 @@
-"""``python -m benchmarks [collect|analysis|dashboard|memory|soak|all] [sizes] [--smoke] [--write-results]``.
+"""``python -m benchmarks [collect|analysis|dashboard|memory|soak|tasks|all] [sizes] [--smoke] [--write-results]``.
 
 Runs the chosen benchmarks (default: all), prints one Markdown table of figures, references,
 ratios and bars, and exits 0 when every bar held (1 when one was missed; with ``--smoke``, only
@@ -20,12 +20,14 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 FULL = dict(instances=1000, latency_ms=50.0, workers=32, sdk_sample=100, repeats=3,
             history_instances=1000, history_runs=5000, year_instances=4, year_days=365,
             dashboard_instances=200, dashboard_runs=2500, reruns=5,
-            memory_runs=1000, memory_instances=20, soak_runs=2000, soak_instances=20, fault_rate=0.1)
+            memory_runs=1000, memory_instances=20, soak_runs=2000, soak_instances=20, fault_rate=0.1,
+            abnormal_share=0.1)
 SMOKE = dict(instances=20, latency_ms=20.0, workers=8, sdk_sample=5, repeats=1,
              history_instances=10, history_runs=300, year_instances=1, year_days=5,
              dashboard_instances=5, dashboard_runs=100, reruns=2,
-             memory_runs=20, memory_instances=4, soak_runs=20, soak_instances=5, fault_rate=0.3)
-ORDER = ("collect", "memory", "soak", "analysis", "dashboard")
+             memory_runs=20, memory_instances=4, soak_runs=20, soak_instances=5, fault_rate=0.3,
+             abnormal_share=0.2)
+ORDER = ("collect", "memory", "soak", "analysis", "dashboard", "tasks")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     sizes.add_argument("--soak-runs", type=int)
     sizes.add_argument("--soak-instances", type=int)
     sizes.add_argument("--fault-rate", type=float)
+    sizes.add_argument("--abnormal-share", type=float, help="tasks: share of instances with abnormal tasks")
     return p
 
 
@@ -72,6 +75,10 @@ def run(name: str, s: dict, args) -> list[Row]:
     if name == "soak":
         from benchmarks import bench_memory
         return bench_memory.run_soak(runs=s["soak_runs"], instances=s["soak_instances"], fault_rate=s["fault_rate"])
+    if name == "tasks":
+        from benchmarks import bench_tasks
+        return bench_tasks.run(instances=s["instances"], latency_ms=s["latency_ms"], workers=s["workers"],
+                               share=s["abnormal_share"], repeats=s["repeats"])
     raise ValueError(name)
 
 

@@ -157,10 +157,12 @@ class SimulatorProcess:
     GIL); the base URL and project ids are parsed from its startup lines."""
 
     def __init__(self, instances: int, latency_ms: float = 0.0, fault_rate: float = 0.0,
-                 projects: int = 1, seed: int = 0) -> None:
+                 projects: int = 1, seed: int = 0, abnormal_share: float | None = None) -> None:
         self.argv = [sys.executable, "-m", "roma_analytics", "simulate", "--port", "0",
                      "--instances", str(instances), "--projects", str(projects),
                      "--latency-ms", str(latency_ms), "--fault-rate", str(fault_rate), "--seed", str(seed)]
+        if abnormal_share is not None:
+            self.argv += ["--abnormal-share", str(abnormal_share)]
         self.process: subprocess.Popen | None = None
         self.base_url = ""
         self.project_ids: list[str] = []

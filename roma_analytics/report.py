@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from roma_analytics import __version__, analysis, charts, display, fleet
+from roma_analytics import __version__, analysis, charts, display, episodes, fleet
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.store import HistoryStore, parse_time
 
@@ -40,6 +40,8 @@ __all__ = ["build_report", "write_report", "choose_freq", "ReportSummary", "FREQ
 FREQ_CANDIDATES = ("5min", "15min", "1h", "6h", "1D", "1W")
 MAX_BUCKETS = 200
 ANOMALY_ROWS = 50
+#: Rows of the "top recurring abnormal tasks" table.
+RECURRING_ROWS = 15
 ANOMALY_WINDOW = 24
 ANOMALY_MIN_PERIODS = 6
 
@@ -129,6 +131,9 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
         body.append("</section>")
     body.append("<section><h2>Anomalies per instance</h2>")
     body.append(_anomaly_table(instance_anomalies, names))
+    body.append("</section>")
+    body.append("<section><h2>Top recurring abnormal tasks</h2>")
+    body.append(_recurring_tasks(store, stats, errors, filters, names))
     body.append("</section>")
     body.append("<section><h2>Collection health</h2>")
     body.append(_figure_html(health, "chart-health"))
@@ -221,6 +226,39 @@ def _anomaly_table(flagged: pd.DataFrame, names) -> str:
     })
     more = (f"<p class='note'>{len(rows) - ANOMALY_ROWS} more not shown.</p>" if len(rows) > ANOMALY_ROWS else "")
     return _table(list(text.columns), text, {"Abnormal ratio", "Usual ratio", "Robust z", "Abnormal / tasks"}) + more
+
+
+def _recurring_tasks(store: HistoryStore, stats: pd.DataFrame, errors: pd.DataFrame, filters: dict, names) -> str:
+    """The tasks with the most abnormal episodes in the period (``episodes.failing_tasks``)."""
+    tasks = store.load(table="abnormal_tasks", **filters)
+    if tasks.empty:
+        return ("<p class='empty'>No abnormal task was listed in the period (collect lists them unless "
+                "--no-task-list is given).</p>")
+    listed = store.listed_runs(since=filters["since"], until=filters["until"])["run_id"]
+    top = episodes.failing_tasks(episodes.episodes(stats, tasks, errors, listed), top=RECURRING_ROWS)
+    known = {} if names is None else {key: name for key, name in names.astype(object).items() if isinstance(name, str)}
+    instance = [f"{display.visible(known[i], display.LABEL_LIMIT)} ({i})" if i in known else i
+                for i in top["instance_id"].astype(str)]
+    text = pd.DataFrame({
+        "Task": top["task_name"].astype("string").fillna(top["task_id"]).astype(str),
+        "Task id": top["task_id"].astype(str),
+        "Instance": pd.Series(instance, index=top.index, dtype=object),
+        "Type": top["task_type"].astype(str),
+        "Episodes": top["episodes"].astype(str),
+        "Abnormal in total": top["total_duration"].map(_duration_text),
+        "Longest": top["longest"].map(_duration_text),
+        "Still abnormal": top["still_open"].map({True: "yes", False: "no"}),
+    })
+    note = ("<p class='note'>An episode runs from the first run that listed the task in ERROR to the "
+            "first later run of its instance that did not; durations are at the collection's resolution.</p>")
+    return note + _table(list(text.columns), text, {"Episodes", "Abnormal in total", "Longest"})
+
+
+def _duration_text(value) -> str:
+    minutes = int(pd.Timedelta(value).total_seconds() // 60)
+    days, minutes = divmod(minutes, 24 * 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{days} d " if days else "") + f"{hours} h {minutes:02d} min"
 
 
 def _failing_instances(errors: pd.DataFrame, stats: pd.DataFrame) -> str:

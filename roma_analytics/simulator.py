@@ -309,6 +309,18 @@ def _build_fleet(seed: int, project_ids: list[str], instances: int) -> dict[str,
     return fleet
 
 
+def _limit_abnormal(fleet: dict[str, dict[str, _Instance]], seed: int, share: float) -> None:
+    """Only ``round(share * n)`` instances of each project ever have abnormal tasks (chosen by
+    ``seed``); the others none at all (no abnormal rate, no episodes)."""
+    for project_id, project in fleet.items():
+        rng = random.Random(f"roma-simulator/{seed}/{project_id}/abnormal")
+        keep = set(rng.sample(sorted(project), round(share * len(project))))
+        for instance_id, instance in project.items():
+            if instance_id not in keep:
+                instance.abnormal_rates = {"common": 0.0, "cdc": 0.0}
+                instance.flaky = False
+
+
 def _generate_project_ids(seed: int, count: int) -> list[str]:
     rng = random.Random(f"roma-simulator/{seed}/projects")
     return [f"{rng.getrandbits(128):032x}" for _ in range(count)]
@@ -414,7 +426,7 @@ class Simulator:
                  fault_rate: float = 0.0, token: str | None = None, ak: str | None = None,
                  sk: str | None = None, clock: Callable[[], float] | None = None,
                  iam_password: str | None = None, token_ttl: float = 86_400,
-                 gateway_clock_offset: float = 0.0) -> None:
+                 gateway_clock_offset: float = 0.0, abnormal_share: float | None = None) -> None:
         if isinstance(projects, bool) or not isinstance(projects, (int, list, tuple)):
             raise ValueError("projects must be a number of projects or a list of project ids")
         if isinstance(projects, int):
@@ -429,6 +441,8 @@ class Simulator:
             raise ValueError(f"instances must be a whole number >= 0, got {instances!r}")
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be between 0 and 1, got {fault_rate}")
+        if abnormal_share is not None and not 0.0 <= abnormal_share <= 1.0:
+            raise ValueError(f"abnormal_share must be between 0 and 1, got {abnormal_share}")
         if latency_ms < 0:
             raise ValueError(f"latency_ms must be >= 0, got {latency_ms}")
         if not 0 <= port <= 65535:
@@ -455,6 +469,8 @@ class Simulator:
         self._clock = clock or time.time
         self._project_ids = project_ids
         self._fleet = _build_fleet(seed, project_ids, instances)
+        if abnormal_share is not None:
+            _limit_abnormal(self._fleet, seed, abnormal_share)
         self._project_names = {project_id: _REGION if index == 0 else f"{_REGION}_sim{index:02d}"
                                for index, project_id in enumerate(project_ids)}
         self._lock = threading.Lock()
@@ -1103,6 +1119,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="delay every response by MS milliseconds")
     parser.add_argument("--fault-rate", type=float, default=0.0, metavar="P",
                         help="probability in [0, 1] that a statistics request fails (500, 429, truncated JSON)")
+    parser.add_argument("--abnormal-share", type=float, default=None, metavar="P",
+                        help="only this fraction of each project's instances ever has abnormal tasks "
+                             "(default: every instance may)")
     parser.add_argument("--token", default=None, help="require this X-Auth-Token")
     parser.add_argument("--ak", default=None, help="verify AK/SK signatures made with this access key")
     parser.add_argument("--sk", default=None, help="the secret key that goes with --ak")
@@ -1121,6 +1140,8 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return f"--latency-ms must be 0 or more, got {args.latency_ms}"
     if not 0.0 <= args.fault_rate <= 1.0:
         return f"--fault-rate must be a probability between 0 and 1, got {args.fault_rate}"
+    if args.abnormal_share is not None and not 0.0 <= args.abnormal_share <= 1.0:
+        return f"--abnormal-share must be a fraction between 0 and 1, got {args.abnormal_share}"
     if (args.ak is None) != (args.sk is None) or args.ak == "" or args.sk == "":
         return "--ak and --sk go together: give both or neither"
     if args.token == "":
@@ -1146,7 +1167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     simulator = Simulator(projects=args.project_id or args.projects or 2, instances=args.instances,
                           seed=args.seed, host=args.host, port=args.port, latency_ms=args.latency_ms,
-                          fault_rate=args.fault_rate, token=args.token, ak=args.ak, sk=args.sk)
+                          fault_rate=args.fault_rate, token=args.token, ak=args.ak, sk=args.sk,
+                          abnormal_share=args.abnormal_share)
     try:
         simulator.start()
     except OSError as error:

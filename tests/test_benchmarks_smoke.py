@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import __main__ as cli  # noqa: E402
-from benchmarks import bench_analysis, bench_dashboard, bench_memory, synthetic  # noqa: E402
+from benchmarks import bench_analysis, bench_dashboard, bench_memory, bench_tasks, synthetic  # noqa: E402
 from benchmarks.harness import Row, table  # noqa: E402
 
 SMOKE_ARGS = Namespace(no_sdk=False, no_pandas=False)
@@ -48,6 +48,13 @@ def test_collect_smoke():
     names = " / ".join(row.name for row in rows)
     assert "official SDK count_tasks" in names and "RomaAsyncClient" in names and "no latency" in names
     assert all(row.passed is not None for row in rows)       # every collect row has a bar
+
+
+def test_tasks_smoke_counts_one_request_per_abnormal_instance():
+    rows = bench_tasks.run(instances=10, latency_ms=5.0, workers=4, share=0.3, repeats=1)
+    assert_well_formed(rows, "6 abnormal tasks", 3)
+    # 3 of 10 instances have abnormal tasks: 3 extra requests, on top of 10 statistics requests.
+    assert rows[0].figure.startswith("3 task-list requests") and "3 instances with abnormal tasks" in rows[0].reference
 
 
 def test_analysis_smoke_gives_the_same_numbers_as_duckdb(tmp_path):

@@ -3,6 +3,7 @@ engines against each other, and hand-computed cases for what the simulator never
 from __future__ import annotations
 
 import bisect
+import re
 
 import pandas as pd
 import pytest
@@ -247,3 +248,22 @@ def test_task_abnormal_hours_rule_parses_and_refuses_nonsense():
     for bad in (0, -1, "6", True):
         with pytest.raises(ConfigError, match="task_abnormal_hours"):
             alerts.parse_rules({"task_abnormal_hours": bad})
+
+
+def test_report_lists_the_most_often_failing_tasks_first(tmp_path):
+    from roma_analytics.report import build_report
+
+    store = HistoryStore(tmp_path / "h")
+    # Runs every 5 min.  x: ERROR in runs 0-1 (ends at run 2: 10 min) and 3-5 (still open at the
+    # last run: 10 min so far); y: runs 1-2 (ends at run 3: 10 min); z: run 5 only (open, 0 min).
+    error_sets = [["x"], ["x", "y"], ["y"], ["x"], ["x"], ["x", "z"]]
+    for run, tasks in enumerate(error_sets):
+        _append_run(store, 5 * run, len(tasks), tasks)
+    text, _ = build_report(store, now=_t(60))
+    section = text[text.index("<h2>Top recurring abnormal tasks"):text.index("<h2>Collection health")]
+    rows = re.findall(r"<tr><td>([xyz])</td>.*?</tr>", section)
+    assert rows == ["x", "y", "z"]
+    x_row = re.search(r"<tr><td>x</td>.*?</tr>", section).group(0)
+    assert "<td class='num'>2</td><td class='num'>0 h 20 min</td><td class='num'>0 h 10 min</td><td>yes</td>" in x_row
+    z_row = re.search(r"<tr><td>z</td>.*?</tr>", section).group(0)
+    assert "<td>yes</td>" in z_row
