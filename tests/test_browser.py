@@ -16,6 +16,7 @@ from roma_analytics import analysis
 from roma_analytics.samples import SAMPLE_HISTORY
 from roma_analytics.streamlit_app import APP_PATH
 from roma_analytics.store import HistoryStore
+from fleets import collect_named_fleet
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -35,9 +36,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    yield from serve(tmp_path_factory, history=None)
+
+
+def serve(tmp_path_factory, history):
+    """`streamlit run` the packaged app (on ``history`` when given); yields its URL."""
     port = free_port()
     env = {**os.environ, "ROMA_AUTH_TOKEN": SECRET}
     env.pop("ROMA_HISTORY", None)
+    if history is not None:
+        env["ROMA_HISTORY"] = str(history)
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -69,13 +77,18 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
+    yield from browse(server)
+
+
+def browse(url):
+    """A headless Chromium page open at ``url``."""
     from playwright import sync_api as playwright
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(server)
+        page.goto(url)
         yield page
         browser.close()
 
@@ -130,3 +143,69 @@ def test_dashboard_renders_filters_and_hides_secrets(page):
     assert page.locator('[data-testid="stException"]').count() == 0
 
     assert SECRET not in page.content()
+
+
+# ------------------------------------------------------------------------------ a click opens what was clicked
+
+# Names a bar label cannot carry an instance by: a "/", surrounding spaces, another instance's id.
+def confusing_names(ids):
+    return ["ops/orders", "  spaced  ", ids[3], "billing", "not discovered"]
+
+
+@pytest.fixture(scope="module")
+def confusing_fleet(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("confusing") / "history"
+    # One run: the fifth instance is CREATING, so not collected.
+    ids = collect_named_fleet(folder, confusing_names, seed=6, instances=5, runs=1)
+    return folder, dict(zip(ids, confusing_names(ids)))
+
+
+@pytest.fixture(scope="module")
+def confusing_page(tmp_path_factory, confusing_fleet):
+    for url in serve(tmp_path_factory, history=confusing_fleet[0]):
+        for page in browse(url):
+            page.set_viewport_size({"width": 1600, "height": 2600})   # every bar on screen, none under the header
+            yield page
+
+
+def open_overview(page) -> None:
+    page.get_by_role("tab", name="Overview").click()
+    wait_until_idle(page)
+
+
+def click_bar_of(page, label: str) -> None:
+    """Click the widest bar segment in the row of the state breakdown whose y tick reads ``label``."""
+    chart = page.locator(".js-plotly-plot").first
+    tick = chart.locator("g.ytick text").filter(has_text=label).first
+    row = tick.bounding_box()
+    middle = row["y"] + row["height"] / 2
+    best = None
+    for bar in chart.locator("g.trace.bars g.point path").all():
+        box = bar.bounding_box()
+        if box and box["width"] > 2 and box["y"] <= middle <= box["y"] + box["height"]:
+            best = max(best or (0, None), (box["width"], bar), key=lambda pair: pair[0])
+    assert best is not None, f"no bar in the row of {label!r}"
+    # Where a person clicks: plotly's drag layer above the bars receives the click and finds the bar.
+    box = best[1].bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+
+@pytest.mark.parametrize("shown, name", [("ops/orders", "ops/orders"), ("spaced", "  spaced  "),
+                                         (None, "id of another instance"), ("billing", "billing")])
+def test_a_click_on_a_bar_opens_the_instance_that_was_clicked(confusing_page, confusing_fleet, shown, name):
+    page = confusing_page
+    _, names = confusing_fleet
+    ids = list(names)
+    if shown is None:                    # the instance named after the fourth instance's id
+        wanted, shown = ids[2], ids[3]
+    else:
+        wanted = next(i for i, n in names.items() if n == name)
+    wait_until_idle(page)
+    open_overview(page)
+    click_bar_of(page, shown)
+    # The drill-down opens on the clicked instance: its picker shows "name (id)".
+    picker = page.locator('[data-testid="stSelectbox"]').filter(has_text="Instance")
+    picker.wait_for(timeout=60_000)
+    wait_until_idle(page)
+    assert picker.locator("input").input_value().endswith(f"({wanted})")
+    assert page.locator('[data-testid="stException"]').count() == 0

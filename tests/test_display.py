@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 
 from roma_analytics import display
-from roma_analytics.collect import collect
-from roma_analytics.simulator import Simulator
 from roma_analytics.store import HistoryStore
-from roma_analytics.targets import Target
+from fleets import collect_named_fleet
 
 REPO = Path(__file__).resolve().parent.parent
 #: Characters that must never reach a sink raw: ESC, BEL, bidi override and isolate, zero width
@@ -77,13 +75,7 @@ def hostile_history(tmp_path_factory):
     screen clear, 200 000 characters, and a plain name."""
     names = [f"{LINK} <!channel> @here \u202egnp.exe", "ops\x1b[2J\x1b]8;;http://evil.example\x07x", LONG, "plain"]
     folder = tmp_path_factory.mktemp("hostile") / "history"
-    with Simulator(projects=1, instances=4, seed=3) as sim:
-        project = sim.project_ids[0]
-        fleet = sim._fleet[project]   # the simulator's own records: what discovery answers
-        for instance, name in zip(fleet.values(), names):
-            instance.info["name"] = name
-        for _ in range(2):
-            HistoryStore(folder).append(collect([Target(project_id=project, endpoint=sim.base_url)], retries=0))
+    collect_named_fleet(folder, names)
     stored = set(HistoryStore(folder).load()["instance_name"])
     assert set(names) <= stored   # the history keeps the names exactly as the server sent them
     return folder
