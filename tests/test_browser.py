@@ -76,21 +76,28 @@ def serve(tmp_path_factory, history):
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    yield from browse(server)
-
-
-def browse(url):
-    """A headless Chromium page open at ``url``."""
+def chromium():
+    """One headless Chromium for the module (Playwright's sync API allows one driver at a time)."""
     from playwright import sync_api as playwright
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(url)
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(chromium, server):
+    yield from browse(chromium, server)
+
+
+def browse(chromium, url):
+    """A page of ``chromium`` open at ``url``."""
+    page = chromium.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(url)
+    yield page
+    page.close()
 
 
 def wait_until_idle(page, timeout_ms: int = 90_000) -> None:
@@ -161,9 +168,9 @@ def confusing_fleet(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def confusing_page(tmp_path_factory, confusing_fleet):
+def confusing_page(tmp_path_factory, chromium, confusing_fleet):
     for url in serve(tmp_path_factory, history=confusing_fleet[0]):
-        for page in browse(url):
+        for page in browse(chromium, url):
             page.set_viewport_size({"width": 1600, "height": 2600})   # every bar on screen, none under the header
             yield page
 
