@@ -25,19 +25,21 @@ MIN_SECRET_LENGTH = 4
 
 
 def spellings(secret: str) -> set[str]:
-    """The ways ``secret`` can appear in text a server sends back (always including itself)."""
-    forms = {secret}
-    forms.add(html.escape(secret, quote=True))
-    forms.add(html.escape(secret, quote=False))
-    forms.add("".join(f"&#{ord(char)};" if not char.isalnum() else char for char in secret))
-    forms.add("".join(f"&#x{ord(char):x};" if not char.isalnum() else char for char in secret))
+    """The ways ``secret`` can appear in text a server sends back (always including itself):
+    as is, JSON-escaped, URL-encoded, and each of these HTML-escaped (a page quoting a body)."""
+    plain = {secret, secret.replace("/", "\\/")}       # JSON writers that escape the solidus
     for ascii_only in (True, False):
-        forms.add(json.dumps(secret, ensure_ascii=ascii_only)[1:-1])
-    forms.add(secret.replace("/", "\\/"))              # JSON writers that escape the solidus
+        escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+        plain |= {escaped, escaped.replace("/", "\\/")}
     for encoded in (quote(secret, safe=""), quote(secret, safe="/"), quote_plus(secret, safe=""),
                     quote(secret, safe="~")):
-        forms.add(encoded)
-        forms.add(re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), encoded))
+        plain |= {encoded, re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), encoded)}
+    forms = set(plain)
+    for form in plain:
+        forms.add(html.escape(form, quote=True))
+        forms.add(html.escape(form, quote=False))
+        forms.add("".join(f"&#{ord(char)};" if not char.isalnum() else char for char in form))
+        forms.add("".join(f"&#x{ord(char):x};" if not char.isalnum() else char for char in form))
     return {form for form in forms if form}
 
 

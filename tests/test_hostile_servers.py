@@ -33,6 +33,8 @@ from urllib.parse import quote, quote_plus, urlsplit
 import pandas as pd
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 
 from roma_analytics import alerts, transport
 from roma_analytics.auth import AkSkAuth, IamPasswordAuth, TokenAuth
@@ -800,6 +802,30 @@ def _over_http(request):
                                 auth=AkSkAuth(AK, SK, project_id=project_id), timeout=10)
         assert response.status_code == 200, response.text
         assert response.json()["total"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Properties of the two shared pieces, on generated input
+
+@given(st.text(max_size=60))
+def test_retry_after_is_none_or_a_capped_wait(value):
+    wait = transport.retry_after(value, cap=30)
+    assert wait is None or 0 <= wait <= 30
+
+
+@given(secret=st.text(min_size=4, max_size=40).filter(lambda text: text.strip() == text and text.strip()),
+       before=st.text(max_size=200), after=st.text(max_size=200),
+       spelling=st.sampled_from(["raw", "json", "json-unicode", "html", "html-json", "url", "form"]))
+def test_every_spelling_of_a_secret_is_redacted(secret, before, after, spelling):
+    from roma_analytics.redact import redact
+
+    form = {"raw": secret, "json": json.dumps(secret)[1:-1],
+            "json-unicode": json.dumps(secret, ensure_ascii=False)[1:-1], "html": html.escape(secret),
+            "html-json": html.escape(json.dumps(secret)[1:-1]), "url": quote(secret, safe=""),
+            "form": quote_plus(secret)}[spelling]
+    text = redact(before + form + after, [secret])
+    assert form not in text
+    assert "<hidden>" in text
 
 
 if __name__ == "__main__":
