@@ -37,7 +37,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roma_analytics import alerts, transport
-from roma_analytics.auth import AkSkAuth, IamPasswordAuth, TokenAuth
+from roma_analytics.auth import AkSkAuth, IamPasswordAuth
 from roma_analytics.cli import main
 from roma_analytics.client import RomaClient
 from roma_analytics.collect import collect
