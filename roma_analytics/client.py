@@ -1,10 +1,12 @@
 """HTTP client of the ROMA Connect APIs roma-analytics reads: task statistics, instances, tasks.
 
 :class:`RomaClient` wraps one ``requests.Session`` (shareable by a pool of worker threads) and owns
-everything that can go wrong on the wire: timeouts, retries with exponential backoff and jitter,
-``Retry-After``, token renewal after ``APIGW.0307``, redirects (never followed), and turning error
-responses into the exception tree of :mod:`roma_analytics.errors`, each carrying the number of
-HTTP requests it took (``attempts``).
+everything that can go wrong on the wire: timeouts (each attempt bounded end to end, headers
+included, by :func:`roma_analytics.transport.attempt`), retries with exponential backoff and
+jitter, a capped ``Retry-After``, token renewal after ``APIGW.0307``, redirects (never followed),
+and turning error responses into the exception tree of :mod:`roma_analytics.errors`, each carrying
+the number of HTTP requests it took (``attempts``), with secrets removed before any text is cut.
+A refused request (401) whose gateway ``Date`` is far from this machine's clock says so.
 
 :func:`parse_task_statistics` is the strict, pure parser of the statistics body: anything but the
 documented shape is an :class:`~roma_analytics.errors.InvalidResponse`, never zeros.

@@ -752,6 +752,22 @@ def _sigterm(request):
     stats = HistoryStore(history).load()
     assert len(stats) == 2 * len(ids) * stats["run_id"].nunique()   # every stored run is whole
 
+    # During a run: the run is abandoned cleanly (nothing written for it), still exit 0.
+    during = request.getfixturevalue("tmp_path") / "during"
+    with Simulator(projects=1, instances=2, seed=41, latency_ms=30_000) as sim:
+        project_id, ids = fleet(sim)
+        process = cli_process("collect", "--endpoint", sim.base_url, "--project-id", project_id,
+                              "--instance-id", *ids, "--history", during, "--retries", "0", "--timeout", "60",
+                              "--every", "1s")
+        try:
+            wait_for(lambda: sim.requests("statistics") >= 1, what="a request in flight")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, (process.returncode, err)
+    assert "stopped by SIGTERM: the run was abandoned, nothing written for it" in err
+    assert not during.exists() or HistoryStore(during).runs().empty
+
 
 @row("loops", "bom")
 def _bom(request):
