@@ -702,3 +702,26 @@ def test_rows_without_collected_at_are_left_out():
                        pd.DataFrame([dict(stats.iloc[0], collected_at=None, run_id="r0")])], ignore_index=True)
     assert analysis.trend(frame, "1D")["total"].tolist() == [2]
     assert analysis.latest(frame)["run_id"].tolist() == ["r1"]
+
+
+def test_anomalies_of_the_whole_fleet():
+    stats = make_stats(*_hourly([1, 2, 1, 3, 9]))
+    fleet = analysis.anomalies(stats, "1h", by=(), window=4, min_periods=4)
+    per_instance = analysis.anomalies(stats, "1h", by="instance_id", window=4, min_periods=4)
+    assert fleet.columns.tolist()[:2] == ["bucket", "running"]
+    assert_frame_equal(fleet, per_instance.drop(columns="instance_id"))
+
+
+def test_a_failed_discovery_counts_as_one_failed_attempt():
+    # A project whose instance list could not be fetched: an errors row without an instance id.
+    stats, errors = _health_fixture()
+    discovery = make_errors(("2024-05-01T10:05Z", "r2", "unused", "APIGW.0301"))
+    discovery["instance_id"] = pd.array([pd.NA], dtype="string")
+    errors = pd.concat([errors, discovery], ignore_index=True)
+    health = analysis.collection_health(errors, stats)
+    assert health[["run_id", "attempted", "collected", "failed"]].values.tolist() == [
+        ["r1", 2, 2, 0], ["r2", 3, 1, 2], ["r3", 2, 0, 2]]
+    per_instance = analysis.instance_health(errors, stats)
+    unknown = per_instance[per_instance["instance_id"].isna()]
+    assert unknown[["collected", "failed"]].values.tolist() == [[0, 1]]
+    assert unknown["last_error_code"].tolist() == ["APIGW.0301"]
