@@ -6,6 +6,7 @@ word.  Backoffs are tiny so the file stays fast; the only real waits are the tim
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl
 from pathlib import Path
 import logging
 import math
@@ -686,3 +687,73 @@ def test_request_ids_that_do_not_look_like_ids_are_dropped(header, kept):
     from roma_analytics.client import _request_id
 
     assert _request_id(header) == (header if kept else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges found by mutation testing (scripts/mutation)
+
+
+@pytest.mark.parametrize("body", [b"<html><title>Maintenance</title></html>", b"\xff\xfe{}", b""])
+@pytest.mark.parametrize("call", ["list_instances", "list_tasks"])
+def test_a_list_page_that_is_not_json_is_an_invalid_response(recorder, body, call):
+    recorder.answer = (200, body)
+    with RomaClient(recorder.url, retries=0, timeout=(2.0, 2.0)) as client, \
+            pytest.raises(InvalidResponse, match="response body is not UTF-8 JSON") as caught:
+        getattr(client, call)(*(("p1",) if call == "list_instances" else ("p1", "i1")))
+    assert caught.value.status == 200 and caught.value.error_code == "INVALID_RESPONSE"
+
+
+@pytest.mark.parametrize("timeout, pair", [((3, 60), (3.0, 60.0)), (7, (7.0, 7.0)), ((0.5, 2), (0.5, 2.0))])
+def test_timeout_is_a_connect_read_pair(timeout, pair):
+    from roma_analytics.client import _check_timeout
+
+    assert _check_timeout(timeout) == pair
+
+
+@pytest.mark.parametrize("timeout", [0, -1, (1, 0), (1,), (1, 2, 3), True, "5", float("inf"), (1, float("nan"))])
+def test_timeout_refuses_what_is_not_seconds(timeout):
+    with pytest.raises(ConfigError, match=r"^timeout must be seconds > 0 or a \(connect, read\) pair"):
+        RomaClient("http://127.0.0.1:9", timeout=timeout)
+
+
+@pytest.mark.parametrize("filters, parameter, complaint", [
+    ({"name": "a\x7fb"}, "name", "name must be a string without control characters"),
+    ({"name": "a\x1fb"}, "name", "name must be a string without control characters"),
+    ({"name": 5}, "name", "name must be a string without control characters"),
+    ({"sort_type": "up"}, "sort_type", "sort_type must be 'ASC' or 'DESC', got 'UP'"),
+    ({"status": True}, "status", "status must be 0 (stopped) or 1 (running), got True"),
+    ({"task_type": "batch"}, "task_type", "task_type must be 'realtime' or 'timing', got 'batch'"),
+    ({"offset": 5}, "offset", "list_tasks has no filter 'offset' (paging is automatic)"),
+    ({"execute_status": "done"}, "execute_status", "execute_status 'done' is not one of CANCELLED, ERROR"),
+])
+def test_bad_task_filters_are_refused_before_any_request(recorder, filters, parameter, complaint):
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(InvalidParameter) as caught:
+        client.list_tasks("p1", "i1", **filters)
+    assert caught.value.parameter == parameter and str(caught.value).startswith(complaint)
+    assert recorder.requests == []
+
+
+def test_task_filters_reach_the_server_normalised(recorder):
+    recorder.answer = (200, {"total": 0, "size": 0, "entities": []})
+    with RomaClient(recorder.url, retries=0) as client:
+        assert client.list_tasks("p1", "i1", execute_status="error", status=1, task_type="REALTIME",
+                                 sort_type="desc", name="orders sync", task_tag=None) == []
+    query = dict(parse_qsl(recorder.requests[0]["path"].split("?", 1)[1]))
+    assert query == {"execute_status": "ERROR", "status": "1", "task_type": "realtime", "sort_type": "DESC",
+                     "name": "orders sync", "limit": "999", "offset": "0"}
+
+
+@pytest.mark.parametrize("value, accepted", [
+    ("a" * 64, True), ("a" * 65, False), ("", False), ("id\x7f", False), ("id\x9f", False), ("id\x00", False),
+    ("a/b", False), ("..", False), (".", False), (5, False), ("ünïcode-id", True),
+])
+def test_path_ids_are_1_to_64_characters_without_slashes_or_control_characters(recorder, value, accepted):
+    recorder.answer = (200, {"total": 0, "size": 0, "instances": []})
+    with RomaClient(recorder.url, retries=0) as client:
+        if accepted:
+            assert client.list_instances(value) == []
+            assert len(recorder.requests) == 1
+        else:
+            with pytest.raises(InvalidParameter) as caught:
+                client.list_instances(value)
+            assert caught.value.parameter == "project_id" and recorder.requests == []
