@@ -3,6 +3,11 @@
 The unit tests pin each escaper on hand-written inputs; the others put hostile text where the
 server controls it (instance names from discovery, error codes and messages) over real HTTP on
 loopback, and read what reaches the terminal, the webhook receiver and the report file.
+
+``KINDS`` is what docs/reliability.md publishes for these faults and for the dashboard's live form
+and drill-down (tested in test_app, test_dashboard and test_browser): each row names its tests,
+and a test checks that the page holds exactly the rendered tables.  Rewrite them with
+``python -m tests.test_display`` (or ``ROMA_REGEN_DOCS=1 pytest ...``).
 """
 from __future__ import annotations
 
@@ -16,7 +21,12 @@ import pytest
 
 from roma_analytics import display
 from roma_analytics.store import HistoryStore
-from fleets import collect_named_fleet
+if __package__:   # python -m tests.test_display (rewrites the published tables)
+    from tests.doc_tables import Kind, Row, check_published, regenerate
+    from tests.fleets import collect_named_fleet
+else:             # pytest puts tests/ itself on the path
+    from doc_tables import Kind, Row, check_published, regenerate
+    from fleets import collect_named_fleet
 
 REPO = Path(__file__).resolve().parent.parent
 #: Characters that must never reach a sink raw: ESC, BEL, bidi override and isolate, zero width
@@ -24,6 +34,87 @@ REPO = Path(__file__).resolve().parent.parent
 HIDDEN = ("\x1b", "\x07", "\u202e", "\u2066", "\u200b", "\u200d", "\u2028", "\ufeff", "\U000e0041")
 LINK = "<a href='http://evil.example/'>click</a>"
 LONG = "N" * 200_000
+
+
+# --------------------------------------------------------------------------------------------
+# The published tables
+
+_D, _APP, _DASH, _BROWSER = "test_display::", "test_app::", "test_dashboard::", "test_browser::"
+KINDS: tuple[Kind, ...] = (
+    Kind("sinks", (
+        Row("terminal", "an error code, message or instance id with ANSI sequences (`i-\\x1b[2J`), an OSC 8 "
+            "link, a bidi override (`\\u202e`) or zero-width characters, printed by `collect`, `check` or an "
+            "`error:` line, or logged with `-v`",
+            "shown as escapes (`i-\\x1b[2J`, `\\u202e`): the terminal moves nothing, no log line is forged",
+            (_D + "test_collect_errors_and_debug_logs_show_server_text_without_running_it",
+             _D + "test_check_prints_findings_without_running_them_and_the_webhook_text_cannot_ping")),
+        Row("dashboard-markdown", "a server message with `![x](http://…)`, `[click](http://…)`, `<http://…>`, "
+            "`*emphasis*`, `$LaTeX$`, `:red[…]` in the dashboard's `st.error`",
+            "every ASCII punctuation backslash-escaped: the reader sees the characters, no link, image, "
+            "emphasis, formula or directive is formed",
+            (_APP + "test_a_server_message_is_shown_as_text_not_rendered_as_markdown",)),
+        Row("chat-webhook", "`<!channel>`, `<http://x|y>`, `@here` in an instance name that reaches the "
+            "webhook's `text`",
+            "`&lt;…&gt;` entities and a full-width `＠here`: shown, no mention, no link; the JSON's "
+            "structured fields keep the stored values",
+            (_D + "test_check_prints_findings_without_running_them_and_the_webhook_text_cannot_ping",)),
+        Row("plotly", "`<a href=…>` in an instance name or error code, in bar and heatmap labels, table "
+            "cells, titles, legend names and hover text",
+            "`&lt;`, `&gt;`, `&amp;` entities: plotly shows the text, renders no link; error codes never "
+            "enter a hover template",
+            (_D + "test_charts_never_carry_markup_or_hidden_characters_from_names",)),
+        Row("report-size", "a 200 000-character instance name in the HTML report",
+            f"cut to {display.LABEL_LIMIT} characters in labels and {display.LIMIT} elsewhere (ending in "
+            "\"…\"): the report stays the usual size and opens at once; HTML-escaped",
+            (_D + "test_the_report_shows_names_as_text_and_stays_small",)),
+        Row("disguised-ids", "bidi overrides and invisible characters that make two ids or names look alike, "
+            "in charts, pickers, messages",
+            "shown as escapes; labels that still look alike get the id appended",
+            (_D + "test_visible_shows_every_hidden_character_as_its_escape",
+             _DASH + "test_instance_picker_labels_are_safe_to_show")),
+        Row("storage", "the same texts in the history, exports and the webhook JSON's fields",
+            "kept exactly as the server sent them: only what is displayed is escaped",
+            (_D + "test_check_prints_findings_without_running_them_and_the_webhook_text_cannot_ping",)),
+    )),
+    Kind("live-form", (
+        Row("typed-url", "a viewer types an endpoint URL into the live form (with the server's token in "
+            "`ROMA_AUTH_TOKEN` or `st.secrets`)",
+            "refused before any request unless it is allowed; the message names `ROMA_DASHBOARD_ENDPOINTS`",
+            (_APP + "test_a_url_typed_into_the_form_never_receives_the_server_credentials",)),
+        Row("allowed", "the endpoint's origin is listed in `ROMA_DASHBOARD_ENDPOINTS` or `[roma] "
+            "allowed_endpoints` (`.streamlit/secrets.toml`)",
+            "collected with the server's credentials",
+            (_APP + "test_a_url_typed_into_the_form_never_receives_the_server_credentials",
+             _DASH + "test_the_form_reaches_only_endpoints_whoever_runs_the_server_allowed")),
+        Row("look-alike", "another scheme or port, `roma.example.com.evil.io`, `roma.example.com@evil.io`",
+            "refused: the origin (scheme, host, port) must match exactly",
+            (_DASH + "test_the_form_reaches_only_endpoints_whoever_runs_the_server_allowed",)),
+        Row("region", "a region id instead of a URL",
+            "always allowed: it names the official `https://roma.<region>.myhuaweicloud.com`",
+            (_DASH + "test_the_form_reaches_only_endpoints_whoever_runs_the_server_allowed",)),
+    )),
+    Kind("drill-down", (
+        Row("slash", "a click on the bar of an instance named `ops/orders`", "opens that instance",
+            (_BROWSER + "test_a_click_on_a_bar_opens_the_instance_that_was_clicked",
+             _DASH + "test_a_click_on_a_bar_gives_the_id_the_bar_carries_never_a_parsed_label")),
+        Row("spaces", "a click on the bar of an instance named `  spaced  `", "opens that instance",
+            (_BROWSER + "test_a_click_on_a_bar_opens_the_instance_that_was_clicked",)),
+        Row("name-is-an-id", "a click on the bar of an instance whose name is another instance's id",
+            "opens the clicked instance, not the other",
+            (_BROWSER + "test_a_click_on_a_bar_opens_the_instance_that_was_clicked",
+             _DASH + "test_a_click_on_a_bar_gives_the_id_the_bar_carries_never_a_parsed_label")),
+        Row("twins", "two instances of one name in two projects, or a name with `<a href>`",
+            "each bar carries its own id (`customdata`): each click opens its instance",
+            (_DASH + "test_a_click_on_a_bar_gives_the_id_the_bar_carries_never_a_parsed_label",)),
+    )),
+)
+PREFIX, MODULE = "display", "test_display"
+
+
+def test_reliability_doc_holds_exactly_the_rendered_tables():
+    if os.environ.get("ROMA_REGEN_DOCS"):
+        regenerate(PREFIX, KINDS, MODULE)
+    check_published(PREFIX, KINDS, MODULE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,3 +245,9 @@ def test_charts_never_carry_markup_or_hidden_characters_from_names(hostile_histo
         assert_no_hidden(shown)
         assert "<a href" not in shown and LONG[:1000] not in shown
         assert "&lt;a href" in shown or figure is figures[-1]
+
+
+if __name__ == "__main__":
+    changed = regenerate(PREFIX, KINDS, MODULE)
+    print(f"docs/reliability.md: {'rewritten' if changed else 'already up to date'}")
+    sys.exit(0)
