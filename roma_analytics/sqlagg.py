@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.dataset as ds
 
 from roma_analytics import analysis
 from roma_analytics.errors import ConfigError
@@ -27,6 +28,9 @@ from roma_analytics.schema import parse_time
 
 #: Buckets shorter than this (microseconds) hold few snapshots per series: see gauges_cte.
 _FINE_BUCKET_US = 3_600_000_000
+#: How the SQL below names the files it reads; a pyarrow Dataset source replaces it with a view.
+PARQUET_SOURCE = "read_parquet(?, hive_partitioning = true, hive_types = {'date': DATE})"
+_DATASET_VIEW = "history_dataset"
 #: Filter keyword -> stats column.
 _FILTER_COLUMNS = {
     "projects": "project_id",
@@ -51,7 +55,8 @@ def trend(
 
     ``source`` is the ``stats`` directory of a history (holding ``date=YYYY-MM-DD/`` folders), or
     the list of its files to read (``HistoryStore.files()``, which never lists a compacted file
-    together with the originals it replaces).
+    together with the originals it replaces), or a ``pyarrow.dataset.Dataset`` of those files
+    with the ``date`` partition column (how an object-store history is read).
     ``since`` (inclusive) and ``until`` (exclusive) bound ``collected_at``; naive times mean
     UTC.  ``projects``, ``instances``, ``regions`` and ``task_types`` keep only rows whose
     column is one of the given values (a single string is one value; None keeps all; an empty
@@ -114,8 +119,12 @@ class _Scan:
     def __init__(self, source, since, until, **filters) -> None:
         # A list of files (what HistoryStore.files() says to read, each row once) or a stats
         # directory to glob (fine for histories that no compaction is touching).
-        self.paths: list[str] | str
-        if isinstance(source, (list, tuple)):
+        self.paths: list[str] | str | None
+        self.dataset = None
+        if isinstance(source, ds.Dataset):
+            self.dataset, self.paths = source, None
+            has_files = bool(getattr(source, "files", True))
+        elif isinstance(source, (list, tuple)):
             self.paths = [Path(path).as_posix() for path in source]
             has_files = bool(self.paths)
         else:
@@ -184,7 +193,7 @@ class _Scan:
         WITH snapshots AS (
             SELECT epoch_us(collected_at) AS t, run_id, region, project_id, instance_id,
                    task_type, {counts}
-            FROM read_parquet(?, hive_partitioning = true, hive_types = {{'date': DATE}})
+            FROM {PARQUET_SOURCE}
             WHERE {condition}
         ), gauges AS ({gauges}
         )"""
@@ -203,7 +212,11 @@ class _Scan:
                 connection.execute("SET TimeZone = 'UTC'")
             except duckdb.Error:
                 pass  # no ICU extension: DuckDB then knows only UTC anyway
-            return connection.execute(sql, [self.paths, *params]).df()
+            if self.dataset is None:
+                return connection.execute(sql, [self.paths, *params]).df()
+            # DuckDB scans the Arrow dataset with the filters pushed down to it.
+            connection.register(_DATASET_VIEW, self.dataset)
+            return connection.execute(sql.replace(PARQUET_SOURCE, _DATASET_VIEW), params).df()
 
 
 def _values(value, name: str) -> list[str] | None:
@@ -255,7 +268,7 @@ def fleet_rows(files: dict[str, list], cutoff: pd.Timestamp, projects=None, inst
     def columns(table):
         return ", ".join(_quote(name) for name in schema.TABLES[table])
 
-    source = "read_parquet(?, hive_partitioning = true, hive_types = {'date': DATE})"
+    source = PARQUET_SOURCE
     series = ", ".join(schema.SERIES_KEY)
     instance = "region, project_id, instance_id"
     top_stats = frame("stats", lambda where: f"""

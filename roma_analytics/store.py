@@ -25,12 +25,10 @@ Compaction is crash-safe and never shows a row twice or not at all; see :meth:`H
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import re
-import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -44,11 +42,7 @@ import pyarrow.parquet as pq
 from . import schema
 from .schema import parse_time
 from .errors import ConfigError, RomaError
-
-try:  # POSIX advisory locks; without them compaction still never loses a row (see compact()).
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from .history_backend import REPLACED_GRACE_SECONDS, ObjectStoreSettings, backend_for, parquet_bytes
 
 __all__ = ["HistoryStore", "CompactReport", "arrow_schema", "to_arrow", "write_parquet", "parse_time"]
 
@@ -58,13 +52,6 @@ META_TABLE = b"roma_analytics.table"
 META_RUNS = b"roma_analytics.runs"
 META_REPLACES = b"roma_analytics.replaces"
 COMPACTED_PREFIX = "compacted-"
-#: Readers hold this lock shared while they list and read; compaction holds it exclusively only
-#: while it swaps a day's files, so a reader never sees the swap half done.
-READ_LOCK_NAME = ".lock"
-#: Serialises compactions (two compactors merging the same day would duplicate it).
-COMPACT_LOCK_NAME = ".compact.lock"
-#: A temporary file of an append older than this was abandoned by a killed writer.
-STALE_TEMP_SECONDS = 15 * 60
 #: Rows per Parquet row group: big enough for good compression and few footers, small enough
 #: that a time filter on a compacted day skips most of it (files are sorted by collected_at).
 ROW_GROUP_ROWS = 128 * 1024
@@ -134,14 +121,27 @@ def write_parquet(arrow: pa.Table, file) -> None:
 # --------------------------------------------------------------------------------------------
 
 class HistoryStore:
-    """The hive-partitioned Parquet history at ``path`` (created on the first :meth:`append`)."""
+    """The hive-partitioned Parquet history at ``path`` (created on the first :meth:`append`).
 
-    def __init__(self, path: str | os.PathLike = "data/history") -> None:
-        self.path = Path(path)
-        self._check_folder()
+    ``path`` is a folder, or an object-store URI ``s3://bucket/prefix`` (AWS S3, Huawei Cloud
+    OBS, MinIO...) reached with ``storage`` (:class:`ObjectStoreSettings`; default: from the
+    standard AWS environment variables).  The layout and the guarantees are the same; see
+    :meth:`compact` for how many writers share an object store without locks.
+    """
+
+    def __init__(self, path: str | os.PathLike = "data/history", *,
+                 storage: ObjectStoreSettings | None = None) -> None:
+        self._backend = backend_for(path, storage)
+        #: The folder (a Path) or the URI (a str) of the history.
+        self.path = self._backend.public(self._backend.root)
+        self._backend.check_root(TABLE_NAMES)
 
     def __repr__(self) -> str:
         return f"HistoryStore({str(self.path)!r})"
+
+    def exists(self) -> bool:
+        """True when the history's folder (or object prefix) exists."""
+        return self._backend.exists()
 
     # ---------------------------------------------------------------------------- writing
     def append(self, collection) -> list[Path]:
@@ -173,36 +173,38 @@ class HistoryStore:
             frames["abnormal_tasks"] = self._run_rows(tasks, "abnormal_tasks", run_id, day)
         runs_meta = json.dumps([{"run_id": run_id, "collected_at": collected_at.isoformat()}])
         name = f"{run_id}.parquet"
-        targets = {table: self.path / table / f"date={day}" / name for table in frames}
-        for table, target in targets.items():
-            # Under the read lock, like any reader: a compaction swapping the day could
-            # otherwise delete a merged file between listing it and reading its run list.
-            with self._reading():
-                duplicate = target.exists() or run_id in self._compacted_run_ids(target.parent)
-            if duplicate:
-                raise ConfigError(
-                    f"run {run_id} of {day} is already in the {table} history ({target.parent}); "
-                    "run ids must be unique, refusing to overwrite"
-                )
+        fs = self._backend
+        folders = {table: fs.child(fs.root, table, f"date={day}") for table in frames}
+        targets = {table: fs.child(folder, name) for table, folder in folders.items()}
+        with fs.errors(f"cannot write to {fs.describe()}"):
+            for table, target in targets.items():
+                # Under the read lock, like any reader: a compaction swapping the day could
+                # otherwise delete a merged file between listing it and reading its run list.
+                with self._reading():
+                    duplicate = fs.file_exists(target) or run_id in self._compacted_run_ids(folders[table])
+                if duplicate:
+                    raise ConfigError(
+                        f"run {run_id} of {day} is already in the {table} history "
+                        f"({fs.public(folders[table])}); run ids must be unique, refusing to overwrite"
+                    )
 
-        written = []
-        with _os_errors(f"cannot write to the history folder {self.path}"):
-            self._ensure_layout()
-            for table in frames:
+            written = {}
+            fs.ensure_layout(TABLE_NAMES)
+            # stats last: a run is listed once its stats file exists, and by then its other
+            # tables are complete (a writer killed earlier leaves an unlisted, unacknowledged run).
+            for table in sorted(frames, key=lambda t: t == "stats"):
                 if table not in _ALWAYS_WRITTEN and frames[table].empty:
                     continue
                 arrow = to_arrow(frames[table], table, {META_RUNS: runs_meta})
-                target = targets[table]
-                target.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    _atomic_create(target, lambda f, arrow=arrow: write_parquet(arrow, f))
+                    fs.create(targets[table], parquet_bytes(arrow, write_parquet))
                 except FileExistsError:
                     raise ConfigError(
-                        f"run {run_id} is already in the {table} history ({target}); "
+                        f"run {run_id} is already in the {table} history ({fs.public(targets[table])}); "
                         "run ids must be unique, refusing to overwrite"
                     ) from None
-                written.append(target)
-        return written
+                written[table] = fs.public(targets[table])
+        return [written[table] for table in TABLE_NAMES if table in written]
 
     # ---------------------------------------------------------------------------- reading
     def load(
@@ -257,7 +259,7 @@ class HistoryStore:
                 files = self._files(table, start, end)
                 scanned = self._scan(files, table, ["run_id", "collected_at"], expression)
                 rows[table] = scanned.to_pandas()
-                listed.extend(run for path in files for run in _file_runs(path))
+                listed.extend(run for path in files for run in self._file_runs(path))
         # A run without a single row exists only in the files' metadata.
         meta = pd.DataFrame(listed, columns=["run_id", "collected_at"])
         meta["collected_at"] = pd.to_datetime(meta["collected_at"], utc=True, format="ISO8601")
@@ -280,16 +282,18 @@ class HistoryStore:
         })
         return out.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
 
-    def files(self, table: str = "stats", since=None, until=None) -> list[Path]:
+    def files(self, table: str = "stats", since=None, until=None) -> list:
         """The Parquet files a reader of ``table`` in ``[since, until)`` must read (each row once).
 
         For external engines: during the short swap of a running :meth:`compact`, or after a
         compaction was killed, a plain glob of the folder can list a merged file together with
-        the originals it replaces; this list never does.
+        the originals it replaces; this list never does.  Paths for a folder, ``s3://`` URIs
+        for an object store.
         """
         _table_dtypes(table)
         with self._reading():
-            return self._files(table, parse_time(since, "since"), parse_time(until, "until"))
+            files = self._files(table, parse_time(since, "since"), parse_time(until, "until"))
+        return [self._backend.public(path) for path in files]
 
     def listed_runs(self, since=None, until=None) -> pd.DataFrame:
         """Runs that listed abnormal tasks: ``run_id, collected_at``, oldest first.
@@ -299,7 +303,7 @@ class HistoryStore:
         """
         start, end = parse_time(since, "since"), parse_time(until, "until")
         with self._reading():
-            listed = [run for path in self._files("abnormal_tasks", start, end) for run in _file_runs(path)]
+            listed = [run for path in self._files("abnormal_tasks", start, end) for run in self._file_runs(path)]
         runs = pd.DataFrame(listed, columns=["run_id", "collected_at"]).drop_duplicates("run_id")
         runs["run_id"] = runs["run_id"].astype(schema.STRING_DTYPE)
         runs["collected_at"] = pd.to_datetime(runs["collected_at"], utc=True, format="ISO8601").astype(
@@ -320,7 +324,7 @@ class HistoryStore:
         # Under the read lock, on the exact file list: a compaction swapping a day meanwhile
         # can never make a row count twice.
         with self._reading():
-            files = self._files("stats", parse_time(since, "since"), parse_time(until, "until"))
+            files = self._aggregation_source("stats", parse_time(since, "since"), parse_time(until, "until"))
             return sqlagg.trend(files, freq=freq, by=by, since=since, until=until,
                                 projects=projects, instances=instances, regions=regions)
 
@@ -331,7 +335,7 @@ class HistoryStore:
 
         self._check_range(since, until)
         with self._reading():
-            files = self._files("stats", parse_time(since, "since"), parse_time(until, "until"))
+            files = self._aggregation_source("stats", parse_time(since, "since"), parse_time(until, "until"))
             return sqlagg.cdc_vs_common(files, freq=freq, since=since, until=until,
                                         projects=projects, instances=instances, regions=regions)
 
@@ -350,7 +354,7 @@ class HistoryStore:
         as_of, cutoff, staleness = fleet._settings(
             as_of, staleness, fleet.DEFAULT_TOLERANCE if tolerance is None else tolerance)
         with self._reading():
-            files = {table: self._files(table, None, None) for table in TABLE_NAMES}
+            files = {table: self._aggregation_source(table, None, None) for table in TABLE_NAMES}
             top_stats, top_errors, inferred, scopes, future = sqlagg.fleet_rows(
                 files, cutoff, projects=projects, instances=instances, regions=regions)
         scope_runs = fleet.scope_runs_frame(inferred, scopes)
@@ -375,131 +379,108 @@ class HistoryStore:
         return runs.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
 
     # ---------------------------------------------------------------------------- compaction
-    def compact(self, before=None) -> CompactReport:
+    def compact(self, before=None, *, grace: float | None = None) -> CompactReport:
         """Merge each day strictly before ``before`` (default: today UTC) into one file per table.
 
-        The scheme, and why a reader sees every row exactly once at any moment:
+        A merged file is named ``compacted-<first>-<last>-<hash>.parquet`` and its own metadata
+        lists the runs it holds (``roma_analytics.runs``) and every file it replaces
+        (``roma_analytics.replaces``, transitively: a merge of merged files names their originals
+        too), so there is no separate journal to lose.  Readers never read a file that a visible
+        merged file replaces, and of several files holding the same run id they read one (the
+        merged file holding the most runs, then the first by name).  Hence at any instant, and
+        after a crash anywhere, every row is read exactly once.
 
-        1. Under ``.compact.lock`` (one compactor at a time), a day's visible files are read,
-           merged (sorted by time and series, ``run_id`` kept per row) and written to a
-           dot-prefixed temporary file, fsynced.  Readers ignore it: a crash here leaves the day
-           unchanged (the next compaction removes the stale temporary file).
-        2. The merged file's own metadata (``roma_analytics.replaces``) lists the files it
-           replaces; it is created atomically with them, so there is no separate journal to lose.
-        3. Holding ``.lock`` exclusively, the merged file is linked to its final name
-           ``compacted-<first>-<last>-<hash>.parquet`` (commit point, directory fsynced), then the
-           originals are deleted.  Readers hold ``.lock`` shared while listing and reading, so
-           they see the day before or after the swap, never in between.
-        4. A crash after the commit leaves the merged file next to (some of) its originals.
-           Readers skip every file named in a visible compacted file's ``replaces``, so they
-           still see each row once; the next ``compact`` deletes those leftovers first.
+        **Folder**: under ``.compact.lock`` (one compactor at a time) the day's files are merged
+        into a dot-named temporary file, fsynced; readers ignore it, and a crash there leaves the
+        day unchanged (the next compaction removes the temporary).  Holding ``.lock``
+        exclusively, the merged file is linked to its final name (the commit point, folder
+        fsynced) and the originals are deleted; readers hold ``.lock`` shared, so they see the
+        day before or after the swap, never in between.  Originals left by a crash after the
+        commit are skipped by readers and deleted by the next compaction.
+
+        **Object store** (no locks, no rename): the merged object is created in one PUT with
+        ``If-None-Match: *``; it is visible whole or not at all.  The originals stay until the
+        merged object is older than ``grace`` seconds (default one hour), so a reader that listed
+        the day just before the merged object appeared still finds every object it listed; a
+        later compaction deletes them.  Two compactors of the same day at once produce two
+        merged objects holding the same runs; readers read one of them, and the next compaction
+        merges them and, after the grace period, deletes both.  Writers never wait.
 
         A run appended to the day while it is compacted is not in the merged file's list and
-        stays as its own file.  Days with a single file are left as they are.
+        stays as its own file.  Days with a single file are left as they are.  ``grace`` applies
+        to object stores only (folders delete at the commit, under the lock).
         """
         if before is None:
             cutoff = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d")
         else:
             cutoff = parse_time(before, "before").strftime("%Y-%m-%d")
-        if not self.path.is_dir():
-            return CompactReport()
+        grace = REPLACED_GRACE_SECONDS if grace is None else float(grace)
+        fs = self._backend
         days, files_merged, rows = set(), 0, 0
-        with _os_errors(f"cannot compact the history folder {self.path}"), \
-                _flock(self.path / COMPACT_LOCK_NAME, exclusive=True, create=True):
-            for table in TABLE_NAMES:
-                for day, folder in self._day_folders(table, None, None):
-                    if day >= cutoff:
-                        continue
-                    merged_files, merged_rows = self._compact_day(folder, table)
-                    if merged_files:
-                        days.add(day)
-                        files_merged += merged_files
-                        rows += merged_rows
+        with fs.errors(f"cannot compact {fs.describe()}"):
+            if not fs.exists():
+                return CompactReport()
+            with fs.compacting():
+                for table in TABLE_NAMES:
+                    for day, folder in self._day_folders(table, None, None):
+                        if day >= cutoff:
+                            continue
+                        merged_files, merged_rows = self._compact_day(folder, table, grace)
+                        if merged_files:
+                            days.add(day)
+                            files_merged += merged_files
+                            rows += merged_rows
         return CompactReport(days=len(days), files_merged=files_merged, rows=rows)
 
-    def _compact_day(self, folder: Path, table: str) -> tuple[int, int]:
+    def _compact_day(self, folder, table: str, grace: float) -> tuple[int, int]:
+        fs = self._backend
         now = time.time()
-        for entry in folder.iterdir():
-            if ".tmp-" not in entry.name or not entry.name.startswith("."):
-                continue
-            # A killed compaction's temporaries go at once (compactions are serialised by the
-            # lock); a killed append's only once clearly abandoned, since on a finished day a
-            # late append could still be writing one.
-            if entry.name.startswith("." + COMPACTED_PREFIX) or _age(entry, now) > STALE_TEMP_SECONDS:
-                entry.unlink(missing_ok=True)
-        self._finish_compactions(folder)
-        sources = _visible_files(folder)
-        if len(sources) <= 1:
+        fs.remove_abandoned_temporaries(folder, now, COMPACTED_PREFIX)
+        self._remove_replaced(folder, now, grace)
+        candidates = self._unreplaced(fs.data_files(folder))
+        sources = self._one_file_per_run(candidates)
+        if len(candidates) <= 1:
             return 0, 0
         arrow = self._scan(sources, table, list(_table_dtypes(table)), None)
         order = [(key, "ascending") for key in _SORT_KEYS[table]]
         arrow = arrow.sort_by(order)
         runs = sorted(
-            {run["run_id"]: run for path in sources for run in _file_runs(path)}.values(),
+            {run["run_id"]: run for path in sources for run in self._file_runs(path)}.values(),
             key=lambda run: (run["collected_at"], run["run_id"]),
         )
-        names = sorted(path.name for path in sources)
+        names = sorted(fs.name(path) for path in candidates)
+        replaces = sorted(set(names) | set(self._replaced_names(candidates)))
         digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
         if runs:
             first, last = runs[0]["run_id"][:40], runs[-1]["run_id"][:40]
         else:  # files written by something else: name the merged file after the file names
             first, last = Path(names[0]).stem[:40], Path(names[-1]).stem[:40]
-        target = folder / f"{COMPACTED_PREFIX}{first}-{last}-{digest}.parquet"
+        target = fs.child(folder, f"{COMPACTED_PREFIX}{first}-{last}-{digest}.parquet")
         arrow = arrow.replace_schema_metadata({
             META_SCHEMA_VERSION: str(schema.SCHEMA_VERSION).encode(),
             META_TABLE: table.encode(),
             META_RUNS: json.dumps(runs).encode(),
-            META_REPLACES: json.dumps(names).encode(),
+            META_REPLACES: json.dumps(replaces).encode(),
         })
-        tmp = _write_temp(target, lambda f: write_parquet(arrow, f))
-        try:
-            with _flock(self.path / READ_LOCK_NAME, exclusive=True, create=True):
-                _link_into_place(tmp, target)
-                for source in sources:
-                    source.unlink(missing_ok=True)
-                _fsync_dir(folder)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return len(sources), arrow.num_rows
+        fs.replace_files(target, parquet_bytes(arrow, write_parquet), candidates)
+        return len(candidates), arrow.num_rows
 
-    def _finish_compactions(self, folder: Path) -> None:
-        """Delete originals that a committed merged file replaces (left by a killed compaction)."""
-        leftovers = [folder / name for name in _replaced_names(folder) if (folder / name).exists()]
+    def _remove_replaced(self, folder, now: float, grace: float) -> None:
+        """Delete the files that a committed merged file replaces: in a folder at once (left by a
+        killed compaction), on an object store once the merged file is older than ``grace``."""
+        fs = self._backend
+        visible = fs.data_files(folder)
+        doomed = set()
+        for path in visible:
+            if fs.name(path).startswith(COMPACTED_PREFIX) and (
+                    fs.deletes_replaced_at_once or fs.age(path, now) >= grace):
+                doomed.update(self._replaced_names([path]))
+        leftovers = [path for path in visible if fs.name(path) in doomed]
         if leftovers:
-            with _flock(self.path / READ_LOCK_NAME, exclusive=True, create=True):
-                for path in leftovers:
-                    path.unlink(missing_ok=True)
-                _fsync_dir(folder)
+            with fs.swapping():
+                fs.delete(leftovers)
 
     # ---------------------------------------------------------------------------- internals
-    def _check_folder(self) -> None:
-        where = self.path
-        if where.exists() and not where.is_dir():
-            raise ConfigError(f"{where} is a file, not a roma-analytics history folder; pass a folder")
-        if not where.is_dir():
-            return
-        try:
-            entries = [entry.name for entry in where.iterdir() if not entry.name.startswith(".")]
-        except OSError as exc:
-            raise ConfigError(f"cannot read the history folder {where}: {exc.strerror}") from exc
-        for table in TABLE_NAMES:
-            if (where / table).exists() and not (where / table).is_dir():
-                raise ConfigError(
-                    f"{where} is not a roma-analytics history folder: {where / table} is a file"
-                )
-        if entries and not any(name in TABLE_NAMES for name in entries):
-            raise ConfigError(
-                f"{where} is not a roma-analytics history folder (it holds other files and no "
-                "stats/ or errors/ folder); pass an empty or new folder, or an existing history"
-            )
-
-    def _ensure_layout(self) -> None:
-        for table in TABLE_NAMES:
-            (self.path / table).mkdir(parents=True, exist_ok=True)
-        lock = self.path / READ_LOCK_NAME
-        if not lock.exists():
-            lock.touch(exist_ok=True)
-
     def _check_range(self, since, until) -> None:
         start, end = parse_time(since, "since"), parse_time(until, "until")
         if start is not None and end is not None and end < start:
@@ -524,47 +505,79 @@ class HistoryStore:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
-        with _flock(self.path / READ_LOCK_NAME, exclusive=False, create=False):
+        with self._backend.reading():
             yield
 
-    def _day_folders(self, table: str, start, end) -> list[tuple[str, Path]]:
-        root = self.path / table
-        try:
-            entries = list(root.iterdir())
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise ConfigError(f"cannot read the history folder {root}: {exc.strerror}") from exc
+    def _day_folders(self, table: str, start, end) -> list[tuple[str, object]]:
+        fs = self._backend
         first = None if start is None else start.strftime("%Y-%m-%d")
         # until is exclusive: a range ending at midnight does not need that day's folder.
         last = None if end is None else (end - pd.Timedelta(1, "us")).strftime("%Y-%m-%d")
         days = []
-        for entry in entries:
-            match = _DATE_DIR.fullmatch(entry.name)
-            if not match or not entry.is_dir():
+        for entry in fs.subfolders(fs.child(fs.root, table)):
+            match = _DATE_DIR.fullmatch(fs.name(entry))
+            if not match:
                 continue
             day = match.group(1)
             if (first is None or day >= first) and (last is None or day <= last):
                 days.append((day, entry))
         return sorted(days)
 
-    def _files(self, table: str, start, end) -> list[Path]:
+    def _files(self, table: str, start, end) -> list:
         files = []
         for _, folder in self._day_folders(table, start, end):
-            visible = _visible_files(folder)
+            visible = self._backend.data_files(folder)
             if len(visible) > 1:
-                replaced = set(_replaced_names(folder, visible))
-                visible = [path for path in visible if path.name not in replaced]
+                visible = self._one_file_per_run(self._unreplaced(visible))
             files.extend(visible)
         return files
 
-    def _scan(self, files: list[Path], table: str, columns: list[str], expression) -> pa.Table:
+    def _unreplaced(self, visible: list) -> list:
+        """``visible`` without the files that a merged file among them replaces."""
+        replaced = set(self._replaced_names(visible))
+        return [path for path in visible if self._backend.name(path) not in replaced]
+
+    def _one_file_per_run(self, files: list) -> list:
+        """``files`` without those whose every run is held by a file kept before them.
+
+        Merged files holding more runs come first, then by name; a run file holds the run its
+        name says.  Two compactions of one day that ran at once (possible on an object store)
+        leave merged files with the same runs: a reader must read only one of them.
+        """
+        fs = self._backend
+        merged = [path for path in files if fs.name(path).startswith(COMPACTED_PREFIX)]
+        if not merged:
+            return files
+        held = {path: {run["run_id"] for run in self._file_runs(path)} for path in merged}
+        for path in files:
+            if path not in held:
+                held[path] = {fs.name(path)[: -len(".parquet")]}
+        order = sorted(merged, key=lambda path: (-len(held[path]), fs.name(path)))
+        order += [path for path in files if path not in merged]
+        claimed, kept = set(), set()
+        for path in order:
+            if held[path] and held[path] <= claimed:
+                continue
+            kept.add(path)
+            claimed |= held[path]
+        return [path for path in files if path in kept]
+
+    def _aggregation_source(self, table: str, start, end):
+        """What :mod:`sqlagg` reads: the file list for a folder, an Arrow dataset for an object
+        store (DuckDB reads no object store by itself here: its httpfs extension is not bundled)."""
+        files = self._files(table, start, end)
+        fs = self._backend
+        if fs.deletes_replaced_at_once:
+            return files
+        return fs.dataset(files, arrow_schema(table), table_folder=fs.child(fs.root, table))
+
+    def _scan(self, files: list, table: str, columns: list[str], expression) -> pa.Table:
         full = arrow_schema(table)
         if not files:
             return full.empty_table().select(columns)
         # An explicit schema means no file is opened before the scan, which then reads only
         # the listed (already date-pruned) files, with the row filter pushed down.
-        dataset = ds.dataset([str(path) for path in files], schema=full, format="parquet")
+        dataset = self._backend.dataset(files, full)
         try:
             return dataset.to_table(columns=columns, filter=expression)
         except FileNotFoundError as exc:  # only without flock: a compaction swapped the day
@@ -575,14 +588,23 @@ class HistoryStore:
                 "valid roma-analytics Parquet; move it out of the history folder"
             ) from exc
 
-    def _compacted_run_ids(self, folder: Path) -> set[str]:
-        if not folder.is_dir():
-            return set()
+    def _compacted_run_ids(self, folder) -> set[str]:
         return {
             run["run_id"]
-            for path in _visible_files(folder) if path.name.startswith(COMPACTED_PREFIX)
-            for run in _file_runs(path)
+            for path in self._backend.data_files(folder)
+            if self._backend.name(path).startswith(COMPACTED_PREFIX)
+            for run in self._file_runs(path)
         }
+
+    def _replaced_names(self, files: list) -> list[str]:
+        replaced = []
+        for path in files:
+            if self._backend.name(path).startswith(COMPACTED_PREFIX):
+                replaced.extend(json.loads(self._backend.schema_metadata(path).get(META_REPLACES, b"[]")))
+        return replaced
+
+    def _file_runs(self, path) -> list[dict]:
+        return json.loads(self._backend.schema_metadata(path).get(META_RUNS, b"[]"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,123 +655,22 @@ def _row_filter(start, end, filters: dict):
     return expression
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    """The day's data files: ``*.parquet`` not hidden by a dot or underscore (temporaries)."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    return sorted(
-        folder / name for name in names
-        if name.endswith(".parquet") and not name.startswith((".", "_"))
-    )
 
 
-def _replaced_names(folder: Path, visible: list[Path] | None = None) -> list[str]:
-    replaced = []
-    for path in visible if visible is not None else _visible_files(folder):
-        if path.name.startswith(COMPACTED_PREFIX):
-            replaced.extend(json.loads(_file_metadata(path).get(META_REPLACES, b"[]")))
-    return replaced
 
 
-def _file_metadata(path: Path) -> dict[bytes, bytes]:
-    return pq.read_schema(path).metadata or {}
 
 
-def _file_runs(path: Path) -> list[dict]:
-    return json.loads(_file_metadata(path).get(META_RUNS, b"[]"))
 
 
-@contextlib.contextmanager
-def _flock(path: Path, *, exclusive: bool, create: bool) -> Iterator[None]:
-    """Hold an advisory lock on ``path``; a reader without the lock file simply goes unlocked."""
-    if fcntl is None:
-        yield
-        return
-    try:
-        fd = os.open(path, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o666)
-    except OSError:
-        if create:
-            raise
-        yield  # no lock file (a new or foreign history) or not readable: nothing to wait for
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
-def _write_temp(target: Path, write) -> Path:
-    """Write ``target``'s content to a dot-named temporary file next to it, fsynced; return it."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
-def _age(path: Path, now: float) -> float:
-    try:
-        return now - path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
 
 
-def _link_into_place(tmp: Path, target: Path) -> None:
-    """Give ``tmp`` the name ``target`` atomically, failing (FileExistsError) if it exists."""
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        # Filesystems without hard links: check, then rename (a tiny window instead of none).
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-        if target.exists():
-            raise FileExistsError(errno.EEXIST, "file exists", str(target)) from None
-        os.replace(tmp, target)
-    _fsync_dir(target.parent)
 
 
-def _atomic_create(target: Path, write) -> None:
-    tmp = _write_temp(target, write)
-    try:
-        _link_into_place(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - filesystems that refuse directory fsync
-        pass
-    finally:
-        os.close(fd)
 
-
-@contextlib.contextmanager
-def _os_errors(what: str) -> Iterator[None]:
-    """Turn permission/read-only/space errors into messages that say what to do."""
-    try:
-        yield
-    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-        raise ConfigError(f"{what}: {exc.strerror or exc} ({exc.filename}); choose a writable folder") from exc
-    except OSError as exc:
-        if exc.errno == errno.EROFS:
-            raise ConfigError(f"{what}: read-only file system; choose a writable folder") from exc
-        if isinstance(exc, FileExistsError):
-            raise
-        raise RomaError(f"{what}: {exc.strerror or exc} ({exc.filename})") from exc

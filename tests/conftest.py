@@ -129,3 +129,42 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("repeatable", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", deadline=None, print_blob=True)
 settings.load_profile("repeatable")
+
+
+# An S3 protocol server (moto) on loopback, started once per session.  Each test gets its own
+# bucket, and the standard AWS variables pointing at the server (subprocesses inherit them).
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint URL (``http://127.0.0.1:PORT``) of a moto S3 server running in this process."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request):
+    """A fresh bucket on :func:`s3_server` and the environment to reach it; yields its name."""
+    import re
+    import secrets as _secrets
+
+    import boto3
+
+    for name, value in {**S3_TEST_CREDENTIALS, "AWS_ENDPOINT_URL": s3_server,
+                        "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE", "ROMA_S3_ADDRESSING",
+                 "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    stem = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    bucket = f"{stem}-{_secrets.token_hex(4)}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                 aws_access_key_id=S3_TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
+    return bucket

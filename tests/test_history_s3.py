@@ -1,0 +1,318 @@
+"""The history on an S3-compatible object store: a real S3 protocol server (moto) on loopback.
+
+The same HistoryStore API as for a folder; the lock-free protocol for many writers, a compactor
+and readers; the errors a user meets (bad credentials, a missing bucket, a throttling store).
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.request
+
+import boto3
+import pandas as pd
+import pytest
+
+from test_store import make_run
+
+from roma_analytics import analysis
+from roma_analytics.errors import ConfigError, RomaError
+from roma_analytics.history_backend import ObjectStoreSettings
+from roma_analytics.store import HistoryStore
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def s3_client(endpoint):
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+def object_keys(endpoint, bucket, prefix=""):
+    pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def fill(store, days=2, runs_per_day=3):
+    runs = []
+    for day in range(days):
+        for n in range(runs_per_day):
+            at = pd.Timestamp("2024-05-01T00:00Z") + pd.Timedelta(days=day, hours=n)
+            run = make_run(f"run-{day}-{n}", at, errors=[("i9", 404)] if n == 1 else ())
+            store.append(run)
+            runs.append(run)
+    return runs
+
+
+# ------------------------------------------------------------------------------- same API, same rows
+
+def test_object_store_history_equals_a_folder_history(s3_bucket, s3_server, tmp_path):
+    remote = HistoryStore(f"s3://{s3_bucket}/team/history")
+    local = HistoryStore(tmp_path / "history")
+    fill(remote)
+    fill(local)
+    # the documented layout, key for key
+    keys = object_keys(s3_server, s3_bucket, "team/history/")
+    assert "team/history/stats/date=2024-05-01/run-0-0.parquet" in keys
+    assert "team/history/errors/date=2024-05-02/run-1-1.parquet" in keys
+    assert sorted(k.removeprefix("team/history/") for k in keys) == sorted(
+        str(p.relative_to(tmp_path / "history")) for p in (tmp_path / "history").rglob("*.parquet"))
+    for table in ("stats", "errors"):
+        pd.testing.assert_frame_equal(remote.load(table=table), local.load(table=table))
+    pd.testing.assert_frame_equal(remote.runs(), local.runs())
+    pd.testing.assert_frame_equal(remote.load(since="2024-05-02", projects=["p1"]),
+                                  local.load(since="2024-05-02", projects=["p1"]))
+    pd.testing.assert_frame_equal(remote.trend(freq="1D", by=("task_type",)),
+                                  analysis.trend(local.load(), freq="1D", by=("task_type",)))
+    pd.testing.assert_frame_equal(remote.cdc_vs_common(freq="1h", since="2024-05-01T01:00Z"),
+                                  local.cdc_vs_common(freq="1h", since="2024-05-01T01:00Z"))
+    assert all(str(f).startswith(f"s3://{s3_bucket}/team/history/stats/date=") for f in remote.files())
+
+
+def test_fleet_state_reads_the_object_store(s3_bucket, tmp_path):
+    remote = HistoryStore(f"s3://{s3_bucket}/h")
+    local = HistoryStore(tmp_path / "h")
+    fill(remote)
+    fill(local)
+    as_of = "2024-05-03T00:00Z"
+    got, want = remote.fleet_state(as_of), local.fleet_state(as_of)
+    assert len(got.series) == 4
+    for part in ("series", "scopes", "changes"):
+        pd.testing.assert_frame_equal(getattr(got, part), getattr(want, part))
+
+
+def test_same_run_id_is_never_overwritten(s3_bucket, s3_server):
+    store = HistoryStore(f"s3://{s3_bucket}/h")
+    store.append(make_run("r1", "2024-05-01T00:00Z"))
+    before = s3_client(s3_server).get_object(
+        Bucket=s3_bucket, Key="h/stats/date=2024-05-01/r1.parquet")["ETag"]
+    with pytest.raises(ConfigError, match="already in the stats history"):
+        store.append(make_run("r1", "2024-05-01T00:00Z", instances=("x",)))
+    after = s3_client(s3_server).get_object(Bucket=s3_bucket, Key="h/stats/date=2024-05-01/r1.parquet")["ETag"]
+    assert before == after and len(store.load()) == 4
+
+
+def test_conditional_create_refuses_a_taken_name(s3_bucket):
+    """Two writers that both passed the existence check: the store's If-None-Match decides."""
+    store = HistoryStore(f"s3://{s3_bucket}/h")
+    backend = store._backend
+    backend.create(f"{s3_bucket}/h/x.parquet", b"first")
+    backend.file_exists = lambda path: False  # both writers looked before either wrote
+    with pytest.raises(FileExistsError):
+        backend.create(f"{s3_bucket}/h/x.parquet", b"second")
+    assert backend.fs.cat_file(f"{s3_bucket}/h/x.parquet") == b"first"
+
+
+# ------------------------------------------------------------------------------- compaction
+
+def test_compaction_keeps_replaced_objects_for_the_grace_period(s3_bucket, s3_server):
+    store = HistoryStore(f"s3://{s3_bucket}/h")
+    fill(store, days=2, runs_per_day=3)
+    before = store.load()
+    report = store.compact(before="2024-05-03")
+    assert report.days == 2 and report.files_merged == 6 and report.rows == len(before)
+    day = object_keys(s3_server, s3_bucket, "h/stats/date=2024-05-01/")
+    # merged object plus the three originals, still readable by readers that listed them
+    assert len(day) == 4 and sum("compacted-" in key for key in day) == 1
+    pd.testing.assert_frame_equal(store.load(), before)
+    assert len(store.files()) == 2
+    # within the grace period nothing is deleted; after it, the originals go
+    store.compact(before="2024-05-03")
+    assert len(object_keys(s3_server, s3_bucket, "h/stats/date=2024-05-01/")) == 4
+    store.compact(before="2024-05-03", grace=0)
+    day = object_keys(s3_server, s3_bucket, "h/stats/date=2024-05-01/")
+    assert len(day) == 1 and "compacted-" in day[0]
+    pd.testing.assert_frame_equal(store.load(), before)
+    pd.testing.assert_frame_equal(store.runs(), HistoryStore(f"s3://{s3_bucket}/h").runs())
+
+
+def test_late_run_and_two_compactors_are_counted_once(s3_bucket):
+    store = HistoryStore(f"s3://{s3_bucket}/h")
+    fill(store, days=1, runs_per_day=2)
+    store.compact(before="2024-05-02")
+    store.append(make_run("late", "2024-05-01T20:00Z"))
+    # a second compactor that listed the day at the same moment as the first one
+    other = HistoryStore(f"s3://{s3_bucket}/h")
+    store.compact(before="2024-05-02")
+    sources = other._backend.data_files(f"{s3_bucket}/h/stats/date=2024-05-01")
+    other._backend.create(f"{s3_bucket}/h/stats/date=2024-05-01/compacted-copy.parquet",
+                          other._backend.fs.cat_file(max(sources, key=len)))
+    loaded = store.load()
+    assert sorted(loaded.groupby("run_id").size().items()) == [("late", 4), ("run-0-0", 4), ("run-0-1", 4)]
+    assert store.trend(by=())["total"].tolist() == [analysis.trend(loaded, by=())["total"].iloc[0]]
+    store.compact(before="2024-05-02", grace=0)
+    store.compact(before="2024-05-02", grace=0)
+    assert len(store.files()) == 1
+    pd.testing.assert_frame_equal(store.load(), loaded)
+
+
+# ------------------------------------------------------------------------------- what users get wrong
+
+def test_credentials_in_the_uri_are_refused_without_echoing_them(s3_bucket):
+    with pytest.raises(ConfigError) as caught:
+        HistoryStore(f"s3://AKIDEXAMPLE:very-secret-value@{s3_bucket}/h")
+    assert "very-secret-value" not in str(caught.value) and "AWS_ACCESS_KEY_ID" in str(caught.value)
+
+
+def test_missing_credentials_name_the_variables(s3_bucket, monkeypatch):
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(ConfigError, match="AWS_SECRET_ACCESS_KEY"):
+        HistoryStore(f"s3://{s3_bucket}/h").append(make_run("r1", "2024-05-01T00:00Z"))
+
+
+def test_credentials_from_variables_named_in_settings(s3_bucket, monkeypatch):
+    monkeypatch.setenv("OBS_AK", monkeypatch_value("AWS_ACCESS_KEY_ID"))
+    monkeypatch.setenv("OBS_SK", monkeypatch_value("AWS_SECRET_ACCESS_KEY"))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    settings = ObjectStoreSettings.from_environ(access_key_env="OBS_AK", secret_key_env="OBS_SK")
+    store = HistoryStore(f"s3://{s3_bucket}/h", storage=settings)
+    store.append(make_run("r1", "2024-05-01T00:00Z"))
+    assert len(store.load()) == 4
+
+
+def monkeypatch_value(name):
+    import os
+
+    return os.environ[name]
+
+
+def test_plain_http_endpoint_off_loopback_is_refused(s3_bucket):
+    settings = ObjectStoreSettings(endpoint="http://obs.example.com")
+    with pytest.raises(ConfigError, match="use https"):
+        HistoryStore(f"s3://{s3_bucket}/h", storage=settings)
+
+
+def test_missing_bucket_says_so(s3_bucket):
+    store = HistoryStore("s3://no-such-bucket-here/h")
+    with pytest.raises(ConfigError, match="bucket no-such-bucket-here does not exist"):
+        store.append(make_run("r1", "2024-05-01T00:00Z"))
+    with pytest.raises(ConfigError, match="bucket no-such-bucket-here does not exist"):
+        store.load()
+    with pytest.raises(ConfigError, match="bucket no-such-bucket-here does not exist"):
+        store.compact()
+
+
+def _moto_auth(endpoint, count):
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
+                                     headers={"Content-Type": "text/plain"})
+    urllib.request.urlopen(request).close()
+
+
+@pytest.fixture
+def authenticating_server(s3_server):
+    """The S3 server checking credentials (no IAM user exists there, so none is valid)."""
+    _moto_auth(s3_server, "0")
+    try:
+        yield s3_server
+    finally:
+        _moto_auth(s3_server, "inf")
+
+
+def test_bad_credentials_are_a_clear_error_without_secrets(s3_bucket, authenticating_server, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")
+    store = HistoryStore(f"s3://{s3_bucket}/h")
+    for attempt in (lambda: store.append(make_run("r1", "2024-05-01T00:00Z")), store.load, store.compact):
+        with pytest.raises(ConfigError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert "refused" in message and "AWS_ACCESS_KEY_ID" in message
+        assert "wrong-secret-0123456789" not in message
+
+
+class _SlowDownProxy:
+    """A TCP proxy to the S3 server that answers the first request of each of its first
+    ``refusals`` connections with ``503 SlowDown`` (as S3 and OBS do when throttling) and closes
+    them; other connections are passed through untouched."""
+
+    def __init__(self, upstream: str, refusals: int):
+        host, port = upstream.split("//", 1)[1].split(":")
+        self.upstream = (host, int(port))
+        self.refusals, self.refused = refusals, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(65536)
+            if not chunk:
+                client.close()
+                return
+            head += chunk
+        if self.refused < self.refusals:
+            self.refused += 1
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                    b"<Message>Please reduce your request rate.</Message></Error>")
+            if head.startswith(b"HEAD "):
+                body = b""
+            client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            client.shutdown(socket.SHUT_RDWR)
+            client.close()
+            return
+        upstream = socket.create_connection(self.upstream)
+        upstream.sendall(head)
+        threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
+        _pipe(client, upstream)
+
+
+def _pipe(source, sink):
+    try:
+        while chunk := source.recv(65536):
+            sink.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def slowdown_proxy(s3_server):
+    proxies = []
+
+    def start(refusals):
+        proxies.append(_SlowDownProxy(s3_server, refusals))
+        return proxies[-1], proxies[-1].endpoint
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
+
+
+def test_throttled_requests_are_retried(s3_bucket, slowdown_proxy, monkeypatch):
+    proxy, endpoint = slowdown_proxy(refusals=2)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    store = HistoryStore(f"s3://{s3_bucket}/h")
+    store.append(make_run("r1", "2024-05-01T00:00Z"))
+    assert proxy.refused == 2 and set(store.load()["run_id"]) == {"r1"}
+
+
+def test_persistent_throttling_is_a_clear_error_and_loses_nothing(s3_bucket, s3_server, slowdown_proxy,
+                                                                   monkeypatch):
+    HistoryStore(f"s3://{s3_bucket}/h").append(make_run("r0", "2024-05-01T00:00Z"))
+    proxy, endpoint = slowdown_proxy(refusals=10_000)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    store = HistoryStore(f"s3://{s3_bucket}/h", storage=ObjectStoreSettings.from_environ(retries=2))
+    with pytest.raises(RomaError, match="throttling requests .503 SlowDown.") as caught:
+        store.append(make_run("r1", "2024-05-01T01:00Z"))
+    assert "try again later" in str(caught.value)
+    with pytest.raises(RomaError, match="SlowDown"):
+        store.load()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    assert set(HistoryStore(f"s3://{s3_bucket}/h").load()["run_id"]) == {"r0"}
