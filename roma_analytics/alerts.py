@@ -575,7 +575,16 @@ class CheckResult:
 
 
 def state_path_for(history) -> Path:
-    return Path(history) / STATE_NAME
+    """``HISTORY/.alerts-state.json`` for a folder.  An object-store history is shared by hosts
+    that each check it, so each host keeps its own state file, under ``$XDG_STATE_HOME``
+    (default ``~/.local/state``) ``/roma-analytics/``, named after the history's URI."""
+    from .history_backend import is_object_store_uri
+
+    if not is_object_store_uri(history):
+        return Path(history) / STATE_NAME
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha256(str(history).encode()).hexdigest()[:16]
+    return base / "roma-analytics" / f"alerts-state-{digest}.json"
 
 
 def _load_window(store, rules: Rules, lookback: pd.Timedelta, now: pd.Timestamp):
@@ -603,8 +612,8 @@ def check(store, rules: Rules, *, state_path=None, webhook: str | None = None, t
     if rules.empty:
         raise ConfigError("no rules to check: give at least one rule flag (e.g. --max-abnormal-ratio 0.05) "
                           "or a [rules] table in the targets file")
-    if not store.path.is_dir():
-        raise ConfigError(f"the history folder {store.path} does not exist; run roma-analytics collect first "
+    if not store.exists():
+        raise ConfigError(f"the history {store.path} does not exist; run roma-analytics collect first "
                           "(or check --collect), or pass --history")
     state_path = Path(state_path) if state_path else state_path_for(store.path)
     lookback = pd.Timedelta(lookback)

@@ -126,7 +126,7 @@ def add_collect(subparsers) -> None:
                         help=f"environment variable holding the X-Auth-Token (default {DEFAULT_TOKEN_ENV}; "
                              "without --config only)")
     run = parser.add_argument_group("run")
-    run.add_argument("--history", metavar="DIR", help=f"history folder (default {DEFAULT_HISTORY})")
+    run.add_argument("--history", metavar="DIR|URI", help=f"history folder or s3://bucket/prefix (default {DEFAULT_HISTORY})")
     run.add_argument("--workers", metavar="N", type=positive_int,
                      help=f"concurrent requests (default {DEFAULT_WORKERS})")
     run.add_argument("--timeout", metavar="S", type=positive_float,
@@ -171,7 +171,7 @@ def run_collect(args) -> int:
     retries = args.retries if args.retries is not None else settings.get("retries", DEFAULT_RETRIES)
     rate_limit = args.rate_limit or settings.get("rate_limit")
     verify = _tls_verify(args, settings)
-    store = HistoryStore(args.history or settings.get("history", DEFAULT_HISTORY))
+    store = _history_store(args.history or settings.get("history", DEFAULT_HISTORY), settings)
     labels = _openmetrics_labels(args)
 
     # One session and one set of clients for all runs: connections and IAM tokens are reused.
@@ -462,8 +462,8 @@ def add_export(subparsers) -> None:
                         help="file format; openmetrics writes the fleet state (each series' latest "
                              "snapshot) as Prometheus gauges")
     parser.add_argument("--out", required=True, metavar="PATH", help="output file")
-    parser.add_argument("--history", metavar="DIR", default=DEFAULT_HISTORY,
-                        help=f"history folder (default {DEFAULT_HISTORY})")
+    parser.add_argument("--history", metavar="DIR|URI", default=DEFAULT_HISTORY,
+                        help=f"history folder or s3://bucket/prefix (default {DEFAULT_HISTORY})")
     parser.add_argument("--table", choices=("stats", "errors", "scopes", "abnormal_tasks"), default="stats",
                         help="table (default stats; scopes: what each run covered)")
     parser.add_argument("--label", metavar="NAME=VALUE", action="append",
@@ -475,9 +475,27 @@ def add_export(subparsers) -> None:
     parser.set_defaults(handler=run_export)
 
 
+def _history_store(location: str, settings: dict | None = None):
+    """The HistoryStore at a folder or an ``s3://`` URI; for a URI, the targets file's
+    ``history_*`` defaults (endpoint, region, addressing, credential variable names) apply."""
+    from roma_analytics.history_backend import ObjectStoreSettings, is_object_store_uri
+    from roma_analytics.store import HistoryStore
+
+    if not is_object_store_uri(location):
+        return HistoryStore(location)
+    return HistoryStore(location, storage=ObjectStoreSettings.from_targets_defaults(settings or {}))
+
+
 def _existing_history(path: str) -> str:
     """Commands that read a history stop on a missing folder: in cron, a mistyped path must fail
     loudly instead of exporting or compacting nothing, run after run."""
+    from roma_analytics.history_backend import is_object_store_uri
+
+    if is_object_store_uri(path):
+        if not _history_store(path).exists():
+            raise _Usage(f"history {path} does not exist (nothing under that prefix); collect into it first "
+                         f"(roma-analytics collect --history {path}) or pass the right --history")
+        return path
     if not os.path.exists(path):  # a file or a foreign folder: HistoryStore says what it is
         raise _Usage(f"history folder {path} does not exist; collect into it first "
                      f"(roma-analytics collect --history {path}) or pass the right --history")
@@ -514,8 +532,8 @@ examples:
 def add_compact(subparsers) -> None:
     parser = _subparser(subparsers, "compact", "merge each finished day of the history", COMPACT_HELP,
                         COMPACT_EXAMPLE)
-    parser.add_argument("--history", metavar="DIR", default=DEFAULT_HISTORY,
-                        help=f"history folder (default {DEFAULT_HISTORY})")
+    parser.add_argument("--history", metavar="DIR|URI", default=DEFAULT_HISTORY,
+                        help=f"history folder or s3://bucket/prefix (default {DEFAULT_HISTORY})")
     parser.add_argument("--before", metavar="DATE", type=iso_time,
                         help="compact only days before DATE (default: today UTC)")
     parser.set_defaults(handler=run_compact)
@@ -524,7 +542,7 @@ def add_compact(subparsers) -> None:
 def run_compact(args) -> int:
     from roma_analytics.store import HistoryStore
 
-    report = HistoryStore(_existing_history(args.history)).compact(before=args.before)
+    report = _history_store(_existing_history(args.history)).compact(before=args.before)
     print(f"compacted {report.days} day(s): {report.files_merged} file(s) merged, {report.rows} row(s)")
     return 0
 
@@ -602,7 +620,7 @@ def add_check(subparsers) -> None:
                         CHECK_EXAMPLE)
     source = parser.add_argument_group("history")
     source.add_argument("--config", metavar="FILE", help="targets file: its [rules] table and defaults.history")
-    source.add_argument("--history", metavar="DIR", help=f"history folder (default {DEFAULT_HISTORY})")
+    source.add_argument("--history", metavar="DIR|URI", help=f"history folder or s3://bucket/prefix (default {DEFAULT_HISTORY})")
     source.add_argument("--collect", action="store_true",
                         help="collect the targets of --config first and append the run to the history")
     rules = parser.add_argument_group("rules (override the [rules] table)")
@@ -653,7 +671,7 @@ def run_check(args) -> int:
         if not webhook:
             raise ConfigError(f"{_env_var_shown(args.webhook_env)} (--webhook-env) is not set or empty; "
                               "export the webhook URL in it")
-    store = HistoryStore(args.history or settings.get("history", DEFAULT_HISTORY))
+    store = _history_store(args.history or settings.get("history", DEFAULT_HISTORY), settings)
     if rules.empty:
         raise _Usage("no rules to check: give a rule flag (e.g. --max-abnormal-ratio 0.05) or a [rules] "
                      "table in the targets file")
@@ -750,8 +768,8 @@ def add_report(subparsers) -> None:
     parser = _subparser(subparsers, "report", "write a self-contained HTML report of a period", REPORT_HELP,
                         REPORT_EXAMPLE)
     parser.add_argument("--out", required=True, metavar="PATH", help="output HTML file")
-    parser.add_argument("--history", metavar="DIR", default=DEFAULT_HISTORY,
-                        help=f"history folder (default {DEFAULT_HISTORY})")
+    parser.add_argument("--history", metavar="DIR|URI", default=DEFAULT_HISTORY,
+                        help=f"history folder or s3://bucket/prefix (default {DEFAULT_HISTORY})")
     parser.add_argument("--since", metavar="ISO", type=iso_time, help="first time included (default: 7 days ago)")
     parser.add_argument("--until", metavar="ISO", type=iso_time, help="first time excluded (default: none)")
     parser.add_argument("--freq", metavar="FREQ", help="bucket size, e.g. 1h or 1D (default: from the period)")

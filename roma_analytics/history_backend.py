@@ -123,6 +123,22 @@ class ObjectStoreSettings:
         )
         return replace(found, **{key: value for key, value in overrides.items() if value is not None})
 
+    @classmethod
+    def from_targets_defaults(cls, defaults: Mapping, environ: Mapping[str, str] | None = None) -> ObjectStoreSettings:
+        """Settings from the environment, then a targets file's ``[defaults]`` ``history_*`` keys:
+        ``history_endpoint``, ``history_region``, ``history_addressing`` (``path``/``virtual``),
+        ``history_ca_bundle`` and ``history_access_key_env``/``_secret_key_env``/``_session_token_env``."""
+        addressing = defaults.get("history_addressing")
+        return cls.from_environ(
+            environ,
+            endpoint=defaults.get("history_endpoint"), region=defaults.get("history_region"),
+            path_style=None if addressing is None else addressing == "path",
+            ca_bundle=defaults.get("history_ca_bundle"),
+            access_key_env=defaults.get("history_access_key_env"),
+            secret_key_env=defaults.get("history_secret_key_env"),
+            session_token_env=defaults.get("history_session_token_env"),
+        )
+
     def checked(self) -> ObjectStoreSettings:
         """Self, after refusing what would leak a secret or skip TLS verification."""
         if self.endpoint is not None:
@@ -168,10 +184,10 @@ def backend_for(location, settings: ObjectStoreSettings | None = None):
     return LocalBackend(Path(location))
 
 
-def parquet_bytes(arrow: pa.Table, write) -> bytes:
-    """``arrow`` written by ``write(arrow, file)`` into memory."""
+def _in_memory(write) -> bytes:
+    """What ``write(file)`` writes, as bytes."""
     sink = io.BytesIO()
-    write(arrow, sink)
+    write(sink)
     return sink.getvalue()
 
 
@@ -252,11 +268,11 @@ class LocalBackend:
     def schema_metadata(self, path) -> dict[bytes, bytes]:
         return pq.read_schema(path).metadata or {}
 
-    def create(self, path, data: bytes) -> None:
-        """Create ``path`` holding ``data`` atomically; FileExistsError if the name is taken."""
+    def create(self, path, write) -> None:
+        """Create ``path`` with what ``write(file)`` writes, atomically; FileExistsError if the name is taken."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _write_temp(target, data)
+        tmp = _write_temp(target, write)
         try:
             _link_into_place(tmp, target)
         finally:
@@ -299,9 +315,10 @@ class LocalBackend:
         with _flock(self.root / COMPACT_LOCK_NAME, exclusive=True, create=True):
             yield
 
-    def replace_files(self, target, data: bytes, sources) -> None:
-        """Commit ``target`` (a merged file) and delete ``sources`` in one step readers cannot split."""
-        tmp = _write_temp(Path(target), data)
+    def replace_files(self, target, write, sources) -> None:
+        """Commit ``target`` (a merged file, written by ``write(file)``) and delete ``sources`` in one
+        step readers cannot split."""
+        tmp = _write_temp(Path(target), write)
         try:
             with self.swapping():
                 _link_into_place(tmp, Path(target))
@@ -365,13 +382,13 @@ def _flock(path: Path, *, exclusive: bool, create: bool) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _write_temp(target: Path, data: bytes) -> Path:
-    """Write ``data`` to a dot-named temporary file next to ``target``, fsynced; return it."""
+def _write_temp(target: Path, write) -> Path:
+    """Write ``target``'s content (``write(file)``) to a dot-named temporary file next to it, fsynced."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as file:
-            file.write(data)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
     except BaseException:
@@ -533,8 +550,8 @@ class ObjectStoreBackend:
         with self.fs.open(str(path), "rb", cache_type="readahead") as file:
             return pq.read_schema(file).metadata or {}
 
-    def create(self, path, data: bytes) -> None:
-        """PUT ``data`` at ``path`` only if no object has that name (``If-None-Match: *``).
+    def create(self, path, write) -> None:
+        """PUT what ``write(file)`` writes at ``path`` only if no object has that name (``If-None-Match: *``).
 
         FileExistsError when the name is taken.  Stores that ignore the condition (older MinIO,
         some gateways) still get a HEAD check just before, leaving a window of one request.
@@ -542,7 +559,7 @@ class ObjectStoreBackend:
         if self.file_exists(path):
             raise FileExistsError(errno.EEXIST, "object exists", f"s3://{path}")
         try:
-            self.fs.pipe_file(str(path), data, mode="create")
+            self.fs.pipe_file(str(path), _in_memory(write), mode="create")
         except FileNotFoundError:
             self._check_bucket()
             raise
@@ -579,10 +596,10 @@ class ObjectStoreBackend:
     def compacting(self) -> Iterator[None]:
         yield  # lock-free: concurrent compactors produce overlapping objects that readers skip
 
-    def replace_files(self, target, data: bytes, sources) -> None:
+    def replace_files(self, target, write, sources) -> None:
         """Create the merged object; the sources stay until the grace period has passed."""
         try:
-            self.create(target, data)
+            self.create(target, write)
         except FileExistsError:
             pass  # another compactor merged exactly these sources: same name, same rows
 

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from . import schema
 from .schema import parse_time
 from .errors import ConfigError, RomaError
-from .history_backend import REPLACED_GRACE_SECONDS, ObjectStoreSettings, backend_for, parquet_bytes
+from .history_backend import REPLACED_GRACE_SECONDS, ObjectStoreSettings, backend_for
 
 __all__ = ["HistoryStore", "CompactReport", "arrow_schema", "to_arrow", "write_parquet", "parse_time"]
 
@@ -197,7 +197,7 @@ class HistoryStore:
                     continue
                 arrow = to_arrow(frames[table], table, {META_RUNS: runs_meta})
                 try:
-                    fs.create(targets[table], parquet_bytes(arrow, write_parquet))
+                    fs.create(targets[table], lambda file, arrow=arrow: write_parquet(arrow, file))
                 except FileExistsError:
                     raise ConfigError(
                         f"run {run_id} is already in the {table} history ({fs.public(targets[table])}); "
@@ -462,7 +462,7 @@ class HistoryStore:
             META_RUNS: json.dumps(runs).encode(),
             META_REPLACES: json.dumps(replaces).encode(),
         })
-        fs.replace_files(target, parquet_bytes(arrow, write_parquet), candidates)
+        fs.replace_files(target, lambda file: write_parquet(arrow, file), candidates)
         return len(candidates), arrow.num_rows
 
     def _remove_replaced(self, folder, now: float, grace: float) -> None:

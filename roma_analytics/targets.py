@@ -53,7 +53,10 @@ _AUTH_KEYS = {
     "iam": ({"user_env", "password_env", "domain_env"}, {"iam_endpoint"}),
     "aksk": ({"ak_env", "sk_env"}, {"security_token_env"}),
 }
-_DEFAULTS_KEYS = {"workers", "timeout", "retries", "rate_limit", "history", "verify", "ca_bundle"}
+_DEFAULTS_KEYS = {"workers", "timeout", "retries", "rate_limit", "history", "verify", "ca_bundle",
+                  # an s3:// history: where the store is and which variables hold its credentials
+                  "history_endpoint", "history_region", "history_addressing", "history_ca_bundle",
+                  "history_access_key_env", "history_secret_key_env", "history_session_token_env"}
 
 
 #: The connect timeout when only a read timeout is given (a little over a TCP retransmission window).
@@ -188,9 +191,15 @@ class _Loader:
                 raise self.fail(path + ("rate_limit",), "must be a positive number of requests per second")
         if "timeout" in table:
             settings["timeout"] = self._timeout(table["timeout"], path + ("timeout",))
-        for key in ("history", "ca_bundle"):
+        for key in ("history", "ca_bundle", "history_endpoint", "history_region", "history_ca_bundle"):
             if key in table:
                 self._str(table[key], path + (key,))
+        for key in ("history_access_key_env", "history_secret_key_env", "history_session_token_env"):
+            if key in table and not _ENV_NAME_RE.match(self._str(table[key], path + (key,))):
+                raise self.fail(path + (key,), "must name an environment variable (the credential itself "
+                                "never goes in the file)")
+        if table.get("history_addressing", "path") not in ("path", "virtual"):
+            raise self.fail(path + ("history_addressing",), "must be \"path\" or \"virtual\"")
         if "verify" in table and not isinstance(table["verify"], bool):
             raise self.fail(path + ("verify",), "must be true or false (use ca_bundle for a CA file)")
         return settings

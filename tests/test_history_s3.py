@@ -5,15 +5,20 @@ and readers; the errors a user meets (bad credentials, a missing bucket, a throt
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
+import random
+import signal
 import socket
 import threading
+import time
 import urllib.request
 
 import boto3
 import pandas as pd
 import pytest
 
-from test_store import make_run
+from test_store import ROWS_PER_RUN, make_run
 
 from roma_analytics import analysis
 from roma_analytics.errors import ConfigError, RomaError
@@ -95,10 +100,10 @@ def test_conditional_create_refuses_a_taken_name(s3_bucket):
     """Two writers that both passed the existence check: the store's If-None-Match decides."""
     store = HistoryStore(f"s3://{s3_bucket}/h")
     backend = store._backend
-    backend.create(f"{s3_bucket}/h/x.parquet", b"first")
+    backend.create(f"{s3_bucket}/h/x.parquet", lambda file: file.write(b"first"))
     backend.file_exists = lambda path: False  # both writers looked before either wrote
     with pytest.raises(FileExistsError):
-        backend.create(f"{s3_bucket}/h/x.parquet", b"second")
+        backend.create(f"{s3_bucket}/h/x.parquet", lambda file: file.write(b"second"))
     assert backend.fs.cat_file(f"{s3_bucket}/h/x.parquet") == b"first"
 
 
@@ -134,8 +139,9 @@ def test_late_run_and_two_compactors_are_counted_once(s3_bucket):
     other = HistoryStore(f"s3://{s3_bucket}/h")
     store.compact(before="2024-05-02")
     sources = other._backend.data_files(f"{s3_bucket}/h/stats/date=2024-05-01")
+    copy = other._backend.fs.cat_file(max(sources, key=len))
     other._backend.create(f"{s3_bucket}/h/stats/date=2024-05-01/compacted-copy.parquet",
-                          other._backend.fs.cat_file(max(sources, key=len)))
+                          lambda file: file.write(copy))
     loaded = store.load()
     assert sorted(loaded.groupby("run_id").size().items()) == [("late", 4), ("run-0-0", 4), ("run-0-1", 4)]
     assert store.trend(by=())["total"].tolist() == [analysis.trend(loaded, by=())["total"].iloc[0]]
@@ -316,3 +322,168 @@ def test_persistent_throttling_is_a_clear_error_and_loses_nothing(s3_bucket, s3_
         store.load()
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     assert set(HistoryStore(f"s3://{s3_bucket}/h").load()["run_id"]) == {"r0"}
+
+
+# ------------------------------------------------------------------------------- every command
+
+def test_every_command_works_on_an_s3_history(simulator, s3_bucket, tmp_path, capsys):
+    from roma_analytics.cli import main
+
+    uri = f"s3://{s3_bucket}/fleet/history"
+    project = simulator.project_ids[0]
+    target = ["--endpoint", simulator.base_url, "--project-id", project, "--history", uri]
+    for _ in range(2):
+        assert main(["collect", *target]) == 0
+    capsys.readouterr()
+    store = HistoryStore(uri)
+    assert len(store.runs()) == 2 and len(store.load()) > 0
+
+    out = tmp_path / "stats.csv"
+    assert main(["export", "--history", uri, "--format", "csv", "--out", str(out)]) == 0
+    assert len(pd.read_csv(out)) == len(store.load())
+
+    tomorrow = (pd.Timestamp.now(tz="UTC") + pd.Timedelta(days=1)).strftime("%Y-%m-%d")
+    before = store.load()
+    assert main(["compact", "--history", uri, "--before", tomorrow]) == 0
+    assert "compacted 1 day(s)" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(store.load(), before)
+    assert len(store.files()) == 1
+
+    report = tmp_path / "report.html"
+    assert main(["report", "--history", uri, "--out", str(report)]) == 0
+    assert report.stat().st_size > 10_000
+
+    code = main(["check", "--history", uri, "--max-abnormal-ratio", "0.99"])
+    assert code in (0, 1), capsys.readouterr()
+    assert "does not exist" not in capsys.readouterr().err
+
+
+def test_commands_stop_on_a_missing_s3_history(s3_bucket, tmp_path, capsys):
+    from roma_analytics.cli import main
+
+    uri = f"s3://{s3_bucket}/nothing-here"
+    assert main(["export", "--history", uri, "--format", "csv", "--out", str(tmp_path / "x.csv")]) == 2
+    assert f"history {uri} does not exist" in capsys.readouterr().err
+    assert main(["compact", "--history", "s3://no-such-bucket-here/h"]) == 2
+    assert "bucket no-such-bucket-here does not exist" in capsys.readouterr().err
+
+
+def test_targets_file_names_the_store_and_its_credential_variables(simulator, s3_bucket, s3_server, tmp_path,
+                                                                    monkeypatch, capsys):
+    from roma_analytics.cli import main
+
+    monkeypatch.setenv("OBS_AK", monkeypatch_value("AWS_ACCESS_KEY_ID"))
+    monkeypatch.setenv("OBS_SK", monkeypatch_value("AWS_SECRET_ACCESS_KEY"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name)
+    config = tmp_path / "targets.toml"
+    config.write_text(f"""
+[defaults]
+history = "s3://{s3_bucket}/h"
+history_endpoint = "{s3_server}"
+history_region = "us-east-1"
+history_addressing = "path"
+history_access_key_env = "OBS_AK"
+history_secret_key_env = "OBS_SK"
+
+[[endpoints]]
+endpoint = "{simulator.base_url}"
+  [[endpoints.projects]]
+  project_id = "{simulator.project_ids[0]}"
+  discover = true
+""")
+    assert main(["collect", "--config", str(config)]) == 0, capsys.readouterr().err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    assert len(HistoryStore(f"s3://{s3_bucket}/h").runs()) == 1
+    config.write_text(config.read_text().replace('history_secret_key_env = "OBS_SK"',
+                                                 'history_secret_key_env = "wJalrXUtnFEMI/K7MDENG"'))
+    assert main(["collect", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "history_secret_key_env" in err and "must name an environment variable" in err
+
+
+# ------------------------------------------------------------------------------- many writers, kill -9
+
+def _s3_writer(uri, prefix, count, acknowledged):
+    """Append runs; a line is written to ``acknowledged`` only after append() returned."""
+    store = HistoryStore(uri)
+    with open(acknowledged, "a") as log:
+        for n in range(count):
+            at = pd.Timestamp("2024-05-01T00:00Z") + pd.Timedelta(hours=n % 2 * 24, seconds=n)
+            store.append(make_run(f"{prefix}-{n:03d}", at))
+            log.write(f"{prefix}-{n:03d}\n")
+            log.flush()
+    os._exit(0)
+
+
+def _s3_compactor(uri, grace):
+    store = HistoryStore(uri)
+    while True:
+        store.compact(before="2030-01-01", grace=grace)
+
+
+def test_writers_compactor_and_reader_with_kill_9_keep_every_acknowledged_run_once(s3_bucket, tmp_path):
+    """Done when: >= 3 writer processes, a compactor and a reader on the S3 server, writers and
+    compactors killed with SIGKILL at random moments; every acknowledged run is present exactly
+    once, and the reader never saw a run twice or a run vanish."""
+    fork = multiprocessing.get_context("fork")
+    uri = f"s3://{s3_bucket}/h"
+    acknowledged = tmp_path / "acknowledged.txt"
+    rng = random.Random(17)
+    count = 12
+    writers = [fork.Process(target=_s3_writer, args=(uri, prefix, count, acknowledged), daemon=True)
+               for prefix in ("a", "b", "c", "d", "e")]
+    # Replaced objects are deleted 2 s after their merged object appears: deletion happens
+    # during the test, and the reader's loads take far less than that.
+    compactor = fork.Process(target=_s3_compactor, args=(uri, 2.0), daemon=True)
+    for process in [*writers[:3], compactor]:
+        process.start()
+    killed_writers = killed_compactors = 0
+    reader = HistoryStore(uri)
+    seen: set[str] = set()
+    loads, started = 0, time.monotonic()
+    try:
+        while any(w.is_alive() for w in writers if w.pid) or loads < 5:
+            frame = reader.load()
+            sizes = frame.groupby("run_id").size()
+            assert (sizes == ROWS_PER_RUN).all(), sizes[sizes != ROWS_PER_RUN]  # whole, and once
+            assert seen <= set(sizes.index), seen - set(sizes.index)           # nothing vanishes
+            seen = set(sizes.index)
+            loads += 1
+            elapsed = time.monotonic() - started
+            # kill -9 one writer mid-append, then start the spare writers
+            if killed_writers == 0 and elapsed > 2:
+                os.kill(writers[rng.randrange(3)].pid, signal.SIGKILL)
+                killed_writers += 1
+                for spare in writers[3:]:
+                    spare.start()
+            if killed_compactors < 3 and elapsed > 1.5 * (killed_compactors + 1):
+                os.kill(compactor.pid, signal.SIGKILL)
+                compactor.join(10)
+                killed_compactors += 1
+                compactor = fork.Process(target=_s3_compactor, args=(uri, 2.0), daemon=True)
+                compactor.start()
+            assert elapsed < 240, "writers did not finish"
+    finally:
+        os.kill(compactor.pid, signal.SIGKILL)
+        compactor.join(10)
+        for writer in writers:
+            if writer.pid:
+                writer.join(60)
+                if writer.is_alive():
+                    writer.kill()
+    assert killed_writers == 1 and killed_compactors == 3
+    acked = acknowledged.read_text().split()
+    assert len(acked) == len(set(acked)) and len(acked) >= 4 * count
+    for attempt in range(2):  # as left by the killed processes, then compacted to the end
+        final = reader.load()
+        sizes = final.groupby("run_id").size()
+        assert set(acked) <= set(sizes.index)
+        assert (sizes == ROWS_PER_RUN).all() and set(sizes.index) >= seen
+        assert reader.trend(by=())["total"].sum() == analysis.trend(final, by=())["total"].sum()
+        assert set(reader.runs()["run_id"]) == set(sizes.index)
+        reader.compact(before="2030-01-01", grace=0)
+        reader.compact(before="2030-01-01", grace=0)
+    assert len(reader.files()) == 2  # one merged object per day, nothing left over
