@@ -422,7 +422,8 @@ def abnormal_ratio_trend(
     groups = _task_types_in(frame) if by_type else [None]
     for task_type in groups:
         line = frame if task_type is None else frame[frame["task_type"] == task_type]
-        name = "All tasks" if task_type is None else TASK_TYPE_LABELS.get(task_type, task_type)
+        # An unknown task type (a foreign history) is data: escaped like any label.
+        name = "All tasks" if task_type is None else TASK_TYPE_LABELS.get(task_type) or display.plotly(task_type)
         color = ALL_TASKS_COLOR if task_type is None else TASK_TYPE_COLORS.get(task_type, "#777777")
         detail = "<br>%{customdata[0]:,} abnormal of %{customdata[1]:,} tasks" if with_counts else ""
         fig.add_trace(
@@ -435,7 +436,7 @@ def abnormal_ratio_trend(
                 marker={"color": color, "size": 5},
                 connectgaps=False,
                 customdata=line[["abnormal", "total"]].to_numpy(dtype="float64") if with_counts else None,
-                hovertemplate=f"{name}: %{{y:{PERCENT_HOVER}}}{detail}<extra></extra>",
+                hovertemplate=f"%{{fullData.name}}: %{{y:{PERCENT_HOVER}}}{detail}<extra></extra>",
             )
         )
 

@@ -67,6 +67,7 @@ __all__ = [
     "form_targets",
     "error_tasks",
     "csv_bytes",
+    "for_display",
     "parquet_bytes",
     "ratio_text",
     "age_text",
@@ -907,6 +908,19 @@ def parquet_bytes(frame: pd.DataFrame, table: str = "stats") -> bytes:
     sink = io.BytesIO()
     write_parquet(to_arrow(frame, table), sink)
     return sink.getvalue()
+
+
+def for_display(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` for a table on screen: each text cell as
+    :func:`roma_analytics.display.visible` shows it (capped, hidden characters escaped), so an id
+    cannot be disguised.  Only for display: downloads use the frame itself."""
+    shown = frame.copy()
+    for name in shown.columns:
+        column = shown[name]
+        if pd.api.types.is_string_dtype(column) or column.dtype == object:
+            values = {value: visible(value) for value in column.dropna().unique() if isinstance(value, str)}
+            shown[name] = column.map(lambda value: values.get(value, value) if isinstance(value, str) else value)
+    return shown
 
 
 def ratio_text(value) -> str:

@@ -335,3 +335,13 @@ def test_number_formats():
     assert dashboard.delta_points_text(-0.0199) == "\u22122.0 pts"  # a real minus sign
     assert dashboard.delta_points_text(0.0004) == "±0.0 pts"
     assert dashboard.ratio_text(np.nan) == "–" and dashboard.delta_points_text(np.nan) is None
+
+
+def test_tables_on_screen_show_text_visibly_and_keep_the_data():
+    frame = pd.DataFrame({"instance_id": ["i-\u202e1", None], "error_msg": ["bad\x1b[2J" + "x" * 1000, "ok"],
+                          "failed": [3, 1]})
+    shown = dashboard.for_display(frame)
+    assert shown["instance_id"].iloc[0] == "i-\\u202e1" and pd.isna(shown["instance_id"].iloc[1])
+    assert shown["error_msg"].iloc[0].startswith("bad\\x1b[2J") and len(shown["error_msg"].iloc[0]) <= 310
+    assert shown["failed"].tolist() == [3, 1]
+    assert frame["instance_id"].iloc[0] == "i-\u202e1"        # the data itself is unchanged

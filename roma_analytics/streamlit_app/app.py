@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from roma_analytics import analysis, charts, dashboard, fleet
-from roma_analytics.display import markdown as md
+from roma_analytics.display import markdown as md, visible
 from roma_analytics.collect import collect
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.samples import SAMPLE_HISTORY
@@ -299,8 +299,10 @@ since = pd.Timestamp(days[0], tz="UTC") if days else None
 until = pd.Timestamp(days[-1], tz="UTC") + pd.Timedelta(days=1) if days else None
 offered = choices(source_key, prepared)
 names = offered["instance"]
-regions = st.sidebar.multiselect("Region", offered["region"], key="regions", placeholder="All regions")
-projects = st.sidebar.multiselect("Project", offered["project_id"], key="projects", placeholder="All projects")
+regions = st.sidebar.multiselect("Region", offered["region"], key="regions", placeholder="All regions",
+                                 format_func=visible)
+projects = st.sidebar.multiselect("Project", offered["project_id"], key="projects", placeholder="All projects",
+                                  format_func=visible)
 # Only the instances of the chosen regions and projects are offered (a choice outside them is dropped).
 offered_instances = dashboard.narrow_instances(names, offered["scopes"], regions, projects)
 if any(instance not in offered_instances for instance in st.session_state.get("instances", [])):
@@ -374,7 +376,7 @@ tiles[6].metric("Failed collections", dashboard.count_text(kpis["failed_collecti
                 help="Instances whose last collection failed (they keep their last good snapshot), "
                      "plus projects whose instance list could not be read.")
 if numbers["future_note"]:
-    st.warning(numbers["future_note"])
+    st.warning(md(numbers["future_note"], limit=2000))
 if kpis["stale_series"]:
     stale_scopes = numbers["scopes"][numbers["scopes"]["stale"]]
     st.warning(f"{kpis['stale_instances']:,} instance(s) have not been refreshed within their staleness window "
@@ -445,7 +447,7 @@ with tabs["Collection health"]:
         if failing.empty:
             st.success("Every instance was collected in every run of the selection.")
         else:
-            st.dataframe(failing, hide_index=True, column_config={
+            st.dataframe(dashboard.for_display(failing), hide_index=True, column_config={
                 "instance": st.column_config.TextColumn("instance", width="large"),
                 "failure_ratio": st.column_config.NumberColumn("failure ratio", format="percent"),
                 "last_error_at": st.column_config.DatetimeColumn("last error (UTC)", format="YYYY-MM-DD HH:mm"),
@@ -476,7 +478,7 @@ with tabs["Instance drill-down"]:
                     if tasks.empty:
                         st.success("No task of this instance is in ERROR.")
                     else:
-                        st.dataframe(tasks, hide_index=True)
+                        st.dataframe(dashboard.for_display(tasks), hide_index=True)
             elif live_targets is None:
                 st.caption("The list of tasks in ERROR is available in live mode (Data source → Live collection).")
 
@@ -492,5 +494,5 @@ with tabs["Data"]:
         columns[2].download_button("Errors as CSV", lambda: dashboard.csv_bytes(selection.errors), "roma-errors.csv", "text/csv")
         columns[3].download_button("Errors as Parquet", lambda: dashboard.parquet_bytes(selection.errors, "errors"),
                                    "roma-errors.parquet", "application/vnd.apache.parquet")
-        st.dataframe(stats.tail(1000), hide_index=True)
+        st.dataframe(dashboard.for_display(stats.tail(1000)), hide_index=True)
         st.caption("The last 1,000 rows; download for all of them.")
