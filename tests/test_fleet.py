@@ -135,8 +135,17 @@ def test_interleaved_collectors_are_one_fleet(sim, two_collectors, tmp_path, cap
     assert tiles["Instances"] == f"{len(live):,}"
     expected_total = sum(int(latest.loc[(latest["instance_id"] == i), "abnormal"].sum()) for _, i in live)
     assert tiles["Abnormal tasks"] == f"{expected_total:,}"
-    text = " ".join(str(element.value) for element in at.markdown) + " ".join(str(c.value) for c in at.caption)
-    assert "disappeared" not in text.lower() or "1 instance" in text
+    # The latest breakdown: one bar group per live instance; the changes table: A's and B's
+    # latest runs against their own previous runs, so nobody appeared or disappeared.
+    figures = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    breakdown = next(f for f in figures if f["data"] and f["data"][0].get("type") == "bar")
+    shown = {label for trace in breakdown["data"] for label in trace.get("y", [])}
+    assert len(shown) == len(live)
+    changes = [f for f in figures if f["data"] and f["data"][0].get("type") == "table"][-1]  # after the ranking
+    cells = json.dumps(changes["data"][0]["cells"]["values"])
+    assert "appeared" not in cells and "disappeared" not in cells and "missing" not in cells
+    caption = " ".join(str(c.value) for c in at.caption)
+    assert "1 instance(s) no longer found" in caption  # the dropped one, left out of the KPIs
 
 
 def test_pandas_and_duckdb_fleet_states_are_identical(sim, two_collectors):
