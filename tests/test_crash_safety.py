@@ -163,7 +163,10 @@ def test_kill_collect_at_random_points(forkserver, sim, tmp_path, capsys):
 
 
 def synthetic_collection(base, run_id: str, at: pd.Timestamp):
-    tables = {name: getattr(base, name).copy() for name in ("stats", "errors", "scopes") if hasattr(base, name)}
+    from roma_analytics.schema import TABLES
+
+    # Every table the run carries (stats, errors, scopes, abnormal_tasks, ...), under the new run id.
+    tables = {name: getattr(base, name).copy() for name in TABLES if getattr(base, name, None) is not None}
     for frame in tables.values():
         frame["run_id"] = pd.array([run_id] * len(frame), dtype="string")
         if "collected_at" in frame:
