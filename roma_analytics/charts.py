@@ -1163,3 +1163,53 @@ def _kpi_text(value: object) -> str:
         stamp = value.tz_convert("UTC") if value.tzinfo else value
         return stamp.strftime("%Y-%m-%d %H:%M UTC")
     return str(value)
+
+
+#: Colours of the episode timeline by how an episode ended.
+EPISODE_COLORS = {"still abnormal": "#D62728", "recovered": "#2CA02C", "disappeared": "#7F7F7F"}
+
+
+def episode_timeline(episodes: pd.DataFrame | None, title: str = "Abnormal tasks over time",
+                     max_tasks: int = 40) -> go.Figure:
+    """One row per task, one bar per abnormal episode, from ``first_seen`` to ``end`` (or to
+    ``last_seen`` while still abnormal), coloured by how it ended (``EPISODE_COLORS``).
+
+    Input: ``episodes.episodes(...)`` / ``episodes.from_history(...)`` rows (usually of one
+    instance).  Columns read: ``task_id, task_name, first_seen, last_seen, end, still_open,
+    ended, duration``.  The ``max_tasks`` tasks abnormal longest in total are drawn, the
+    longest on top; task names are server text, shown through ``display``.
+    """
+    builder = "episode_timeline"
+    frame = _checked(episodes, ("task_id", "task_name", "first_seen", "last_seen", "end", "still_open",
+                                "ended", "duration"), builder, "episodes.from_history(store)")
+    if frame is None:
+        return empty_figure("No abnormal task was listed in this selection.", title=title)
+    totals = frame.groupby("task_id")["duration"].sum().sort_values(ascending=False, kind="stable")
+    kept = list(totals.index[:max_tasks])
+    frame = frame[frame["task_id"].isin(kept)]
+    names = frame.drop_duplicates("task_id", keep="last").set_index("task_id")["task_name"]
+    labels = {task: display.plotly(f"{display.visible(names.get(task) or task, display.LABEL_LIMIT)} "
+                                   f"({str(task)[:8]})", limit=None) for task in kept}
+    start = _utc_naive(frame["first_seen"])
+    stop = _utc_naive(frame["end"].fillna(frame["last_seen"]))
+    state = np.where(frame["still_open"], "still abnormal", frame["ended"].astype(object).fillna("recovered"))
+    fig = go.Figure()
+    for name, color in EPISODE_COLORS.items():
+        chosen = state == name
+        if not chosen.any():
+            continue
+        # A bar from `base` (start) of length stop - start (ms): plotly's own Gantt encoding.
+        length = (stop[chosen] - start[chosen]).dt.total_seconds() * 1000
+        hours = frame.loc[chosen, "duration"].dt.total_seconds() / 3600
+        fig.add_trace(go.Bar(
+            name=name, orientation="h", base=start[chosen], x=length.clip(lower=60_000),
+            y=[labels[task] for task in frame.loc[chosen, "task_id"]], marker_color=color,
+            customdata=list(zip(hours.tolist(), frame.loc[chosen, "task_id"].astype(str))),
+            hovertemplate="%{y}<br>%{base|%Y-%m-%d %H:%M} UTC, %{customdata[0]:.1f} h<extra>" + name + "</extra>",
+        ))
+    apply_layout(fig, title, x_title="time (UTC)", height=max(300, 60 + 24 * len(kept)))
+    fig.update_xaxes(type="date")
+    fig.update_yaxes(categoryorder="array", categoryarray=[labels[task] for task in reversed(kept)],
+                     title_text=None)
+    fig.update_layout(barmode="overlay")
+    return fig

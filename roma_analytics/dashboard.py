@@ -868,6 +868,39 @@ def form_targets(endpoint: str = "", region: str = "", project_ids: str = "", in
     return [Target(project_id=p, instance_id=i, **where) for p in dict.fromkeys(projects) for i in dict.fromkeys(instances)]
 
 
+def folder_episodes(path: str | os.PathLike) -> pd.DataFrame:
+    """The abnormal-task episodes of a history folder (``episodes.from_history``, DuckDB over
+    its files); an empty frame when the history has no ``abnormal_tasks`` table yet."""
+    from roma_analytics import episodes
+
+    return episodes.from_history(HistoryStore(Path(path).expanduser()))
+
+
+def longest_broken(episodes_frame: pd.DataFrame, labels: Mapping | None = None, n: int = 20) -> pd.DataFrame:
+    """The fleet's longest-broken tasks: episodes still abnormal first, longest first, then the
+    longest that ended.  Columns: task, task_id, instance, project_id, since (UTC), hours,
+    still_abnormal, ended; ``labels`` (instance id -> label, as :func:`instance_options` makes)
+    name the instances."""
+    columns = ["task", "task_id", "instance", "project_id", "since", "hours", "still_abnormal", "ended"]
+    if episodes_frame.empty:
+        return pd.DataFrame(columns=columns)
+    order = episodes_frame.sort_values(["still_open", "duration", "first_seen"], ascending=[False, False, True],
+                                       kind="stable").head(n)
+    labels = labels or {}
+    instance = [labels.get(i) or visible(i, LABEL_LIMIT) for i in order["instance_id"].astype(str)]
+    return pd.DataFrame({
+        "task": [visible(name if isinstance(name, str) else task, LABEL_LIMIT)
+                 for name, task in zip(order["task_name"].astype(object), order["task_id"].astype(str))],
+        "task_id": order["task_id"].astype(str).to_numpy(),
+        "instance": instance,
+        "project_id": order["project_id"].astype(str).to_numpy(),
+        "since": order["first_seen"].to_numpy(),
+        "hours": (order["duration"].dt.total_seconds() / 3600).round(2).to_numpy(),
+        "still_abnormal": order["still_open"].to_numpy(),
+        "ended": order["ended"].astype(object).to_numpy(),
+    })
+
+
 #: Columns of the ERROR task list shown in the drill-down, when the API returns them.
 TASK_COLUMNS = ("task_name", "task_id", "task_type", "execute_status", "task_tag", "last_modified_time", "created_date")
 

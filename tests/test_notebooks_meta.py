@@ -21,7 +21,8 @@ from nbval.plugin import find_comment_markers, find_metadata_tags, get_sanitize_
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO / "notebooks"
-NOTEBOOKS = ("01_collect_fleet.ipynb", "02_abnormal_ratios.ipynb", "03_cdc_vs_common_trends.ipynb")
+NOTEBOOKS = ("01_collect_fleet.ipynb", "02_abnormal_ratios.ipynb", "03_cdc_vs_common_trends.ipynb",
+             "04_abnormal_task_episodes.ipynb")
 SANITIZE = NOTEBOOKS_DIR / "sanitize.cfg"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 AUTH_NAMES = ("TokenAuth", "IamPasswordAuth", "AkSkAuth")
@@ -61,7 +62,7 @@ def output_text(cell) -> str:
     return "".join(parts)
 
 
-def test_the_three_notebooks_are_there():
+def test_the_four_notebooks_are_there():
     assert sorted(path.name for path in NOTEBOOKS_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS)
 
 

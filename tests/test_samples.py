@@ -21,6 +21,9 @@ def test_sample_history_is_reproducible(tmp_path, sample):
     committed = HistoryStore(SAMPLE_HISTORY)
     pd.testing.assert_frame_equal(rebuilt.load(), committed.load(**first_day))
     pd.testing.assert_frame_equal(rebuilt.load(table="errors"), committed.load(table="errors", **first_day))
+    pd.testing.assert_frame_equal(rebuilt.load(table="abnormal_tasks"),
+                                  committed.load(table="abnormal_tasks", **first_day))
+    pd.testing.assert_frame_equal(rebuilt.listed_runs(), committed.listed_runs(**first_day))
 
 
 def test_sample_history_is_big_and_varied_enough_for_the_dashboard(sample):

@@ -26,7 +26,7 @@ from roma_analytics.targets import load_targets
 st.set_page_config(page_title="ROMA Connect task analytics", page_icon="📊", layout="wide")
 
 SOURCES = ("Sample history", "History folder", "Uploaded export", "Live collection")
-TABS = ("Overview", "Trends", "Heatmap", "Collection health", "Instance drill-down", "Data")
+TABS = ("Overview", "Trends", "Heatmap", "Collection health", "Instance drill-down", "Abnormal tasks", "Data")
 PLOT_CONFIG = {"displaylogo": False}
 
 
@@ -154,6 +154,11 @@ def instance_rows(source: tuple, filters: dashboard.Filters, instance_id: str, _
 @st.cache_data(ttl=dt.timedelta(minutes=1), show_spinner="Asking the task-list API…")
 def error_tasks(run_ids: tuple[str, ...], region: str, project_id: str, instance_id: str, _targets):
     return dashboard.error_tasks(_targets, region, project_id, instance_id)
+
+
+@st.cache_data(max_entries=2, show_spinner="Reading the abnormal tasks…")
+def folder_episodes(path: str, fingerprint: tuple[int, int]):
+    return dashboard.folder_episodes(path)
 
 
 def secrets() -> dict:
@@ -480,7 +485,27 @@ with tabs["Instance drill-down"]:
                     else:
                         st.dataframe(dashboard.for_display(tasks), hide_index=True)
             elif live_targets is None:
-                st.caption("The list of tasks in ERROR is available in live mode (Data source → Live collection).")
+                st.caption("The list of tasks in ERROR now is available in live mode (Data source → Live collection).")
+            if source_key and source_key[0] == "folder":
+                episodes = folder_episodes(source_key[1], source_key[2])
+                mine = episodes[episodes["instance_id"] == chosen]
+                st.plotly_chart(charts.episode_timeline(mine, title="Abnormal tasks over time (from the history)"),
+                                config=PLOT_CONFIG)
+
+with tabs["Abnormal tasks"]:
+    if tabs["Abnormal tasks"].open:
+        if not (source_key and source_key[0] == "folder"):
+            st.info("Abnormal-task episodes are read from a history folder (the sample history or a "
+                    "History folder in the sidebar).")
+        else:
+            episodes = folder_episodes(source_key[1], source_key[2])
+            st.subheader("Longest-broken tasks")
+            st.caption("Tasks still abnormal first, longest first; an episode runs from the first run that "
+                       "listed the task in ERROR to the first later run of its instance that did not.")
+            st.dataframe(dashboard.longest_broken(episodes, names), hide_index=True, column_config={
+                "since": st.column_config.DatetimeColumn("since (UTC)", format="YYYY-MM-DD HH:mm"),
+                "hours": st.column_config.NumberColumn("hours abnormal", format="%.1f"),
+            })
 
 with tabs["Data"]:
     if tabs["Data"].open:
