@@ -141,17 +141,23 @@ def _empty_episodes() -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # DuckDB
 
-def episodes_duckdb(stats_files: Sequence, tasks_files: Sequence, errors_files: Sequence,
-                    listed_runs: Iterable[str], since=None, until=None) -> pd.DataFrame:
-    """:func:`episodes` computed by DuckDB over the given Parquet files (``HistoryStore.files``).
+def episodes_duckdb(stats_files, tasks_files, errors_files, listed_runs: Iterable[str], since=None,
+                    until=None) -> pd.DataFrame:
+    """:func:`episodes` computed by DuckDB over each table's Parquet files (``HistoryStore.files``,
+    a list of paths) or a ``pyarrow.dataset.Dataset`` of them (an object-store history).
 
     ``since``/``until`` bound ``collected_at`` of every table read, as ``HistoryStore.load``.
     """
+    import pyarrow.dataset as ds
+
     import duckdb
 
     from roma_analytics.schema import parse_time
 
-    if not stats_files or not tasks_files:
+    def empty(source) -> bool:
+        return not source if not isinstance(source, ds.Dataset) else not source.files
+
+    if empty(stats_files) or empty(tasks_files):
         return _empty_episodes()
     start, end = parse_time(since, "since"), parse_time(until, "until")
     bounds = []
@@ -161,7 +167,16 @@ def episodes_duckdb(stats_files: Sequence, tasks_files: Sequence, errors_files: 
         bounds.append("collected_at < $until")
     where = ("WHERE " + " AND ".join(bounds)) if bounds else ""
 
+    datasets = {}
+
     def table(files) -> str:
+        if isinstance(files, ds.Dataset):
+            if not files.files:
+                files = []
+            else:
+                name = f"source_{len(datasets)}"
+                datasets[name] = files
+                return f"(SELECT * FROM {name} {where})"
         if not files:
             return "(SELECT NULL::VARCHAR AS region, NULL::VARCHAR AS project_id, NULL::VARCHAR AS instance_id, " \
                    "NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS collected_at WHERE false)"
@@ -218,6 +233,8 @@ def episodes_duckdb(stats_files: Sequence, tasks_files: Sequence, errors_files: 
         params["until"] = end.to_pydatetime()
     with duckdb.connect() as connection:
         connection.execute("SET TimeZone = 'UTC'")
+        for name, dataset in datasets.items():
+            connection.register(name, dataset)
         found = connection.execute(sql, params).df()
     if found.empty:
         return _empty_episodes()
@@ -236,8 +253,7 @@ def from_history(store, since=None, until=None, engine: str = "duckdb") -> pd.Da
                         store.load(since=since, until=until, table="errors"), listed)
     if engine != "duckdb":
         raise ValueError(f"engine must be 'duckdb' or 'pandas', got {engine!r}")
-    return episodes_duckdb(store.files("stats", since, until), store.files("abnormal_tasks", since, until),
-                           store.files("errors", since, until), listed, since=since, until=until)
+    return store.task_episodes(since=since, until=until, listed_runs=listed)
 
 
 def failing_tasks(episodes_frame: pd.DataFrame, top: int | None = 10) -> pd.DataFrame:

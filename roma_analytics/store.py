@@ -328,6 +328,19 @@ class HistoryStore:
             return sqlagg.trend(files, freq=freq, by=by, since=since, until=until,
                                 projects=projects, instances=instances, regions=regions)
 
+    def task_episodes(self, since=None, until=None, listed_runs=None) -> pd.DataFrame:
+        """``episodes.episodes`` of the matching history, computed by DuckDB over the files of the
+        stats, abnormal_tasks and errors tables (``listed_runs``: default :meth:`listed_runs`)."""
+        from . import episodes
+
+        self._check_range(since, until)
+        start, end = parse_time(since, "since"), parse_time(until, "until")
+        if listed_runs is None:
+            listed_runs = self.listed_runs(since, until)["run_id"].tolist()
+        with self._reading():
+            sources = [self._aggregation_source(table, start, end) for table in ("stats", "abnormal_tasks", "errors")]
+            return episodes.episodes_duckdb(*sources, listed_runs, since=since, until=until)
+
     def cdc_vs_common(self, freq="1D", since=None, until=None, projects=None, instances=None,
                       regions=None) -> pd.DataFrame:
         """``analysis.cdc_vs_common`` of the matching history, aggregated by DuckDB on disk."""

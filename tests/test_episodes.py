@@ -267,3 +267,16 @@ def test_report_lists_the_most_often_failing_tasks_first(tmp_path):
     assert "<td class='num'>2</td><td class='num'>0 h 20 min</td><td class='num'>0 h 10 min</td><td>yes</td>" in x_row
     z_row = re.search(r"<tr><td>z</td>.*?</tr>", section).group(0)
     assert "<td>yes</td>" in z_row
+
+
+def test_episodes_of_an_object_store_history_equal_those_of_a_folder(s3_bucket, tmp_path):
+    remote = HistoryStore(f"s3://{s3_bucket}/history")
+    local = HistoryStore(tmp_path / "h")
+    error_sets = [["x"], ["x", "y"], ["y"], [], ["x"], ["x", "z"]]
+    for store in (remote, local):
+        for run, tasks in enumerate(error_sets):
+            _append_run(store, 5 * run, len(tasks), tasks, listed=run != 4)
+    expected = ep.from_history(local, engine="pandas")
+    assert len(expected) == 4     # x twice (run 3 saw none), y, z; run 4 did not list
+    pd.testing.assert_frame_equal(ep.from_history(remote), expected)
+    pd.testing.assert_frame_equal(ep.from_history(remote, engine="pandas"), expected)
