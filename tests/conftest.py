@@ -24,11 +24,13 @@ def simulator():
 
 class Recorder:
     """A loopback HTTP server that answers every request with ``answer`` (status, JSON-able body)
-    and keeps each request as ``{"method", "path", "headers", "body"}`` in ``requests``."""
+    and ``headers``, and keeps each request as ``{"method", "path", "headers", "body"}`` in ``requests``."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.answer: tuple[int, object] = (404, {"error_code": "FDI.3081", "error_msg": "not found"})
+        #: Extra response headers (a ``Date`` here replaces the server's own).
+        self.headers: dict[str, str] = {}
         recorder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -38,7 +40,11 @@ class Recorder:
                                           "body": self.rfile.read(length) if length else b""})
                 status, body = recorder.answer
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
+                self.send_response_only(status)
+                self.send_header("Date", recorder.headers.get("Date") or self.date_time_string())
+                for name, value in recorder.headers.items():
+                    if name != "Date":
+                        self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -5,7 +5,9 @@ word.  Backoffs are tiny so the file stays fast; the only real waits are the tim
 """
 from __future__ import annotations
 
+import email.utils
 import json
+import time
 from urllib.parse import parse_qsl
 from pathlib import Path
 import logging
@@ -757,3 +759,45 @@ def test_path_ids_are_1_to_64_characters_without_slashes_or_control_characters(r
             with pytest.raises(InvalidParameter) as caught:
                 client.list_instances(value)
             assert caught.value.parameter == "project_id" and recorder.requests == []
+
+
+@pytest.mark.parametrize("retries, said", [(0, "(after 1 attempt); "), (2, "(after 3 attempts); ")])
+def test_transport_errors_count_attempts_in_words(retries, said):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RomaConnectionError) as caught:
+        RecordingClient(f"http://127.0.0.1:{port}", retries=retries, backoff=0.001).task_statistics("p", "i")
+    assert said in str(caught.value) and str(caught.value).endswith("check the endpoint, network and proxy")
+
+
+@pytest.mark.parametrize("skew_s, note", [
+    (-45 * 60, "this machine's clock is 45 min behind the gateway's Date header"),
+    (3 * 3600, "this machine's clock is 3.0 h ahead of the gateway's Date header"),
+    (119 * 60, "this machine's clock is 119 min ahead of"),
+    (0, None),
+])
+def test_a_refused_request_names_a_far_off_local_clock(recorder, skew_s, note):
+    recorder.answer = (401, {"error_code": "APIGW.0301", "error_msg": "Incorrect IAM authentication information"})
+    recorder.headers = {"Date": email.utils.formatdate(time.time() - skew_s, usegmt=True)}
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(AuthenticationError) as caught:
+        client.task_statistics("p1", "i1")
+    message = str(caught.value)
+    assert "Incorrect IAM authentication information" in message
+    if note is None:
+        assert "clock" not in message
+    else:
+        assert note in message and "synchronise the clock" in message
+
+
+@pytest.mark.parametrize("location, shown", [
+    (None, "(no Location header)"),
+    ("https://other.example:8443/v2/x?token=secret#frag", "https://other.example:8443/v2/x"),
+])
+def test_redirects_name_the_target_without_its_query(recorder, location, shown):
+    recorder.answer = (302, b"")
+    recorder.headers = {"Location": location} if location else {}
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics("p1", "i1")
+    assert caught.value.error_code == "REDIRECT" and f"redirecting to {shown};" in str(caught.value)
+    assert "secret" not in str(caught.value)
