@@ -801,3 +801,20 @@ def test_redirects_name_the_target_without_its_query(recorder, location, shown):
         client.task_statistics("p1", "i1")
     assert caught.value.error_code == "REDIRECT" and f"redirecting to {shown};" in str(caught.value)
     assert "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b"<html><head><TITLE class=x>502 Bad\n Gateway</TITLE></head><body>x</body></html>", "502 Bad Gateway"),
+    (b"<html><body><SCRIPT>var a = '<b>\n';</SCRIPT><style>\np{}</style><p>Service <b>down</b></p></body></html>",
+     "Service down"),
+    (b"a < b, no tag", "a < b, no tag"),
+    (b"caf\xc3\xa9 \xff", "caf\u00e9 \ufffd"),
+    (b"x" * 200, "x" * 159 + "\u2026"),
+    # Only the first 64 KiB are read: a title ending past them is not seen as one.
+    (b" " * 65520 + b"<title>T</title>", "T"),
+    (b" " * 65521 + b"<title>T</title>", "T</title"),
+])
+def test_error_page_excerpts(body, expected):
+    from roma_analytics.client import _excerpt
+
+    assert _excerpt(body) == expected
