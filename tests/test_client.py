@@ -818,3 +818,38 @@ def test_error_page_excerpts(body, expected):
     from roma_analytics.client import _excerpt
 
     assert _excerpt(body) == expected
+
+
+def test_instance_status_filter_is_normalised_or_refused(recorder):
+    recorder.answer = (200, {"total": 0, "size": 0, "instances": []})
+    with RomaClient(recorder.url, retries=0) as client:
+        client.list_instances("p1")
+        client.list_instances("p1", status="Error")
+        client.list_instances("p1", status=None)
+        with pytest.raises(InvalidParameter) as caught:
+            client.list_instances("p1", status="up")
+    assert [dict(parse_qsl(r["path"].partition("?")[2])).get("status") for r in recorder.requests] == [
+        "RUNNING", "ERROR", None]
+    assert caught.value.parameter == "status"
+    assert str(caught.value) == ("status 'up' is not one of CREATE_FAILED, CREATING, DELETED, DELETE_FAILED, "
+                                 "DELETING, ERROR, RUNNING, SOFT_DELETED")
+
+
+@pytest.mark.parametrize("page_limit", [0, 1000, True, 2.5])
+def test_task_page_limit_is_1_to_999(recorder, page_limit):
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(InvalidParameter) as caught:
+        client.list_tasks("p1", "i1", page_limit=page_limit)
+    assert caught.value.parameter == "limit" and "page_limit must be a whole number from 1 to 999" in str(caught.value)
+    assert recorder.requests == []
+
+
+def test_task_paths_name_the_bad_id(recorder):
+    with RomaClient(recorder.url, retries=0) as client:
+        for args, parameter in ((("p/1", "i1"), "project_id"), (("p1", "i/1"), "instance_id")):
+            with pytest.raises(InvalidParameter) as caught:
+                client.list_tasks(*args)
+            assert caught.value.parameter == parameter
+            with pytest.raises(InvalidParameter) as caught:
+                client.task_statistics(*args)
+            assert caught.value.parameter == parameter
+    assert recorder.requests == []
