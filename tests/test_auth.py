@@ -451,3 +451,12 @@ def test_iam_refusal_is_remembered_with_the_first_answer(iam_sim):
     assert (again.value.status, again.value.error_code, again.value.request_id) == (
         first.value.status, first.value.error_code, first.value.request_id)
     assert again.value.status == 401 and again.value.request_id
+
+
+def test_iam_repr_names_the_scope_and_never_the_password():
+    by_id = IamPasswordAuth("alice", IAM_PASSWORD, "acme", project_id="p1", iam_endpoint="https://iam.example")
+    by_name = IamPasswordAuth("alice", IAM_PASSWORD, "acme", project_name="cn-north-4", iam_endpoint="https://iam.example")
+    assert repr(by_id) == ("IamPasswordAuth(username='alice', domain='acme', project_id='p1', "
+                           "iam_endpoint='https://iam.example')")
+    assert repr(by_name) == ("IamPasswordAuth(username='alice', domain='acme', project_name='cn-north-4', "
+                             "iam_endpoint='https://iam.example')")
