@@ -195,10 +195,6 @@ def _last_snapshots(frame: pd.DataFrame, key: Iterable[str]) -> pd.DataFrame:
     return ordered.drop_duplicates(list(key), keep="last")
 
 
-def _empty_frame(columns: dict[str, object]) -> pd.DataFrame:
-    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns.items()})
-
-
 # --------------------------------------------------------------------------------------------
 # Ratios, latest snapshots, trends
 

@@ -725,3 +725,31 @@ def test_a_failed_discovery_counts_as_one_failed_attempt():
     unknown = per_instance[per_instance["instance_id"].isna()]
     assert unknown[["collected", "failed"]].values.tolist() == [[0, 1]]
     assert unknown["last_error_code"].tolist() == ["APIGW.0301"]
+
+
+def test_kpis_pass_scopes_time_and_staleness_to_the_fleet_state():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 1, 0, 9),
+        snapshot("2024-05-01T10:00Z", "r1", "i2", "common", 0, 2, 0, 8),
+        snapshot("2024-05-01T11:00Z", "r2", "i1", "common", 0, 3, 0, 7),
+    )
+    scopes = pd.DataFrame({
+        "collected_at": [ts("2024-05-01T10:00"), ts("2024-05-01T11:00")], "run_id": ["r1", "r2"],
+        "region": "cn-north-4", "project_id": "p1", "discovery": ["listed", "failed"],
+        "instances": [2, 0], "collected": [2, 1], "failed": [0, 0]})
+    later = ts("2024-05-01T11:30")
+    # As of between the runs, the newest run is r1.
+    assert analysis.kpis(stats, as_of="2024-05-01T10:30Z")["last_run_id"] == "r1"
+    assert analysis.kpis(stats, as_of=later)["last_run_id"] == "r2"
+    # r2's discovery failed: that is one failed collection, which only the scopes table tells.
+    assert analysis.kpis(stats, None, conform(scopes, "scopes"), as_of=later)["failed_collections"] == 1
+    assert analysis.kpis(stats, None, None, as_of=later)["failed_collections"] == 0
+    # Staleness: i1, current, last seen 30 min before `later` (i2 is gone: r2 listed the project without it).
+    assert analysis.kpis(stats, as_of=later, staleness="20min")["stale_series"] == 1
+    assert analysis.kpis(stats, as_of=later, staleness="1D")["stale_series"] == 0
+
+
+def test_confidence_text_states_the_level_in_percent():
+    assert analysis.confidence_text(0.95) == "95 %"
+    assert analysis.confidence_text(0.999) == "99.9 %"
+    assert analysis.CONFIDENCE == 0.99 and analysis.confidence_text() == "99 %"
