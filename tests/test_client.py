@@ -853,3 +853,11 @@ def test_task_paths_name_the_bad_id(recorder):
                 client.task_statistics(*args)
             assert caught.value.parameter == parameter
     assert recorder.requests == []
+
+
+@pytest.mark.parametrize("page_limit", [1, 999])
+def test_task_page_limit_bounds_are_accepted(recorder, page_limit):
+    recorder.answer = (200, {"total": 0, "size": 0, "entities": []})
+    with RomaClient(recorder.url, retries=0) as client:
+        assert client.list_tasks("p1", "i1", page_limit=page_limit) == []
+    assert dict(parse_qsl(recorder.requests[0]["path"].partition("?")[2]))["limit"] == str(page_limit)
