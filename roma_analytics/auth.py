@@ -222,7 +222,9 @@ class AkSkAuth(AuthBase):
                  security_token: str | None = None) -> None:
         if not isinstance(ak, str) or not ak.strip():
             raise ConfigError("AkSkAuth needs a non-empty access key (ak)")
-        if not isinstance(sk, str) or not sk:
+        # A blank SK (an environment variable holding only a newline) would sign every request
+        # with a key IAM never issued: every call a 401.  A real SK is used exactly as given.
+        if not isinstance(sk, str) or not sk.strip():
             raise ConfigError("AkSkAuth needs a non-empty secret key (sk)")
         for name, value in (("ak", ak.strip()), ("project_id", project_id), ("security_token", security_token)):
             if value is not None and _has_control_or_space(value):

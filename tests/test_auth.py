@@ -460,3 +460,25 @@ def test_iam_repr_names_the_scope_and_never_the_password():
                            "iam_endpoint='https://iam.example')")
     assert repr(by_name) == ("IamPasswordAuth(username='alice', domain='acme', project_name='cn-north-4', "
                              "iam_endpoint='https://iam.example')")
+
+
+@pytest.mark.parametrize("ak, sk, complaint", [
+    ("", SK, r"^AkSkAuth needs a non-empty access key \(ak\)$"),
+    ("  ", SK, r"^AkSkAuth needs a non-empty access key \(ak\)$"),
+    (None, SK, r"^AkSkAuth needs a non-empty access key \(ak\)$"),
+    (AK, "", r"^AkSkAuth needs a non-empty secret key \(sk\)$"),
+    (AK, " \n", r"^AkSkAuth needs a non-empty secret key \(sk\)$"),
+    (AK, None, r"^AkSkAuth needs a non-empty secret key \(sk\)$"),
+    ("AK\x7fX", SK, "^AkSkAuth: ak contains spaces or control characters$"),
+    ("AK X", SK, "^AkSkAuth: ak contains spaces or control characters$"),
+])
+def test_ak_sk_refuses_missing_or_blank_keys(ak, sk, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        AkSkAuth(ak, sk)
+
+
+@pytest.mark.parametrize("field", ["project_id", "security_token"])
+def test_ak_sk_refuses_control_characters_in_project_and_security_token(field):
+    with pytest.raises(ConfigError, match=f"^AkSkAuth: {field} contains spaces or control characters$"):
+        AkSkAuth(AK, SK, **{field: "abc\x7f"})
+    assert AkSkAuth(f" {AK} ", SK).ak == AK
