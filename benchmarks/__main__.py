@@ -68,7 +68,9 @@ def run(name: str, s: dict, args) -> list[Row]:
                                   repeats=s["repeats"], with_pandas=not args.no_pandas)
     if name == "dashboard":
         from benchmarks import bench_dashboard
-        return bench_dashboard.run(instances=s["dashboard_instances"], runs=s["dashboard_runs"], reruns=s["reruns"])
+        rows = bench_dashboard.run(instances=s["dashboard_instances"], runs=s["dashboard_runs"], reruns=s["reruns"])
+        # A real browser and server: skipped at smoke size (the browser tests drive the same path).
+        return rows if args.smoke else rows + bench_dashboard.first_chart(repeats=s["repeats"])
     if name == "memory":
         from benchmarks import bench_memory
         return bench_memory.run_memory(runs=s["memory_runs"], instances=s["memory_instances"])

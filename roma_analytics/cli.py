@@ -841,9 +841,10 @@ def add_dashboard(subparsers) -> None:
 
 
 def dashboard_command(app: str, port: int = DEFAULT_DASHBOARD_PORT) -> list[str]:
-    """The ``python -m streamlit run`` command line of ``roma-analytics dashboard``."""
+    """The command line of ``roma-analytics dashboard``: ``streamlit run`` through
+    :mod:`roma_analytics.streamlit_app.serve`, which imports the dashboard's libraries first."""
     flags = [f"--{name}={value}" for name, value in DASHBOARD_STREAMLIT_SETTINGS.items()]
-    return [sys.executable, "-m", "streamlit", "run", app, f"--server.port={port}", *flags]
+    return [sys.executable, "-m", "roma_analytics.streamlit_app.serve", app, f"--server.port={port}", *flags]
 
 
 def run_dashboard(args) -> int:

@@ -47,15 +47,15 @@ def expected_metrics(stats: pd.DataFrame, errors: pd.DataFrame) -> dict[str, str
         "Abnormal tasks": f"{kpis['abnormal']:,}",
         "Terminated tasks": f"{kpis['terminated']:,}",
         "Completed tasks": f"{kpis['completed']:,}",
-        "Fleet abnormal ratio": f"{kpis['abnormal_ratio']:.1%}",
-        "Failed collections": f"{kpis['failed_collections']:,}",
+        "Abnormal ratio": f"{kpis['abnormal_ratio']:.1%}",
+        "Not collected": f"{kpis['failed_collections']:,}",
     }
 
 
 def test_default_run_shows_the_sample_kpis(app):
     store = HistoryStore(SAMPLE_HISTORY)
     assert metrics(app) == expected_metrics(store.load(), store.load(table="errors"))
-    ratio = next(m for m in app.metric if m.label == "Fleet abnormal ratio")
+    ratio = next(m for m in app.metric if m.label == "Abnormal ratio")
     kpis = analysis.kpis(store.load(), store.load(table="errors"))
     # The change in percentage points, with the sign of the hand-computed difference.
     points = round(kpis["abnormal_ratio_delta"] * 100, 1)

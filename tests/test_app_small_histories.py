@@ -106,7 +106,7 @@ def test_one_run_has_no_previous_run_to_compare_with(monkeypatch, one_run):
     assert any("No previous run to compare with" in info.value for info in at.info)
     # The changes table ("No changes since the previous run") is not shown: 2 charts, not 3.
     assert len(at.get("plotly_chart")) == 2
-    assert next(m for m in at.metric if m.label == "Fleet abnormal ratio").delta in (None, "")
+    assert next(m for m in at.metric if m.label == "Abnormal ratio").delta in (None, "")
 
 
 def test_two_runs_show_their_changes(monkeypatch, one_run, sim):

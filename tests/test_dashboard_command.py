@@ -54,17 +54,26 @@ def start_dashboard(folder: Path, *args: str, env: dict | None = None) -> tuple[
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "roma_analytics", "dashboard", "--port", str(port), *args],
                                    cwd=folder, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        return process, wait_until_healthy(process, port), log
+    except RuntimeError:
+        stop(process)
+        pytest.fail(f"the dashboard did not start: {log.read_text(errors='replace')[-2000:]}")
+
+
+def wait_until_healthy(process: subprocess.Popen, port: int, timeout: float = 120) -> str:
+    """The server's URL once Streamlit answers its health check; RuntimeError if it exits or
+    does not answer within ``timeout`` seconds."""
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + timeout
     while True:
         try:
             if requests.get(f"{url}/_stcore/health", timeout=2).ok:
-                return process, url, log
+                return url
         except requests.ConnectionError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            stop(process)
-            pytest.fail(f"the dashboard did not start: {log.read_text(errors='replace')[-2000:]}")
+            raise RuntimeError(f"the dashboard did not start (exit status {process.poll()})")
         time.sleep(0.5)
 
 

@@ -364,7 +364,11 @@ def freshness() -> None:
 
 
 freshness()
-tiles = st.columns(7)
+# Two rows of tiles: seven in one row leave about 100 px a tile at 1280 px, which cuts labels.
+# The headline numbers first: instances, abnormal ratio, abnormal tasks, not collected; then the
+# other task states.  `tiles` keeps the order the code below fills them in.
+headline, states = st.columns(4), st.columns(4)
+tiles = [headline[0], states[0], headline[2], states[1], states[2], headline[1], headline[3]]
 if task_types and set(task_types) != {"common", "cdc"}:
     # Filtered to one task type: count the instances that have tasks of it.
     only = charts.TASK_TYPE_LABELS[task_types[0]]
@@ -374,10 +378,10 @@ else:
     tiles[0].metric("Instances", dashboard.count_text(kpis["instances"]))
 for tile, state in zip(tiles[1:5], ("running", "abnormal", "terminated", "completed")):
     tile.metric(f"{charts.STATE_LABELS[state]} tasks", dashboard.count_text(kpis[state]))
-tiles[5].metric("Fleet abnormal ratio", dashboard.ratio_text(kpis["abnormal_ratio"]),
+tiles[5].metric("Abnormal ratio", dashboard.ratio_text(kpis["abnormal_ratio"]),
                 **dashboard.ratio_change(kpis["abnormal_ratio_delta"], rise_is_bad=True),
                 help="Abnormal tasks / all tasks over the latest snapshots; the change is against the previous run.")
-tiles[6].metric("Failed collections", dashboard.count_text(kpis["failed_collections"]),
+tiles[6].metric("Not collected", dashboard.count_text(kpis["failed_collections"]),
                 help="Instances whose last collection failed (they keep their last good snapshot), "
                      "plus projects whose instance list could not be read.")
 if numbers["future_note"]:
