@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from roma_analytics import schema
+from roma_analytics.analysis import _change_summary, _pooled
 from roma_analytics.errors import ConfigError
 from roma_analytics.schema import (
     COUNT_COLUMNS, SCOPE_KEY, SERIES_KEY, STRING_DTYPE, TIMESTAMP_DTYPE, parse_time,
@@ -276,7 +277,7 @@ def finish(top_stats, top_errors, scope_runs, future, *, as_of: pd.Timestamp, st
     series["failed"] = series["failed"] & ~series["disappeared"]
     series["status"] = pd.array(np.select([series["disappeared"], series["stale"], series["failed"]],
                                           ["disappeared", "stale", "failed"], "ok"), dtype=STRING_DTYPE)
-    series["abnormal_ratio"] = _ratios(series["abnormal"], series["total"])
+    series["abnormal_ratio"] = _pooled(series["abnormal"], series["total"])
     series = series.rename(columns={"last_run_id": "scope_run_id"})
     columns = [*schema.STATS_COLUMNS, "abnormal_ratio", "age", "stale", "failed", "disappeared", "status",
                "last_attempt_at", "last_error_code", "last_error_msg", "scope_run_id"]
@@ -410,7 +411,6 @@ def _changes(series, before, errors, scopes) -> pd.DataFrame:
     status = np.select([appeared, in_last & differs, in_last, gone, failed_now | not_tried],
                        ["appeared", "changed", "unchanged", "disappeared", "failed"], "failed")
     out.insert(out.columns.get_loc("instance_name") + 1, "status", pd.array(status, dtype=STRING_DTYPE))
-    from roma_analytics.analysis import _change_summary  # analysis imports this module
     summary = _change_summary(out)
     failed_text = pd.Series("collection failed in the latest run; last good snapshot kept", index=out.index,
                             dtype=STRING_DTYPE)
@@ -506,9 +506,3 @@ def _ratio(abnormal: int, total: int) -> float:
     return abnormal / total if total else float("nan")
 
 
-def _ratios(abnormal, total) -> np.ndarray:
-    num = np.asarray(abnormal, dtype="float64")
-    den = np.asarray(total, dtype="float64")
-    out = np.full(num.shape, np.nan)
-    np.divide(num, den, out=out, where=den != 0)
-    return out
