@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -48,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from roma_analytics import __version__, analysis, fleet
+from roma_analytics._fsio import write_output
 from roma_analytics.display import LABEL_LIMIT, slack, visible
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.schema import SERIES_KEY, conform, empty_errors as schema_empty_errors
@@ -746,17 +746,9 @@ def _read_state(path: Path) -> dict:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            json.dump(state, file, indent=1, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise RomaError(f"cannot write the alert state {path}: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = json.dumps(state, indent=1, sort_keys=True).encode("utf-8")
+    write_output(path, lambda file: file.write(data), what="the alert state", flag="--state",
+                 example=".alerts-state.json")
 
 
 @contextlib.contextmanager

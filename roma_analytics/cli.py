@@ -3,7 +3,12 @@
 Each subcommand is two functions: ``add_<name>(subparsers)`` declares its flags, help and example,
 and ``run_<name>(args) -> int`` calls the library.  Adding a command is adding that pair to
 ``COMMANDS``.  ``main`` turns every library error (``RomaError``, ``OSError``) into one
-``roma-analytics: error: ...`` line and exit status 2, and Ctrl-C during work into 130.
+``roma-analytics: error: ...`` line and exit status 2, and Ctrl-C during work into 130.  A usage
+error shows the subcommand's usage line; flags are never abbreviated (``--project`` is not
+``--project-id``).  Settings come from the flag, then the environment, then the targets file's
+``[defaults]``, then the built-in default (``roma_analytics.settings``).  When standard output is
+closed early (``| head``) the command stops quietly with status 141, like any filter killed by
+SIGPIPE.  ``-q``/``--quiet`` drops the informational lines on stdout; warnings and errors stay.
 
 pandas and the HTTP stack are imported inside the ``run_*`` functions, so ``--help`` stays fast.
 """
@@ -25,15 +30,20 @@ from datetime import datetime, timezone
 from roma_analytics import __version__
 from roma_analytics.display import TerminalFormatter, terminal
 from roma_analytics.errors import ConfigError, RomaError
+from roma_analytics.settings import DEFAULTS, ENV_TOKEN, HISTORY_ENV, history as resolve_history
 
 PROG = "roma-analytics"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-DEFAULT_HISTORY = "data/history"
-DEFAULT_TOKEN_ENV = "ROMA_AUTH_TOKEN"
-DEFAULT_WORKERS = 16
-DEFAULT_TIMEOUT = (3.05, 10.0)
-DEFAULT_RETRIES = 3
+#: A closed standard output (``roma-analytics check --json | head``): 128 + SIGPIPE, quietly.
+EXIT_BROKEN_PIPE = 141
+DEFAULT_HISTORY = DEFAULTS["history"]
+DEFAULT_TOKEN_ENV = ENV_TOKEN
+DEFAULT_WORKERS = DEFAULTS["workers"]
+DEFAULT_TIMEOUT = DEFAULTS["timeout"]
+DEFAULT_RETRIES = DEFAULTS["retries"]
+HISTORY_HELP = (f"history folder or s3://bucket/prefix (default: ${HISTORY_ENV}, else the targets file's "
+                f"[defaults] history, else {DEFAULT_HISTORY})")
 
 log = logging.getLogger("roma_analytics")
 
@@ -117,16 +127,19 @@ def add_collect(subparsers) -> None:
     source = parser.add_argument_group("targets (--config, or --endpoint/--region with --project-id)")
     source.add_argument("--config", metavar="FILE", help="targets file (TOML)")
     source.add_argument("--endpoint", metavar="URL", help="ROMA Connect endpoint URL")
-    source.add_argument("--region", metavar="ID", help="region id, e.g. cn-north-4 (endpoint derived from it)")
+    source.add_argument("--region", metavar="ID",
+                        help="region id, e.g. cn-north-4 (endpoint derived from it); with --endpoint only the "
+                             "region label of the rows (default: the endpoint's host:port)")
     source.add_argument("--project-id", metavar="ID", nargs="+", action="extend",
                         help="project id(s); each project's RUNNING instances are discovered")
     source.add_argument("--instance-id", metavar="ID", nargs="+", action="extend",
                         help="instance id(s) of the one --project-id; default: discover the RUNNING instances")
     source.add_argument("--token-env", metavar="VAR",
-                        help=f"environment variable holding the X-Auth-Token (default {DEFAULT_TOKEN_ENV}; "
+                        help=f"environment variable holding the X-Auth-Token (default: {DEFAULT_TOKEN_ENV}, "
+                             "else ROMA_AK/ROMA_SK, else ROMA_IAM_USER/ROMA_IAM_PASSWORD/ROMA_IAM_DOMAIN; "
                              "without --config only)")
     run = parser.add_argument_group("run")
-    run.add_argument("--history", metavar="DIR|URI", help=f"history folder or s3://bucket/prefix (default {DEFAULT_HISTORY})")
+    run.add_argument("--history", metavar="DIR|URI", help=HISTORY_HELP)
     run.add_argument("--workers", metavar="N", type=positive_int,
                      help=f"concurrent requests (default {DEFAULT_WORKERS})")
     run.add_argument("--timeout", metavar="S", type=positive_float,
@@ -136,7 +149,8 @@ def add_collect(subparsers) -> None:
     run.add_argument("--rate-limit", metavar="R", type=positive_float,
                      help="at most R requests per second to each endpoint")
     run.add_argument("--every", metavar="PERIOD", type=period,
-                     help="repeat every PERIOD (30s, 5m, 1h) until interrupted (Ctrl-C or SIGTERM)")
+                     help="repeat every PERIOD until interrupted: 30s, 5m, 1h, 1d (a bare number is "
+                          "seconds); Ctrl-C or SIGTERM between runs exits 0")
     run.add_argument("--deadline", metavar="S", type=positive_float,
                      help="stop each run after S seconds; instances not reached are errors rows "
                           "with error_code RUN_DEADLINE")
@@ -171,7 +185,7 @@ def run_collect(args) -> int:
     retries = args.retries if args.retries is not None else settings.get("retries", DEFAULT_RETRIES)
     rate_limit = args.rate_limit or settings.get("rate_limit")
     verify = _tls_verify(args, settings)
-    store = _history_store(args.history or settings.get("history", DEFAULT_HISTORY), settings)
+    store = _history_store(resolve_history(args.history, settings), settings)
     labels = _openmetrics_labels(args)
 
     # One session and one set of clients for all runs: connections and IAM tokens are reused.
@@ -204,7 +218,7 @@ def run_collect(args) -> int:
                     with _sigint_deferred():
                         files = _store_run(store, collection, keep_going=bool(args.every))
                     if files is not None:
-                        _report_collection(collection, files, as_json=args.json)
+                        _report_collection(collection, files, as_json=args.json, quiet=args.quiet)
                         _after_run(store, collection, args.openmetrics_out, labels, keep_going=bool(args.every))
                     if not args.every:
                         return collection.exit_status
@@ -320,7 +334,12 @@ def _collect_targets(args):
     if args.instance_id and len(args.project_id) > 1:
         raise _Usage("--instance-id names instances of one project; with several --project-id ids, leave it "
                      "out (each project's RUNNING instances are discovered) or use a targets file")
-    auth = _token_auth(args.token_env)
+    # The client's own checks (region id, endpoint URL) come before any word about credentials.
+    from roma_analytics.client import RomaClient
+
+    with RomaClient(**({"endpoint": args.endpoint} if args.endpoint else {"region": args.region})):
+        pass
+    auth = _cli_auth(args)
     common = dict(endpoint=args.endpoint, region=args.region, auth=auth)
     if not args.instance_id:
         return [Target(project_id=project, **common) for project in args.project_id], {}
@@ -329,18 +348,49 @@ def _collect_targets(args):
     return [Target(project_id=args.project_id[0], instance_id=i, **common) for i in args.instance_id], {}
 
 
-def _token_auth(token_env: str | None):
+def _cli_auth(args):
+    """Credentials of a command-line target: --token-env VAR, else the environment as for the
+    dashboard (settings.auth_from_env).  Without any, a --region (the real service) stops before
+    the first request; an endpoint URL goes unauthenticated -- silently on loopback (the
+    simulator), with one warning elsewhere."""
     from roma_analytics.auth import TokenAuth
+    from roma_analytics.settings import ENV_AK, ENV_SK, auth_from_env
 
-    name = token_env or DEFAULT_TOKEN_ENV
-    if os.environ.get(name, "").strip():
-        return TokenAuth.from_env(name)
-    if token_env:
-        raise ConfigError(f"{_env_var_shown(name)} (--token-env) is not set or empty; "
+    if args.token_env:
+        if os.environ.get(args.token_env, "").strip():
+            return TokenAuth.from_env(args.token_env)
+        raise ConfigError(f"{_env_var_shown(args.token_env)} (--token-env) is not set or empty; "
                           "export the X-Auth-Token in it")
-    print(f"{PROG}: warning: {DEFAULT_TOKEN_ENV} is not set; sending requests without X-Auth-Token",
-          file=sys.stderr)
+    project_id = args.project_id[0] if len(args.project_id) == 1 else None
+    auth, _ = auth_from_env(region=args.region, project_id=project_id)
+    if auth is not None:
+        return auth
+    wanted = (f"export {DEFAULT_TOKEN_ENV} (an X-Auth-Token), or {ENV_AK} and {ENV_SK}, or ROMA_IAM_USER, "
+              "ROMA_IAM_PASSWORD and ROMA_IAM_DOMAIN")
+    if not args.endpoint:
+        raise ConfigError(f"no credentials for --region {args.region}: {wanted}; nothing was requested")
+    host = _host(args.endpoint)
+    if not _is_loopback(host):
+        print(f"{PROG}: warning: no credentials in the environment; requests to {host} go "
+              f"unauthenticated (to authenticate, {wanted})", file=sys.stderr)
     return None
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _env_var_shown(name: str) -> str:
@@ -390,8 +440,10 @@ def _sleep_until_next(started: float, every: float) -> None:
     time.sleep(every - (time.monotonic() - started) % every)
 
 
-def _report_collection(collection, files, as_json: bool) -> None:
-    if as_json:
+def _report_collection(collection, files, as_json: bool, quiet: bool = False) -> None:
+    if quiet:
+        pass
+    elif as_json:
         summary = collection.summary_dict()
         summary["files"] = [str(path) for path in files]
         print(json.dumps(summary), flush=True)
@@ -461,9 +513,9 @@ def add_export(subparsers) -> None:
     parser.add_argument("--format", required=True, choices=("csv", "parquet", "openmetrics"),
                         help="file format; openmetrics writes the fleet state (each series' latest "
                              "snapshot) as Prometheus gauges")
-    parser.add_argument("--out", required=True, metavar="PATH", help="output file")
-    parser.add_argument("--history", metavar="DIR|URI", default=DEFAULT_HISTORY,
-                        help=f"history folder or s3://bucket/prefix (default {DEFAULT_HISTORY})")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="output file, replaced atomically; - for standard output")
+    _history_arguments(parser)
     parser.add_argument("--table", choices=("stats", "errors", "scopes", "abnormal_tasks"), default="stats",
                         help="table (default stats; scopes: what each run covered)")
     parser.add_argument("--label", metavar="NAME=VALUE", action="append",
@@ -484,6 +536,40 @@ def _history_store(location: str, settings: dict | None = None):
     if not is_object_store_uri(location):
         return HistoryStore(location)
     return HistoryStore(location, storage=ObjectStoreSettings.from_targets_defaults(settings or {}))
+
+
+def _history_arguments(parser) -> None:
+    parser.add_argument("--history", metavar="DIR|URI", help=HISTORY_HELP)
+    parser.add_argument("--config", metavar="FILE",
+                        help="targets file whose [defaults] history is used (no credentials needed)")
+
+
+def _history(args) -> str:
+    """The history folder of a reading command: --history, $ROMA_HISTORY, --config's
+    [defaults] history, data/history; it must exist."""
+    defaults = None
+    if args.config:
+        from roma_analytics.targets import load_defaults
+
+        defaults = load_defaults(args.config)
+    return _existing_history(resolve_history(args.history, defaults))
+
+
+def _say(args, text: str) -> None:
+    """An informational line: stdout, or stderr when stdout carries the output (--out -); none
+    with --quiet."""
+    if args.quiet:
+        return
+    print(text, file=sys.stderr if getattr(args, "out", None) == "-" else sys.stdout, flush=True)
+
+
+def _require_extra(module: str, what: str) -> None:
+    """Stop with a usage error naming the extra when an optional dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise _Usage(f"{what} needs {module}, which comes with the dashboard extra: "
+                     "pip install 'roma-analytics[dashboard]'")
 
 
 def _existing_history(path: str) -> str:
@@ -507,13 +593,14 @@ def run_export(args) -> int:
 
     if args.since and args.until and args.since >= args.until:
         raise _Usage("--since must be before --until")
-    _existing_history(args.history)
+    history = _history(args)
     from roma_analytics.openmetrics import parse_labels
 
-    report = export_table(args.history, args.out, format=args.format, table=args.table, since=args.since,
+    report = export_table(history, args.out, format=args.format, table=args.table, since=args.since,
                           until=args.until, projects=args.project_id, instances=args.instance_id,
                           labels=parse_labels(args.label) or None)
-    print(f"exported {report.rows} {args.table} row(s) to {report.path}")
+    _say(args, f"exported {report.rows} {args.table} row(s) to "
+               f"{'standard output' if report.path == '-' else report.path}")
     return 0
 
 
@@ -521,7 +608,8 @@ def run_export(args) -> int:
 
 COMPACT_HELP = """\
 Merge each finished day of the history into one Parquet file per table (fewer, larger files:
-faster queries). Crash-safe: readers see every row exactly once at any moment."""
+faster queries). Crash-safe: readers see every row exactly once at any moment. Today (UTC) is
+never compacted, nor a day after --before: runs may still arrive for it."""
 
 COMPACT_EXAMPLE = """\
 examples:
@@ -532,18 +620,22 @@ examples:
 def add_compact(subparsers) -> None:
     parser = _subparser(subparsers, "compact", "merge each finished day of the history", COMPACT_HELP,
                         COMPACT_EXAMPLE)
-    parser.add_argument("--history", metavar="DIR|URI", default=DEFAULT_HISTORY,
-                        help=f"history folder or s3://bucket/prefix (default {DEFAULT_HISTORY})")
+    _history_arguments(parser)
     parser.add_argument("--before", metavar="DATE", type=iso_time,
-                        help="compact only days before DATE (default: today UTC)")
+                        help="compact only days before DATE, a UTC date (default and latest: today, "
+                             "which is never compacted)")
     parser.set_defaults(handler=run_compact)
 
 
 def run_compact(args) -> int:
     from roma_analytics.store import HistoryStore
 
-    report = _history_store(_existing_history(args.history)).compact(before=args.before)
-    print(f"compacted {report.days} day(s): {report.files_merged} file(s) merged, {report.rows} row(s)")
+    report = _history_store(_history(args)).compact(before=args.before)
+    today = datetime.now(timezone.utc).date()
+    before = min(args.before.date(), today) if args.before else today
+    _say(args, f"compacted {report.days} day(s) before {before.isoformat()} (UTC; "
+               f"{'today is' if before == today else 'that day and later are'} never compacted): "
+               f"{report.files_merged} file(s) merged, {report.rows} row(s)")
     return 0
 
 
@@ -620,7 +712,7 @@ def add_check(subparsers) -> None:
                         CHECK_EXAMPLE)
     source = parser.add_argument_group("history")
     source.add_argument("--config", metavar="FILE", help="targets file: its [rules] table and defaults.history")
-    source.add_argument("--history", metavar="DIR|URI", help=f"history folder or s3://bucket/prefix (default {DEFAULT_HISTORY})")
+    source.add_argument("--history", metavar="DIR|URI", help=HISTORY_HELP)
     source.add_argument("--collect", action="store_true",
                         help="collect the targets of --config first and append the run to the history")
     rules = parser.add_argument_group("rules (override the [rules] table)")
@@ -629,9 +721,9 @@ def add_check(subparsers) -> None:
                        help=f"levels of --max-abnormal-ratio: {', '.join(RATIO_LEVELS)} (default instance)")
     rules.add_argument("--min-tasks", metavar="N", type=positive_int,
                        help="ignore groups with fewer tasks (default 10)")
-    rules.add_argument("--abnormal-increase", metavar="N", type=positive_int, help="abnormal count rise")
+    rules.add_argument("--abnormal-increase", metavar="N", type=positive_int, help="rise of the abnormal task count, in tasks")
     rules.add_argument("--anomalies", action="store_true", help="anomaly flags of the abnormal ratio")
-    rules.add_argument("--anomaly-freq", metavar="FREQ", help="anomaly bucket size (default 1h)")
+    rules.add_argument("--anomaly-freq", metavar="FREQ", help="anomaly bucket size: 15min, 1h, 1D (default 1h)")
     rules.add_argument("--anomaly-window", metavar="N", type=positive_int, help="baseline buckets (default 24)")
     rules.add_argument("--anomaly-z", metavar="Z", type=positive_float, help="robust z threshold (default 3)")
     rules.add_argument("--failures", metavar="K", type=positive_int, help="consecutive failed runs")
@@ -646,7 +738,7 @@ def add_check(subparsers) -> None:
     hook = notify.add_mutually_exclusive_group()
     hook.add_argument("--webhook", metavar="URL", help="POST new and resolved findings as JSON to URL")
     hook.add_argument("--webhook-env", metavar="VAR", help="environment variable holding the webhook URL")
-    notify.add_argument("--webhook-timeout", metavar="S", type=positive_float, help="read timeout (default 10)")
+    notify.add_argument("--webhook-timeout", metavar="S", type=positive_float, help="read timeout in seconds (default 10)")
     notify.add_argument("--webhook-retries", metavar="N", type=non_negative_int, help="retries (default 3)")
     notify.add_argument("--state", metavar="FILE", help="state file (default HISTORY/.alerts-state.json)")
     notify.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -671,7 +763,7 @@ def run_check(args) -> int:
         if not webhook:
             raise ConfigError(f"{_env_var_shown(args.webhook_env)} (--webhook-env) is not set or empty; "
                               "export the webhook URL in it")
-    store = _history_store(args.history or settings.get("history", DEFAULT_HISTORY), settings)
+    store = _history_store(resolve_history(args.history, settings), settings)
     if rules.empty:
         raise _Usage("no rules to check: give a rule flag (e.g. --max-abnormal-ratio 0.05) or a [rules] "
                      "table in the targets file")
@@ -686,13 +778,15 @@ def run_check(args) -> int:
                              verify=_tls_verify(argparse.Namespace(insecure=False, ca_bundle=None), settings))
         with _sigint_deferred():
             store.append(collection)
-        print(terminal(collection.summary(), limit=None), file=sys.stderr, flush=True)
+        if not args.quiet:
+            print(terminal(collection.summary(), limit=None), file=sys.stderr, flush=True)
 
     timeout = timeout_pair(args.webhook_timeout) if args.webhook_timeout else DEFAULT_TIMEOUT
     retries = args.webhook_retries if args.webhook_retries is not None else DEFAULT_RETRIES
     result = alerts.check(store, rules, state_path=args.state, webhook=webhook or None, timeout=timeout,
                           retries=retries)
-    _report_check(result, as_json=args.json, new_only=args.new_only)
+    if not args.quiet:
+        _report_check(result, as_json=args.json, new_only=args.new_only)
     if result.webhook_error:
         print(f"{PROG}: warning: {result.webhook_error}; the new findings will be sent at the next check",
               file=sys.stderr)
@@ -767,9 +861,9 @@ examples:
 def add_report(subparsers) -> None:
     parser = _subparser(subparsers, "report", "write a self-contained HTML report of a period", REPORT_HELP,
                         REPORT_EXAMPLE)
-    parser.add_argument("--out", required=True, metavar="PATH", help="output HTML file")
-    parser.add_argument("--history", metavar="DIR|URI", default=DEFAULT_HISTORY,
-                        help=f"history folder or s3://bucket/prefix (default {DEFAULT_HISTORY})")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="output HTML file, replaced atomically; - for standard output")
+    _history_arguments(parser)
     parser.add_argument("--since", metavar="ISO", type=iso_time, help="first time included (default: 7 days ago)")
     parser.add_argument("--until", metavar="ISO", type=iso_time, help="first time excluded (default: none)")
     parser.add_argument("--freq", metavar="FREQ", help="bucket size, e.g. 1h or 1D (default: from the period)")
@@ -783,15 +877,17 @@ def add_report(subparsers) -> None:
 def run_report(args) -> int:
     from datetime import timedelta
 
+    _require_extra("plotly", "the HTML report")
     from roma_analytics.report import write_report
 
     since = args.since or datetime.now(timezone.utc) - timedelta(days=7)
     if args.until and since >= args.until:
         raise _Usage("--since must be before --until")
-    summary = write_report(_existing_history(args.history), args.out, since, args.until, freq=args.freq, projects=args.project_id,
+    summary = write_report(_history(args), args.out, since, args.until, freq=args.freq, projects=args.project_id,
                            instances=args.instance_id, threshold=args.threshold, title=args.title)
-    print(f"wrote {summary.path} ({summary.size / 1e6:.1f} MB): {summary.runs} run(s), "
-          f"{summary.stats_rows} stats row(s), {summary.freq} buckets")
+    _say(args, f"wrote {'standard output' if summary.path == '-' else summary.path} "
+               f"({summary.size / 1e6:.1f} MB): {summary.runs} run(s), "
+               f"{summary.stats_rows} stats row(s), {summary.freq} buckets")
     return 0
 
 
@@ -892,10 +988,15 @@ class _Usage(ConfigError):
 
 def _subparser(subparsers, name: str, summary: str, description: str, example: str, add_help=True):
     parser = subparsers.add_parser(name, help=summary, description=description, epilog=example,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help,
+                                   allow_abbrev=False)
     if add_help:
         parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                             help="DEBUG logging to stderr")
+        parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                            help="no informational output on stdout (warnings and errors still go to stderr)")
+    # Usage errors found after parsing (unknown flags, wrong combinations) show this usage line.
+    parser.set_defaults(command_parser=parser)
     return parser
 
 
@@ -905,9 +1006,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fleet-wide analytics for ROMA Connect data-integration task statistics.",
         epilog="examples:\n  roma-analytics collect --help\n  roma-analytics simulate --port 8080",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging to stderr")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no informational output on stdout (warnings and errors still go to stderr)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(subparsers)
@@ -938,10 +1042,24 @@ def main(argv: list[str] | None = None) -> int:
             return run_simulate(argv[words[0] + 1:])
         parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args, unknown = parser.parse_known_args(argv)
+            if unknown:  # reported with the subcommand's usage, not the general one
+                args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         except SystemExit as exc:          # --help (0) and usage errors (2)
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-        return args.handler(args)
+        try:
+            return args.handler(args)
+        except _Usage as exc:
+            args.command_parser.print_usage(sys.stderr)
+            print(f"{PROG}: error: {terminal(str(exc), limit=None)}", file=sys.stderr)
+            return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing more to say to it.  Point stdout at /dev/null
+        # so that the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -91,7 +91,8 @@ class Collection:
     collected" (see :mod:`roma_analytics.fleet`).  ``instances`` is how many instances the run
     tried to collect (after discovery); ``elapsed`` the wall time of the run in seconds.
     ``abnormal_tasks`` holds the listed ERROR tasks (None when the run did not list tasks);
-    ``task_list_requests`` the requests it took.
+    ``task_list_requests`` the requests it took.  ``not_running`` counts the instances discovery
+    listed but skipped because they are not RUNNING (creating, frozen, failed...).
     """
 
     stats: pd.DataFrame
@@ -103,6 +104,7 @@ class Collection:
     scopes: pd.DataFrame = field(default_factory=empty_scopes)
     abnormal_tasks: pd.DataFrame | None = None
     task_list_requests: int = 0
+    not_running: int = 0
 
     @property
     def collected(self) -> int:
@@ -158,6 +160,7 @@ class Collection:
             "abnormal_task_rows": None if self.abnormal_tasks is None else len(self.abnormal_tasks),
             "task_list_requests": self.task_list_requests,
             "not_listed": self.not_listed,
+            "not_running": self.not_running,
             "elapsed_s": round(self.elapsed, 3),
             "exit_status": self.exit_status,
         }
@@ -175,6 +178,8 @@ class Collection:
             text += f"; {len(self.abnormal_tasks)} abnormal task(s) listed in {self.task_list_requests} request(s)"
         if self.not_listed:
             text += f", {self.not_listed} instance(s) not listed"
+        if self.not_running:
+            text += f"; {self.not_running} discovered instance(s) not RUNNING, skipped"
         return text
 
 
@@ -333,7 +338,8 @@ def collect(
                       collected_at=collected_at, instances=len(instances),
                       elapsed=time.monotonic() - started, scopes=run.scopes_frame(),
                       abnormal_tasks=run.tasks_frame() if budget is not None else None,
-                      task_list_requests=budget.used if budget is not None else 0)
+                      task_list_requests=budget.used if budget is not None else 0,
+                      not_running=run.not_running)
 
 
 def credential_key(auth) -> object | None:
@@ -443,6 +449,7 @@ class _Run:
         self.error_rows: list[dict] = []
         # (region, project_id) -> {"discovery": ..., "instances": n, "collected": n, "failed": n}
         self.scopes: dict[tuple[str, str], dict] = {}
+        self.not_running = 0
         self.collected: list[tuple[Target, object]] = []            # (target, TaskStatistics)
         self.listings: list[tuple[str, str, str, list[dict]]] = []   # region, project, instance, tasks
 
@@ -464,7 +471,9 @@ class _Run:
 
             def call():
                 limited(client)
-                return client.list_instances(target.project_id, status="RUNNING")
+                # Every instance is listed and the RUNNING ones kept here, so that the run can say
+                # how many it skipped (an instance being created or frozen has no statistics).
+                return client.list_instances(target.project_id, status=None)
             return bounded(target, call)
 
         futures = [pool.submit(list_running, t) for t in discoveries]
@@ -479,6 +488,9 @@ class _Run:
             scope = self._scope(target, client_for(target))
             if scope["discovery"] != "failed":
                 scope["discovery"] = "listed"
+            running = [item for item in instances if item.get("status") == "RUNNING"]
+            self.not_running += len(instances) - len(running)
+            instances = running
             for item in instances:
                 instance_id = str(item.get("id", ""))
                 key = (client_key(target), target.project_id, instance_id)

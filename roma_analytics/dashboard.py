@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from roma_analytics import analysis, fleet, schema
+from roma_analytics import analysis, fleet, schema, settings
 from roma_analytics.display import LABEL_LIMIT, visible
 from roma_analytics.errors import ConfigError
 from roma_analytics.export import FORMULA_TRIGGERS, csv_safe
@@ -78,7 +78,7 @@ __all__ = [
 ]
 
 #: The environment variable naming the history folder the dashboard opens.
-HISTORY_ENV = "ROMA_HISTORY"
+HISTORY_ENV = settings.HISTORY_ENV
 #: The environment variable giving how often (seconds) an open dashboard checks for new runs.
 REFRESH_ENV = "ROMA_DASHBOARD_REFRESH"
 DEFAULT_REFRESH_SECONDS = 30.0
@@ -744,10 +744,6 @@ def instance_from_point(point: Mapping | None, latest: pd.DataFrame) -> str | No
 # Live collection
 
 
-#: Environment variables read for live collection when st.secrets names no credential.
-ENV_TOKEN = "ROMA_AUTH_TOKEN"
-ENV_AK, ENV_SK, ENV_SECURITY_TOKEN = "ROMA_AK", "ROMA_SK", "ROMA_SECURITY_TOKEN"
-ENV_IAM = ("ROMA_IAM_USER", "ROMA_IAM_PASSWORD", "ROMA_IAM_DOMAIN")
 
 
 def auth_from_settings(secrets: Mapping | None = None, environ: Mapping[str, str] | None = None,
@@ -762,7 +758,6 @@ def auth_from_settings(secrets: Mapping | None = None, environ: Mapping[str, str
     """
     from roma_analytics.auth import AkSkAuth, IamPasswordAuth, TokenAuth
 
-    environ = os.environ if environ is None else environ
     section = {}
     if secrets:
         roma = secrets.get("roma", {})
@@ -779,16 +774,7 @@ def auth_from_settings(secrets: Mapping | None = None, environ: Mapping[str, str
         return IamPasswordAuth(value("iam_user"), value("iam_password"), value("iam_domain"),
                                project_id=project_id, region=region,
                                iam_endpoint=value("iam_endpoint")), "IAM password from st.secrets"
-    env = {key: (environ.get(key) or "").strip() for key in (ENV_TOKEN, ENV_AK, ENV_SK, ENV_SECURITY_TOKEN, *ENV_IAM)}
-    if env[ENV_TOKEN]:
-        return TokenAuth.from_env(ENV_TOKEN) if environ is os.environ else TokenAuth(env[ENV_TOKEN]), f"token from ${ENV_TOKEN}"
-    if env[ENV_AK] and env[ENV_SK]:
-        return AkSkAuth(env[ENV_AK], env[ENV_SK], project_id=project_id,
-                        security_token=env[ENV_SECURITY_TOKEN] or None), f"AK/SK from ${ENV_AK}/${ENV_SK}"
-    if all(env[key] for key in ENV_IAM):
-        return IamPasswordAuth(*(env[key] for key in ENV_IAM), project_id=project_id, region=region), \
-            "IAM password from $ROMA_IAM_*"
-    return None, "none"
+    return settings.auth_from_env(environ, region=region, project_id=project_id)
 
 
 #: The environment variable listing the endpoint URLs the live form may collect from (comma or

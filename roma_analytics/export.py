@@ -6,9 +6,10 @@ binary file), so a new format is one more entry there.  A writer with a ``load``
 its own data (``load(store, since=, until=, projects=, instances=, regions=, table=)``, anything
 with ``len()``): OpenMetrics, for example, exports only the latest run.
 
-Every export is atomic: it is written to a dot-prefixed temporary file in the target directory,
-fsynced and renamed over ``out``, so a failure never leaves a half-written export (nor the
-temporary file) behind, and an existing export is replaced only by a complete one.
+Every export is written by :func:`roma_analytics._fsio.write_output`: atomically to a file (a
+failure never leaves a half-written export nor the temporary file behind, and an existing export
+is replaced only by a complete one), streamed to standard output for ``-``, and in place to a
+device or FIFO such as ``/dev/stdout``, which is never replaced.
 
 CSV cells are made safe to open in a spreadsheet: a text cell starting with ``=``, ``+``, ``-``,
 ``@``, a tab or a carriage return is prefixed with ``'`` (OWASP CSV-injection guidance), so it
@@ -17,8 +18,6 @@ written unchanged; times are UTC ISO-8601 (``2024-05-01T10:00:00Z``).
 """
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import BinaryIO
 import pandas as pd
 
 from . import schema
-from .errors import ConfigError, RomaError
+from ._fsio import checked_target, write_output
+from .errors import ConfigError
 from .openmetrics import write_openmetrics
 from .store import HistoryStore, to_arrow, write_parquet
 
@@ -42,7 +42,7 @@ class ExportReport:
     """What :func:`export_table` wrote: ``rows`` data rows to ``path``."""
 
     rows: int
-    path: Path
+    path: Path | str
 
 
 def csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -103,13 +103,15 @@ def export_table(
 
     ``store_or_path`` is a :class:`HistoryStore` or a history folder.  Filters are those of
     :meth:`HistoryStore.load` (``since`` inclusive, ``until`` exclusive, naive times = UTC).
-    ``out`` must be a file path in an existing, writable directory; it is replaced atomically.
+    ``out`` is a file path in an existing, writable directory (replaced atomically), ``"-"`` for
+    standard output, or a device/FIFO written in place.  ``ExportReport.path`` is ``"-"`` or the
+    Path written.
     ``labels``: static labels added to every OpenMetrics sample (that format only).
     """
     writer = WRITERS.get(str(format).lower())
     if writer is None:
         raise ConfigError(f"unknown export format {format!r}; use one of {', '.join(WRITERS)}")
-    target = _checked_target(out)
+    target = checked_target(out, example=f"{table}.{'prom' if format == 'openmetrics' else format}")
     store = store_or_path if isinstance(store_or_path, HistoryStore) else HistoryStore(store_or_path)
     filters = dict(since=since, until=until, projects=projects, instances=instances, regions=regions)
     load = getattr(writer, "load", None)
@@ -117,43 +119,8 @@ def export_table(
     if labels:
         if writer is not WRITERS["openmetrics"]:
             raise ConfigError("--label applies to --format openmetrics only")
-        _atomic_write(target, lambda file: writer(data, table, file, labels=labels))
+        written = write_output(target, lambda file: writer(data, table, file, labels=labels),
+                               what=f"the {table} export")
     else:
-        _atomic_write(target, lambda file: writer(data, table, file))
-    return ExportReport(rows=len(data), path=target)
-
-
-def _checked_target(out) -> Path:
-    if out is None or str(out) == "":
-        raise ConfigError("no output file given; pass --out PATH")
-    target = Path(out)
-    if target.is_dir():
-        raise ConfigError(f"--out {target} is a directory; give a file name such as {target / 'stats.csv'}")
-    parent = target.parent
-    if not parent.exists():
-        raise ConfigError(f"cannot write {target}: the directory {parent} does not exist; create it first")
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write {target}: {parent} is not a directory")
-    return target
-
-
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except PermissionError as exc:
-        raise ConfigError(f"cannot write {target}: permission denied in {target.parent}; choose a writable place") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot write {target}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, target)
-    except (PermissionError, IsADirectoryError) as exc:
-        raise ConfigError(f"cannot write {target}: {exc.strerror}; choose another --out") from exc
-    except OSError as exc:
-        raise RomaError(f"cannot write {target}: {exc.strerror or exc}; nothing was written") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+        written = write_output(target, lambda file: writer(data, table, file), what=f"the {table} export")
+    return ExportReport(rows=len(data), path=written)

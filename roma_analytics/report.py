@@ -22,8 +22,6 @@ The file is written atomically (temporary file + rename), so a reader never sees
 from __future__ import annotations
 
 import html
-import os
-import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 from roma_analytics import __version__, analysis, charts, display, episodes, fleet
-from roma_analytics.errors import ConfigError, RomaError
+from roma_analytics._fsio import checked_target, write_output
+from roma_analytics.errors import ConfigError
 from roma_analytics.store import HistoryStore, parse_time
 
 __all__ = ["build_report", "write_report", "choose_freq", "ReportSummary", "FREQ_CANDIDATES"]
@@ -144,28 +143,13 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
 
 
 def write_report(store_or_path, out, since=None, until=None, **options) -> ReportSummary:
-    """Build the report (see :func:`build_report`) and write it atomically to ``out``."""
-    target = Path(out)
-    if target.is_dir():
-        raise ConfigError(f"--out {target} is a directory; give a file name such as {target / 'report.html'}")
-    if not target.parent.is_dir():
-        raise ConfigError(f"cannot write {target}: the directory {target.parent} does not exist; create it first")
+    """Build the report (see :func:`build_report`) and write it to ``out``: atomically to a file,
+    ``"-"`` to standard output (see :func:`roma_analytics._fsio.write_output`)."""
+    target = checked_target(out, example="report.html")
     text, summary = build_report(store_or_path, since, until, **options)
     data = text.encode("utf-8")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, target)
-    except PermissionError as exc:
-        raise ConfigError(f"cannot write {target}: permission denied; choose a writable place") from exc
-    except OSError as exc:
-        raise RomaError(f"cannot write {target}: {exc.strerror or exc}; nothing was written") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return ReportSummary(path=target, size=len(data), **summary)
+    written = write_output(target, lambda file: file.write(data), what="the report", example="report.html")
+    return ReportSummary(path=written, size=len(data), **summary)
 
 
 def _anomalies(stats: pd.DataFrame, freq: str, by) -> pd.DataFrame:

@@ -96,13 +96,27 @@ class TargetsFile:
 
 def load_targets(path: str | os.PathLike) -> TargetsFile:
     """Read and validate a targets file; ``ConfigError`` (with file, line and key) on any problem."""
-    path = Path(path)
+    return parse_targets(_read_targets_text(Path(path)), source=str(path))
+
+
+def load_defaults(path: str | os.PathLike) -> dict:
+    """Only the validated ``[defaults]`` table of a targets file, needing no credentials: for the
+    commands that read the history (export, compact, report)."""
+    text = _read_targets_text(Path(path))
     try:
-        # utf-8-sig: editors on Windows save a byte-order mark, which TOML does not allow.
-        text = path.read_text(encoding="utf-8-sig")
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(exc, text, str(path)) from None
+    if "defaults" not in document:
+        return {}
+    return _Loader(text, str(path), os.environ)._defaults(document["defaults"])
+
+
+def _read_targets_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # utf-8-sig: editors on Windows save a byte-order mark, which TOML does not allow
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read targets file {path}: {exc}") from None
-    return parse_targets(text, source=str(path))
 
 
 def parse_targets(text: str, source: str = "<targets>", environ: dict | None = None) -> TargetsFile:

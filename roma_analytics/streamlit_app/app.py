@@ -20,6 +20,7 @@ from roma_analytics.display import markdown as md, visible
 from roma_analytics.collect import collect
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.samples import SAMPLE_HISTORY
+from roma_analytics.settings import resolve
 from roma_analytics.store import HistoryStore
 from roma_analytics.targets import load_targets
 
@@ -242,7 +243,7 @@ try:
                 auth_source = "the targets file"
             bar = st.progress(0.0, text="Discovering instances…")
             collection = collect(
-                targets, workers=int(settings.get("workers", 16)), retries=int(settings.get("retries", 1)),
+                targets, workers=int(resolve("workers", None, settings)), retries=int(resolve("retries", None, settings)),
                 progress=lambda done, total: bar.progress(done / total if total else 1.0,
                                                           text=f"Collected {done:,} of {total:,} instances"))
             bar.empty()
