@@ -264,6 +264,7 @@ class RomaClient:
         self.session = session
         # A given session's own verify setting applies unless verify was set here explicitly.
         self._request_verify = None if (not self._owns_session and verify is True) else verify
+        self._clock_checked = False
 
     # -- properties, lifecycle ----------------------------------------------------------------
 
@@ -417,6 +418,8 @@ class RomaClient:
             log.debug("%s %s -> %d (attempt %d, %.3fs)", method, shown, status, attempts, elapsed)
             request_id = _request_id(headers.get("X-Request-Id"))
             if 200 <= status < 300:
+                if not self._clock_checked:
+                    self._warn_clock_skew(headers)
                 return _Reply(status, body, request_id, attempts)
             if 300 <= status < 400:
                 raise RomaApiError(
@@ -499,6 +502,13 @@ class RomaClient:
     def _redact(self, text: str) -> str:
         secrets = getattr(self.auth, "_secret_values", None)
         return redact(text, secrets() if callable(secrets) else ())
+
+    def _warn_clock_skew(self, headers) -> None:
+        """Once per client: say so while a skewed clock still works, before signatures fail."""
+        self._clock_checked = True
+        note = _clock_skew_note(headers)
+        if note:
+            log.warning("%s answered, but %s", self._endpoint, note.strip(" ()"))
 
     @staticmethod
     def _sleep(seconds: float) -> bool:

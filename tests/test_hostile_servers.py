@@ -111,6 +111,8 @@ KINDS: tuple[Kind, ...] = (
             "clock is 20 min ahead of the gateway's Date, 9 `CREDENTIAL_SUSPENDED` rows (attempts 0)"),
         Row("wrong-password", "a wrong IAM password, 12 instances", "one request to IAM, no call to the API "
             "with it; `CREDENTIAL_SUSPENDED` for the rest"),
+        Row("skew-warning", "the clock 10 minutes fast: signatures still accepted",
+            "collected, with one warning on stderr that the clock is 10 min ahead of the gateway's"),
         Row("across-runs", "the skewed clock again in the next runs of `collect --every`",
             "refusals add up across runs: the next run sends nothing with the suspended AK; 15 minutes "
             "later one request probes it (refused: suspended again)"),
@@ -653,6 +655,29 @@ def _clock_skew(request):
     suspended = errors[errors["error_code"] == "CREDENTIAL_SUSPENDED"]
     assert len(suspended) == 12 - sent and set(suspended["attempts"]) == {0}
     assert all("not attempted" in message for message in suspended["error_msg"])
+
+
+@row("lockout", "skew-warning")
+def _skew_warning(request):
+    capsys, tmp_path = request.getfixturevalue("capsys"), request.getfixturevalue("tmp_path")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    ak, sk = "HPUASKEWTEST00000003", "sk-SKEW-" + "ef" * 16
+    monkeypatch.setenv("SKEW_AK", ak)
+    monkeypatch.setenv("SKEW_SK", sk)
+    with Simulator(projects=1, instances=3, seed=44, ak=ak, sk=sk, gateway_clock_offset=-600) as sim:
+        project_id, ids = fleet(sim)
+        targets = tmp_path / "targets.toml"
+        targets.write_text(f"""
+[[endpoints]]
+endpoint = "{sim.base_url}"
+auth = {{ type = "aksk", ak_env = "SKEW_AK", sk_env = "SKEW_SK" }}
+  [[endpoints.projects]]
+  project_id = "{project_id}"
+  instances = {json.dumps(ids)}
+""", encoding="utf-8")
+        code, out, err = run_cli(capsys, "collect", "--config", targets, "--history", tmp_path / "h")
+    assert code == 0, err
+    assert err.count("10 min ahead of the gateway's Date header") == 1, err
 
 
 @row("lockout", "across-runs")
