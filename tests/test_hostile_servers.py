@@ -326,6 +326,19 @@ def collect_every(sim, project_id, ids, history, runs: int, stop: int) -> tuple[
     return process.returncode, err
 
 
+def targets_file(path: Path, endpoint_lines: str, project_id: str = "p-1", instances=("i-1",),
+                 encoding: str = "utf-8") -> Path:
+    """A targets file with one endpoint table (``endpoint_lines``) and one project."""
+    path.write_text(f"""
+[[endpoints]]
+{endpoint_lines}
+  [[endpoints.projects]]
+  project_id = "{project_id}"
+  instances = {json.dumps(list(instances))}
+""", encoding=encoding)
+    return path
+
+
 def encodes(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -585,15 +598,8 @@ def _escaped_password(request):
 def _ak_in_env_key(request):
     capsys, tmp_path = request.getfixturevalue("capsys"), request.getfixturevalue("tmp_path")
     ak = "HPUAPASTEDACCESSKEY7Q"
-    path = tmp_path / "targets.toml"
-    path.write_text(f"""
-[[endpoints]]
-endpoint = "http://127.0.0.1:9"
-auth = {{ type = "aksk", ak_env = "{ak}", sk_env = "ROMA_SK" }}
-  [[endpoints.projects]]
-  project_id = "p-1"
-  instances = ["i-1"]
-""", encoding="utf-8")
+    path = targets_file(tmp_path / "targets.toml", 'endpoint = "http://127.0.0.1:9"\n'
+                        f'auth = {{ type = "aksk", ak_env = "{ak}", sk_env = "ROMA_SK" }}')
     with pytest.raises(ConfigError) as caught:
         load_targets(path)
     assert ak not in str(caught.value) and "ak_env" in str(caught.value)
@@ -615,13 +621,7 @@ def _password_in_url(request):
         for field, table in (("endpoint", f'endpoint = "{with_password}"\nauth = {{ type = "token", token_env = "T" }}'),
                              ("iam_endpoint", f'endpoint = "{url}"\nauth = {{ type = "iam", user_env = "U", '
                                               f'password_env = "P", domain_env = "D", iam_endpoint = "{with_password}" }}')):
-            targets.write_text(f"""
-[[endpoints]]
-{table}
-  [[endpoints.projects]]
-  project_id = "p-1"
-  instances = ["i-1"]
-""", encoding="utf-8")
+            targets_file(targets, table)
             code, out, err = run_cli(capsys, "collect", "--config", targets, "--history", tmp_path / "h")
             assert code == 2 and password not in out + err and "user:password@" in err, (field, err)
         code, out, err = run_cli(capsys, "collect", "--endpoint", with_password, "--project-id", "p",
@@ -666,15 +666,9 @@ def _skew_warning(request):
     monkeypatch.setenv("SKEW_SK", sk)
     with Simulator(projects=1, instances=3, seed=44, ak=ak, sk=sk, gateway_clock_offset=-600) as sim:
         project_id, ids = fleet(sim)
-        targets = tmp_path / "targets.toml"
-        targets.write_text(f"""
-[[endpoints]]
-endpoint = "{sim.base_url}"
-auth = {{ type = "aksk", ak_env = "SKEW_AK", sk_env = "SKEW_SK" }}
-  [[endpoints.projects]]
-  project_id = "{project_id}"
-  instances = {json.dumps(ids)}
-""", encoding="utf-8")
+        targets = targets_file(tmp_path / "targets.toml", f'endpoint = "{sim.base_url}"\n'
+                               'auth = { type = "aksk", ak_env = "SKEW_AK", sk_env = "SKEW_SK" }',
+                               project_id, ids)
         code, out, err = run_cli(capsys, "collect", "--config", targets, "--history", tmp_path / "h")
     assert code == 0, err
     assert err.count("10 min ahead of the gateway's Date header") == 1, err
@@ -797,16 +791,9 @@ def _sigterm(request):
 @row("loops", "bom")
 def _bom(request):
     tmp_path = request.getfixturevalue("tmp_path")
-    text = """
-[[endpoints]]
-endpoint = "http://127.0.0.1:9"
-  [[endpoints.projects]]
-  project_id = "p-1"
-  instances = ["i-1", "i-2"]
-"""
-    plain, bom = tmp_path / "plain.toml", tmp_path / "bom.toml"
-    plain.write_text(text, encoding="utf-8")
-    bom.write_text(text, encoding="utf-8-sig")
+    endpoint = 'endpoint = "http://127.0.0.1:9"'
+    plain = targets_file(tmp_path / "plain.toml", endpoint, instances=("i-1", "i-2"))
+    bom = targets_file(tmp_path / "bom.toml", endpoint, instances=("i-1", "i-2"), encoding="utf-8-sig")
     assert bom.read_bytes().startswith(b"\xef\xbb\xbf")
     assert load_targets(bom).targets == load_targets(plain).targets
 
