@@ -25,15 +25,18 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from datetime import datetime, timezone
 
 from roma_analytics import __version__
 from roma_analytics.display import TerminalFormatter, terminal
-from roma_analytics.errors import ConfigError, RomaError
+from roma_analytics.errors import ConfigError, HistoryWarning, NothingMatched, RomaError
 from roma_analytics.settings import DEFAULTS, ENV_TOKEN, HISTORY_ENV, history as resolve_history
 
 PROG = "roma-analytics"
 EXIT_USAGE = 2
+#: export/report: nothing in the history matches the filters (nothing written).
+EXIT_NO_MATCH = 6
 EXIT_INTERRUPTED = 130
 #: A closed standard output (``roma-analytics check --json | head``): 128 + SIGPIPE, quietly.
 EXIT_BROKEN_PIPE = 141
@@ -306,7 +309,10 @@ def _warn_and_export(store, collection, openmetrics_out, labels) -> None:
               f"run's start (e.g. {first['run_id']} at {first['collected_at'].isoformat()}): a collector's "
               "clock is wrong; every view ignores them until their time. Fix the clock (NTP).", file=sys.stderr)
     if openmetrics_out:
-        export_table(store, openmetrics_out, format="openmetrics", labels=labels or None)
+        try:
+            export_table(store, openmetrics_out, format="openmetrics", labels=labels or None)
+        except NothingMatched as exc:  # a run without any instance: the run's own status says so
+            print(f"{PROG}: warning: {terminal(str(exc), limit=None)}", file=sys.stderr)
 
 
 def _collect_targets(args):
@@ -498,7 +504,12 @@ Parquet file. Times are ISO-8601, UTC unless they carry an offset; a date alone 
 --format openmetrics writes the latest run among the matching rows (both tables) as gauges in the
 Prometheus text format (also valid OpenMetrics, ending in "# EOF"), for node_exporter's textfile
 collector: roma_fdi_tasks{region,project_id,instance_id,task_type,state}, roma_fdi_abnormal_ratio,
-roma_fdi_instance_name, roma_fdi_collection_success and roma_fdi_collection_timestamp_seconds."""
+roma_fdi_instance_name, roma_fdi_collection_success and roma_fdi_collection_timestamp_seconds.
+
+exit status: 0 written; 6 nothing in the history matches the filters (a mistyped id, a period
+without runs): nothing written, an earlier file at --out is left as it was; 2 usage or storage
+error. An errors export of a period without errors (its filters match stats rows) is a valid,
+header-only file: 0."""
 
 EXPORT_EXAMPLE = """\
 examples:
@@ -635,7 +646,9 @@ def run_compact(args) -> int:
     before = min(args.before.date(), today) if args.before else today
     _say(args, f"compacted {report.days} day(s) before {before.isoformat()} (UTC; "
                f"{'today is' if before == today else 'that day and later are'} never compacted): "
-               f"{report.files_merged} file(s) merged, {report.rows} row(s)")
+               f"{report.files_merged} file(s) merged, {report.rows} row(s)"
+               + (f"; {len(report.left_in_place)} file(s) left in place (see the warnings)"
+                  if report.left_in_place else ""))
     return 0
 
 
@@ -850,7 +863,10 @@ REPORT_HELP = """\
 Write one self-contained HTML file (plotly.js inlined: it opens offline, from disk or as a mail
 attachment) with the KPI summary, the worst instances, the abnormal ratio of common and CDC tasks,
 the CDC share, a per-instance heatmap, the anomalies and the collection health of the period.
-Default period: the 7 days before now. The bucket size follows the period (--freq to choose)."""
+Default period: the 7 days before now. The bucket size follows the period (--freq to choose).
+
+exit status: 0 written; 6 no run of the period matches the filters (nothing written); 2 usage or
+storage error."""
 
 REPORT_EXAMPLE = """\
 examples:
@@ -915,6 +931,7 @@ DASHBOARD_STREAMLIT_SETTINGS = {
     "browser.gatherUsageStats": "false",
     "browser.serverAddress": "127.0.0.1",
     "client.toolbarMode": "viewer",      # no "Deploy" button: this dashboard is never deployed publicly
+    "client.disableDataExport": "true",  # CSV only through export.csv_text (formula-safe downloads)
     "server.fileWatcherType": "none",    # an installed app does not change under it
     "global.developmentMode": "false",
     "theme.base": "light",
@@ -1030,6 +1047,16 @@ def _configure_logging(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, HistoryWarning):
+        print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (never raises, never prints a traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1048,7 +1075,11 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exc:          # --help (0) and usage errors (2)
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
         try:
-            return args.handler(args)
+            with warnings.catch_warnings():
+                # The store says each damaged or foreign file once: print every one, as one line.
+                warnings.simplefilter("always", HistoryWarning)
+                warnings.showwarning = _show_warning
+                return args.handler(args)
         except _Usage as exc:
             args.command_parser.print_usage(sys.stderr)
             print(f"{PROG}: error: {terminal(str(exc), limit=None)}", file=sys.stderr)
@@ -1063,6 +1094,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except NothingMatched as exc:  # not a success, not a usage error: its own status for cron
+        print(f"{PROG}: error: {terminal(str(exc), limit=None)}", file=sys.stderr)
+        return EXIT_NO_MATCH
     except (RomaError, OSError) as exc:
         if not isinstance(exc, ConfigError):  # a usage mistake needs its message, not a traceback
             log.debug("command failed", exc_info=True)

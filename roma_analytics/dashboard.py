@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,8 @@ import pyarrow.parquet as pq
 
 from roma_analytics import analysis, fleet, schema, settings
 from roma_analytics.display import LABEL_LIMIT, visible
-from roma_analytics.errors import ConfigError
-from roma_analytics.export import FORMULA_TRIGGERS, csv_safe
+from roma_analytics.errors import ConfigError, HistoryWarning
+from roma_analytics.export import csv_restore, csv_text
 from roma_analytics.fleet import age_text
 from roma_analytics.store import HistoryStore, to_arrow, write_parquet
 
@@ -140,23 +141,41 @@ def history_from_env(environ: Mapping[str, str] | None = None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def load_history(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(stats, errors)`` of the history folder ``path``; ConfigError when there is none."""
+def load_history(path: str | os.PathLike, problems: list | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(stats, errors)`` of the history folder ``path``; ConfigError when there is none.
+
+    A damaged or foreign file is skipped (the rest of the history still loads); ``problems``, when
+    given, receives one message per such file, naming it and what to do, for the page to show.
+    """
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ConfigError(
             f"history folder {folder} does not exist; give the folder `roma-analytics collect "
             "--history` writes to (it holds stats/ and errors/)"
         )
-    store = HistoryStore(folder)
+    HistoryStore(folder)  # a folder of other things: its ConfigError before anything else
     if not (folder / "stats").is_dir():
         raise ConfigError(f"{folder} holds no stats/ folder yet; collect a run into it first")
-    return store.load(), store.load(table="errors")
+    stats, errors = _read_tables(folder, ("stats", "errors"), problems)
+    return stats, errors
 
 
-def load_scopes(path: str | os.PathLike) -> pd.DataFrame:
-    """The ``scopes`` table of the history folder ``path`` (empty for histories without one)."""
-    return HistoryStore(Path(path).expanduser()).load(table="scopes")
+def load_scopes(path: str | os.PathLike, problems: list | None = None) -> pd.DataFrame:
+    """The ``scopes`` table of the history folder ``path`` (empty for histories without one);
+    ``problems`` as in :func:`load_history`."""
+    (scopes,) = _read_tables(Path(path).expanduser(), ("scopes",), problems)
+    return scopes
+
+
+def _read_tables(folder: Path, tables, problems: list | None) -> list[pd.DataFrame]:
+    store = HistoryStore(folder)
+    with warnings.catch_warnings():
+        # With a list to fill, the page shows the warnings; else Python's default shows them.
+        warnings.simplefilter("ignore" if problems is not None else "default", HistoryWarning)
+        frames = [store.load(table=table) for table in tables]
+    if problems is not None:
+        problems.extend(store.problems)
+    return frames
 
 
 def history_fingerprint(path: str | os.PathLike) -> tuple[int, int]:
@@ -254,11 +273,7 @@ def _read_csv(content: bytes, label: str) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeError, OverflowError) as exc:
         raise ConfigError(f"{label} is not a readable CSV file ({_short(exc)})") from None
     for name in frame.columns:
-        column = frame[name].astype(schema.STRING_DTYPE)
-        # Undo export.csv_safe: "'=x" was "=x" in the history.
-        neutralised = column.str.len().gt(1).fillna(False) & column.str.startswith("'").fillna(False) \
-            & column.str.slice(1, 2).isin(list(FORMULA_TRIGGERS)).fillna(False)
-        frame[name] = column.mask(neutralised.astype(bool), column.str.slice(1))
+        frame[name] = csv_restore(frame[name])  # "'=x" was "=x" in the history
     return frame
 
 
@@ -918,8 +933,8 @@ def error_tasks(targets: Sequence, region: str, project_id: str, instance_id: st
 
 
 def csv_bytes(frame: pd.DataFrame) -> bytes:
-    """``frame`` as UTF-8 CSV, with the CLI export's neutralisation of formula-like cells."""
-    return csv_safe(frame).to_csv(index=False, lineterminator="\n", na_rep="").encode("utf-8")
+    """``frame`` as UTF-8 CSV, exactly as ``roma-analytics export --format csv`` writes it."""
+    return csv_text(frame).encode("utf-8")
 
 
 def parquet_bytes(frame: pd.DataFrame, table: str = "stats") -> bytes:

@@ -4,7 +4,8 @@
 
     RomaError                      base: catch this to catch everything below
     ├── ConfigError (ValueError)   bad input from the user: a parameter, a targets file, a flag
-    │   └── InvalidParameter       a path/query parameter that cannot be sent (names the parameter)
+    │   ├── InvalidParameter       a path/query parameter that cannot be sent (names the parameter)
+    │   └── NothingMatched         no row of the history matches the filters (NO_MATCH; CLI exit 6)
     ├── RomaApiError               the API answered with an error status
     │   │                          .status, .error_code, .error_msg, .request_id
     │   ├── AuthenticationError    401/403 or a token/signature error: never retried blindly
@@ -18,6 +19,10 @@ Every error has ``error_code`` (the API's code, or the local code in brackets ab
 ``status`` (``None`` when no HTTP response came), ``request_id`` and ``attempts`` (how many HTTP
 requests were made), which is what a row of the ``errors`` table records.  Messages say what failed
 and what to do; they never contain a token, password, AK or SK.
+
+:class:`HistoryWarning` (a ``UserWarning``, not an error) is issued once per file when a reader
+of the history skips a damaged or foreign file, or reads a misplaced one; the message names the
+file and what to do.  The command line prints it as ``roma-analytics: warning: ...``.
 """
 from __future__ import annotations
 
@@ -69,6 +74,13 @@ class InvalidParameter(ConfigError):
         self.parameter = parameter
 
 
+class NothingMatched(ConfigError):
+    """No row of the history matches an export's or a report's filters (a mistyped id, a period
+    without runs): nothing was written.  The command line exits with status 6."""
+
+    default_code = "NO_MATCH"
+
+
 class RomaApiError(RomaError):
     """The API answered with an error status (and usually an ``error_code`` body)."""
 
@@ -110,3 +122,8 @@ class RomaConnectionError(RomaError):
     """The connection failed (refused, reset, DNS, TLS), after the retries."""
 
     default_code = "CONNECTION"
+
+
+class HistoryWarning(UserWarning):
+    """A history file was skipped (damaged, foreign, newer, a copy) or is misplaced; the reading
+    went on with the rest of the history.  The message names the file and what to do."""

@@ -11,13 +11,25 @@ failure never leaves a half-written export nor the temporary file behind, and an
 is replaced only by a complete one), streamed to standard output for ``-``, and in place to a
 device or FIFO such as ``/dev/stdout``, which is never replaced.
 
-CSV cells are made safe to open in a spreadsheet: a text cell starting with ``=``, ``+``, ``-``,
-``@``, a tab or a carriage return is prefixed with ``'`` (OWASP CSV-injection guidance), so it
-is shown as text instead of being evaluated as a formula.  Counts are numeric columns and are
-written unchanged; times are UTC ISO-8601 (``2024-05-01T10:00:00Z``).
+CSV is written by one function, :func:`csv_text` (``export --format csv`` and the dashboard's
+downloads both use it), so that a cell can never become a formula or a new row, whatever a
+server put into an instance name or an error message and whatever separator the spreadsheet
+assumes (``,``, or ``;`` in locales with a decimal comma):
+
+* a text cell holding any of :data:`SEPARATORS` (``,`` ``;`` tab ``|`` CR LF) or ``"`` is quoted,
+  so no reader splits it into two cells or two rows;
+* a formula trigger (:data:`FORMULA_TRIGGERS`: ``=`` ``+`` ``-`` ``@`` tab CR, and their
+  full-width forms) at the start of a cell *or right after a separator* gets a ``'`` in front
+  (OWASP CSV-injection guidance): even a reader that ignores the quotes and splits on ``;``
+  never sees a cell starting with ``=``.  ``'`` s already there are doubled the same way, so
+  :func:`csv_restore` gives back the exact text (the dashboard's upload uses it).
+
+Counts are numeric columns and are written unchanged; times are UTC ISO-8601
+(``2024-05-01T10:00:00Z``).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +39,25 @@ import pandas as pd
 
 from . import schema
 from ._fsio import checked_target, write_output
-from .errors import ConfigError
+from .errors import ConfigError, NothingMatched
 from .openmetrics import write_openmetrics
+from .schema import parse_time
 from .store import HistoryStore, to_arrow, write_parquet
 
-__all__ = ["export_table", "ExportReport", "WRITERS", "csv_safe"]
+__all__ = ["export_table", "ExportReport", "WRITERS", "csv_safe", "csv_text", "csv_restore"]
 
-#: Characters that make a spreadsheet treat a cell as a formula (OWASP CSV injection).
-FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+#: Characters that make a spreadsheet treat a cell as a formula (OWASP CSV injection), with the
+#: full-width forms some spreadsheets also accept.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+#: Characters that end a cell for one reader or another: the two locales' separators, tab,
+#: pipe, and the line ends.
+SEPARATORS = (",", ";", "\t", "|", "\r", "\n")
+_TRIGGERS = "".join(re.escape(c) for c in FORMULA_TRIGGERS)
+_SEPARATORS = "".join(re.escape(c) for c in SEPARATORS)
+#: A formula trigger (after any ' already there) at the start of a cell or after a separator.
+_FORMULA_START = re.compile(f"(^|[{_SEPARATORS}])('*[{_TRIGGERS}])")
+_NEUTRALISED = re.compile(f"(^|[{_SEPARATORS}])'('*[{_TRIGGERS}])")
+_NEEDS_QUOTES = re.compile(f'[{_SEPARATORS}"]')
 
 
 @dataclass(frozen=True)
@@ -46,18 +69,52 @@ class ExportReport:
 
 
 def csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with text cells neutralised and times as ISO-8601 UTC text, ready for CSV."""
+    """``frame`` with text cells neutralised (see the module docstring) and times as ISO-8601
+    UTC text, ready for CSV; numeric columns unchanged."""
     cells = {}
     for name, column in frame.items():
         if isinstance(column.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_any_dtype(column):
             cells[name] = _iso_utc(column)
         elif pd.api.types.is_string_dtype(column) or column.dtype == object:
-            text = column.astype(schema.STRING_DTYPE)
-            risky = text.str.startswith(FORMULA_TRIGGERS).fillna(False).astype(bool)
-            cells[name] = text.mask(risky, "'" + text)
+            cells[name] = column.astype(schema.STRING_DTYPE).str.replace(_FORMULA_START, r"\1'\2", regex=True)
         else:
             cells[name] = column
     return pd.DataFrame(cells, index=frame.index)
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """``frame`` as CSV text: a header, one ``\\n``-terminated line per row, ``,``-separated.
+
+    Text cells are neutralised (:func:`csv_safe`) and quoted when they hold a separator of either
+    locale, a line end or ``"`` (``"`` doubled inside).  Missing values are empty cells.  Readable
+    by the csv module, pandas and spreadsheets alike; :func:`csv_restore` undoes the neutralising.
+    """
+    safe = csv_safe(frame)
+    cells = [_csv_cells(column) for _, column in safe.items()]
+    header = ",".join(_csv_quoted(str(name)) for name in safe.columns)
+    if not cells or safe.empty:
+        return header + "\n"
+    lines = cells[0].str.cat(cells[1:], sep=",") if len(cells) > 1 else cells[0]
+    return header + "\n" + "\n".join(lines.tolist()) + "\n"
+
+
+def csv_restore(column: pd.Series) -> pd.Series:
+    """The text :func:`csv_safe` neutralised, as it was (for CSV exports read back)."""
+    return column.astype(schema.STRING_DTYPE).str.replace(_NEUTRALISED, r"\1\2", regex=True)
+
+
+def _csv_cells(column: pd.Series) -> pd.Series:
+    if pd.api.types.is_string_dtype(column) or column.dtype == object:
+        text = column.astype(schema.STRING_DTYPE)
+        quoted = '"' + text.str.replace('"', '""', regex=False) + '"'
+        text = text.mask(text.str.contains(_NEEDS_QUOTES).fillna(False).astype(bool), quoted)
+    else:
+        text = column.astype("string")
+    return text.fillna("").astype(object)
+
+
+def _csv_quoted(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if _NEEDS_QUOTES.search(text) else text
 
 
 def _iso_utc(column: pd.Series) -> pd.Series:
@@ -71,8 +128,7 @@ def _iso_utc(column: pd.Series) -> pd.Series:
 
 
 def _write_csv(frame: pd.DataFrame, table: str, file: BinaryIO) -> None:
-    text = csv_safe(frame).to_csv(index=False, lineterminator="\n", na_rep="")
-    file.write(text.encode("utf-8"))
+    file.write(csv_text(frame).encode("utf-8"))
 
 
 def _write_parquet(frame: pd.DataFrame, table: str, file: BinaryIO) -> None:
@@ -107,6 +163,12 @@ def export_table(
     standard output, or a device/FIFO written in place.  ``ExportReport.path`` is ``"-"`` or the
     Path written.
     ``labels``: static labels added to every OpenMetrics sample (that format only).
+
+    When no row of the history -- of either table -- matches the filters (a mistyped id, a
+    period without runs), :class:`NothingMatched` is raised and ``out`` is left as it was: a
+    nightly export must not quietly turn into empty files.  An empty export of a table whose
+    filters match rows of the other one (an errors export of a period without errors) is a
+    valid, header-only file.
     """
     writer = WRITERS.get(str(format).lower())
     if writer is None:
@@ -116,6 +178,8 @@ def export_table(
     filters = dict(since=since, until=until, projects=projects, instances=instances, regions=regions)
     load = getattr(writer, "load", None)
     data = load(store, table=table, **filters) if load is not None else store.load(table=table, **filters)
+    if len(data) == 0:
+        _check_something_matches(store, filters, target)
     if labels:
         if writer is not WRITERS["openmetrics"]:
             raise ConfigError("--label applies to --format openmetrics only")
@@ -124,3 +188,26 @@ def export_table(
     else:
         written = write_output(target, lambda file: writer(data, table, file), what=f"the {table} export")
     return ExportReport(rows=len(data), path=written)
+
+
+def _check_something_matches(store: HistoryStore, filters: dict, target: Path) -> None:
+    """Raise :class:`NothingMatched` (saying what the history does hold) when no row of any
+    table matches ``filters``."""
+    if any(len(store.load(table=table, columns=["run_id"], **filters)) for table in ("stats", "errors")):
+        return
+    wanted = [f"{name} {', '.join(map(str, [values] if isinstance(values, str) else values))}"
+              for name, values in (("project", filters["projects"]), ("instance", filters["instances"]),
+                                   ("region", filters["regions"])) if values is not None]
+    period = "".join(f" {word} {parse_time(filters[key], key).isoformat()}"
+                     for word, key in (("since", "since"), ("until", "until")) if filters[key] is not None)
+    held = store.load(columns=["project_id", "instance_id"], since=filters["since"], until=filters["until"])
+    if held.empty:
+        what = f"the history {store.path} has no row{period}"
+        hint = "Check --since/--until, and that collection still runs"
+    else:
+        what = f"no row of the history {store.path} matches {' and '.join(wanted)}{period}"
+        projects = sorted(held["project_id"].unique())
+        hint = (f"{'In that period the' if period else 'The'} history holds {held['instance_id'].nunique()} "
+                f"instance(s) of project(s) {', '.join(projects[:10])}{' ...' if len(projects) > 10 else ''}; "
+                "check the ids")
+    raise NothingMatched(f"{what}: {target} was not written. {hint}")

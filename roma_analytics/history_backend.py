@@ -268,6 +268,10 @@ class LocalBackend:
     def schema_metadata(self, path) -> dict[bytes, bytes]:
         return pq.read_schema(path).metadata or {}
 
+    def open(self, path):
+        """``path`` opened for binary reading (history_files inspects footers through it)."""
+        return open(path, "rb")
+
     def create(self, path, write) -> None:
         """Create ``path`` with what ``write(file)`` writes, atomically; FileExistsError if the name is taken."""
         target = Path(path)
@@ -547,8 +551,12 @@ class ObjectStoreBackend:
             return False
 
     def schema_metadata(self, path) -> dict[bytes, bytes]:
-        with self.fs.open(str(path), "rb", cache_type="readahead") as file:
+        with self.open(path) as file:
             return pq.read_schema(file).metadata or {}
+
+    def open(self, path):
+        """``path`` opened for binary reading (history_files inspects footers through it)."""
+        return self.fs.open(str(path), "rb", cache_type="readahead")
 
     def create(self, path, write) -> None:
         """PUT what ``write(file)`` writes at ``path`` only if no object has that name (``If-None-Match: *``).

@@ -30,7 +30,7 @@ import pandas as pd
 
 from roma_analytics import __version__, analysis, charts, display, episodes, fleet
 from roma_analytics._fsio import checked_target, write_output
-from roma_analytics.errors import ConfigError
+from roma_analytics.errors import ConfigError, NothingMatched
 from roma_analytics.store import HistoryStore, parse_time
 
 __all__ = ["build_report", "write_report", "choose_freq", "ReportSummary", "FREQ_CANDIDATES"]
@@ -92,7 +92,7 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
     times = pd.concat([stats["collected_at"], errors["collected_at"]], ignore_index=True)
     if times.empty:
         period = f"from {start:%Y-%m-%d %H:%M} UTC" if start is not None else "in the history"
-        raise ConfigError(f"no collection run {period}{f' until {end:%Y-%m-%d %H:%M} UTC' if end is not None else ''} "
+        raise NothingMatched(f"no collection run {period}{f' until {end:%Y-%m-%d %H:%M} UTC' if end is not None else ''} "
                           f"in {store.path} (with the given filters); nothing to report")
     first, last = times.min(), times.max()
     if freq is None:

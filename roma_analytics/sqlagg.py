@@ -31,6 +31,10 @@ _FINE_BUCKET_US = 3_600_000_000
 #: How the SQL below names the files it reads; a pyarrow Dataset source replaces it with a view.
 PARQUET_SOURCE = "read_parquet(?, hive_partitioning = true, hive_types = {'date': DATE})"
 _DATASET_VIEW = "history_dataset"
+#: The rows of the source.  Other writers store timestamp[ns|ms] with or without a zone: one type
+#: for every file (naive = UTC, the session's zone; nanoseconds cut to microseconds), and the
+#: filters on collected_at are still pushed into the Parquet scan.
+_SOURCE = f"(SELECT * REPLACE (CAST(collected_at AS TIMESTAMPTZ) AS collected_at) FROM {PARQUET_SOURCE})"
 #: Filter keyword -> stats column.
 _FILTER_COLUMNS = {
     "projects": "project_id",
@@ -121,6 +125,9 @@ class _Scan:
         # directory to glob (fine for histories that no compaction is touching).
         self.paths: list[str] | str | None
         self.dataset = None
+        # Only a globbed directory is pruned by the date= partition here: a file list or dataset
+        # is already pruned by day, and a row's day is its own time, not its folder's name.
+        self.globbed = not isinstance(source, (ds.Dataset, list, tuple))
         if isinstance(source, ds.Dataset):
             self.dataset, self.paths = source, None
             has_files = bool(getattr(source, "files", True))
@@ -144,14 +151,15 @@ class _Scan:
     def where(self) -> tuple[str, list]:
         conditions = ["collected_at IS NOT NULL"]
         params: list = []
-        # Conditions on the partition column let DuckDB skip whole date= folders; the exact
-        # bounds on collected_at then trim the first and last day.
+        # Conditions on the partition column let DuckDB skip whole date= folders of a globbed
+        # directory; the exact bounds on collected_at then trim the first and last day.
+        pruned = self.globbed
         if self.since is not None:
-            conditions += ["date >= ?", "collected_at >= ?"]
-            params += [self.since.date(), self.since.to_pydatetime()]
+            conditions += ["date >= ?"] * pruned + ["collected_at >= ?"]
+            params += [self.since.date()] * pruned + [self.since.to_pydatetime()]
         if self.until is not None:
-            conditions += ["date <= ?", "collected_at < ?"]
-            params += [(self.until - pd.Timedelta(microseconds=1)).date(), self.until.to_pydatetime()]
+            conditions += ["date <= ?"] * pruned + ["collected_at < ?"]
+            params += [(self.until - pd.Timedelta(microseconds=1)).date()] * pruned + [self.until.to_pydatetime()]
         for name, values in self.filters.items():
             if values is not None:
                 placeholders = ", ".join("?" * len(values))
@@ -193,7 +201,7 @@ class _Scan:
         WITH snapshots AS (
             SELECT epoch_us(collected_at) AS t, run_id, region, project_id, instance_id,
                    task_type, {counts}
-            FROM {PARQUET_SOURCE}
+            FROM {_SOURCE}
             WHERE {condition}
         ), gauges AS ({gauges}
         )"""
@@ -268,7 +276,7 @@ def fleet_rows(files: dict[str, list], cutoff: pd.Timestamp, projects=None, inst
     def columns(table):
         return ", ".join(_quote(name) for name in schema.TABLES[table])
 
-    source = PARQUET_SOURCE
+    source = _SOURCE
     series = ", ".join(schema.SERIES_KEY)
     instance = "region, project_id, instance_id"
     # The last rows of each group by (collected_at, run_id): max_by(row, key, n) is one streaming

@@ -21,6 +21,11 @@ hard-linked to its final name (a link never replaces an existing file, so a run 
 overwritten and concurrent appenders cannot clobber each other) and the directory is fsynced.
 
 Compaction is crash-safe and never shows a row twice or not at all; see :meth:`HistoryStore.compact`.
+
+Every read path lists its files through :mod:`roma_analytics.history_files`: a damaged, foreign or
+newer file is skipped with one :class:`~roma_analytics.errors.HistoryWarning` per file and store
+(never a crash of every command), each run is read once whatever its files are called, and files
+of other writers are cast to the contract's types.
 """
 from __future__ import annotations
 
@@ -30,18 +35,20 @@ import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import schema
+from . import history_files, schema
 from .schema import parse_time
-from .errors import ConfigError, RomaError
+from .errors import ConfigError, HistoryWarning, RomaError
 from .history_backend import REPLACED_GRACE_SECONDS, ObjectStoreSettings, backend_for
 
 __all__ = ["HistoryStore", "CompactReport", "arrow_schema", "to_arrow", "write_parquet", "parse_time"]
@@ -63,6 +70,15 @@ _SORT_KEYS = {
     "scopes": ("collected_at", "region", "project_id", "run_id"),
     "abnormal_tasks": ("collected_at", *schema.TASK_KEY, "run_id"),
 }
+#: What makes a row unique in a table: a run's row of one series (used when files share a run).
+_ROW_KEYS = {
+    "stats": ("run_id", *schema.SERIES_KEY),
+    "errors": ("run_id", "region", "project_id", "instance_id"),
+    "scopes": ("run_id", *schema.SCOPE_KEY),
+    "abnormal_tasks": ("run_id", *schema.TASK_KEY),
+}
+#: Inspections remembered per store (keyed by path and size/time): bounded for long-running readers.
+_INSPECTED_MAX = 100_000
 #: Tables written for every run, even without a row (so that every run is listed); abnormal_tasks
 #: for every run that listed tasks (its frame is None otherwise), so an empty file means "none found".
 _ALWAYS_WRITTEN = ("stats", "abnormal_tasks")
@@ -70,11 +86,14 @@ _ALWAYS_WRITTEN = ("stats", "abnormal_tasks")
 
 @dataclass(frozen=True)
 class CompactReport:
-    """What :meth:`HistoryStore.compact` did: ``days`` merged, original ``files_merged``, ``rows`` written."""
+    """What :meth:`HistoryStore.compact` did: ``days`` merged, original ``files_merged``, ``rows`` written,
+    and the files ``left_in_place`` (one message each: damaged, foreign, newer, a copy, misplaced, or
+    not mergeable without loss; each was also issued as a :class:`HistoryWarning`)."""
 
     days: int = 0
     files_merged: int = 0
     rows: int = 0
+    left_in_place: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +154,13 @@ class HistoryStore:
         #: The folder (a Path) or the URI (a str) of the history.
         self.path = self._backend.public(self._backend.root)
         self._backend.check_root(TABLE_NAMES)
+        self._inspected: dict[tuple, history_files.FileInfo] = {}
+        self._warned: dict[str, None] = {}
+
+    @property
+    def problems(self) -> list[str]:
+        """The warnings this store issued so far (one per damaged, foreign or misplaced file), in order."""
+        return list(self._warned)
 
     def __repr__(self) -> str:
         return f"HistoryStore({str(self.path)!r})"
@@ -181,7 +207,7 @@ class HistoryStore:
                 # Under the read lock, like any reader: a compaction swapping the day could
                 # otherwise delete a merged file between listing it and reading its run list.
                 with self._reading():
-                    duplicate = fs.file_exists(target) or run_id in self._compacted_run_ids(folders[table])
+                    duplicate = fs.file_exists(target) or run_id in self._compacted_run_ids(folders[table], table)
                 if duplicate:
                     raise ConfigError(
                         f"run {run_id} of {day} is already in the {table} history "
@@ -239,8 +265,8 @@ class HistoryStore:
         # Sort keys are read even when not asked for, so the order is the same either way.
         read_columns = list(dict.fromkeys([*wanted, *(k for k in _SORT_KEYS[table] if k in dtypes)]))
         with self._reading():
-            files = self._files(table, start, end)
-            arrow = self._scan(files, table, read_columns, expression)
+            selection = self._selection(table, start, end)
+            arrow = self._scan(selection.files, table, read_columns, expression, dedup=selection.overlap)
         frame = arrow.to_pandas()
         sort_keys = [key for key in _SORT_KEYS[table] if key in frame.columns]
         if len(frame) > 1:
@@ -256,10 +282,11 @@ class HistoryStore:
         rows, listed = {}, []
         with self._reading():
             for table in TABLE_NAMES:
-                files = self._files(table, start, end)
-                scanned = self._scan(files, table, ["run_id", "collected_at"], expression)
+                selection = self._selection(table, start, end)
+                scanned = self._scan(selection.files, table, ["run_id", "collected_at"], expression,
+                                     dedup=selection.overlap)
                 rows[table] = scanned.to_pandas()
-                listed.extend(run for path in files for run in self._file_runs(path))
+                listed.extend(run for info in selection.files for run in info.runs_meta)
         # A run without a single row exists only in the files' metadata.
         meta = pd.DataFrame(listed, columns=["run_id", "collected_at"])
         meta["collected_at"] = pd.to_datetime(meta["collected_at"], utc=True, format="ISO8601")
@@ -292,8 +319,8 @@ class HistoryStore:
         """
         _table_dtypes(table)
         with self._reading():
-            files = self._files(table, parse_time(since, "since"), parse_time(until, "until"))
-        return [self._backend.public(path) for path in files]
+            selection = self._selection(table, parse_time(since, "since"), parse_time(until, "until"))
+        return [self._backend.public(path) for path in selection.paths]
 
     def listed_runs(self, since=None, until=None) -> pd.DataFrame:
         """Runs that listed abnormal tasks: ``run_id, collected_at``, oldest first.
@@ -303,7 +330,7 @@ class HistoryStore:
         """
         start, end = parse_time(since, "since"), parse_time(until, "until")
         with self._reading():
-            listed = [run for path in self._files("abnormal_tasks", start, end) for run in self._file_runs(path)]
+            listed = [run for info in self._selection("abnormal_tasks", start, end).files for run in info.runs_meta]
         runs = pd.DataFrame(listed, columns=["run_id", "collected_at"]).drop_duplicates("run_id")
         runs["run_id"] = runs["run_id"].astype(schema.STRING_DTYPE)
         runs["collected_at"] = pd.to_datetime(runs["collected_at"], utc=True, format="ISO8601").astype(
@@ -324,9 +351,10 @@ class HistoryStore:
         # Under the read lock, on the exact file list: a compaction swapping a day meanwhile
         # can never make a row count twice.
         with self._reading():
-            files = self._aggregation_source("stats", parse_time(since, "since"), parse_time(until, "until"))
-            return sqlagg.trend(files, freq=freq, by=by, since=since, until=until,
-                                projects=projects, instances=instances, regions=regions)
+            selection = self._selection("stats", parse_time(since, "since"), parse_time(until, "until"))
+            return self._aggregated({"stats": selection}, lambda sources: sqlagg.trend(
+                sources["stats"], freq=freq, by=by, since=since, until=until,
+                projects=projects, instances=instances, regions=regions))
 
     def task_episodes(self, since=None, until=None, listed_runs=None) -> pd.DataFrame:
         """``episodes.episodes`` of the matching history, computed by DuckDB over the files of the
@@ -348,9 +376,10 @@ class HistoryStore:
 
         self._check_range(since, until)
         with self._reading():
-            files = self._aggregation_source("stats", parse_time(since, "since"), parse_time(until, "until"))
-            return sqlagg.cdc_vs_common(files, freq=freq, since=since, until=until,
-                                        projects=projects, instances=instances, regions=regions)
+            selection = self._selection("stats", parse_time(since, "since"), parse_time(until, "until"))
+            return self._aggregated({"stats": selection}, lambda sources: sqlagg.cdc_vs_common(
+                sources["stats"], freq=freq, since=since, until=until,
+                projects=projects, instances=instances, regions=regions))
 
     def fleet_state(self, as_of=None, *, staleness=None, tolerance=None, projects=None, instances=None,
                     regions=None):
@@ -367,9 +396,10 @@ class HistoryStore:
         as_of, cutoff, staleness = fleet._settings(
             as_of, staleness, fleet.DEFAULT_TOLERANCE if tolerance is None else tolerance)
         with self._reading():
-            files = {table: self._aggregation_source(table, None, None) for table in TABLE_NAMES}
-            top_stats, top_errors, inferred, scopes, future = sqlagg.fleet_rows(
-                files, cutoff, projects=projects, instances=instances, regions=regions)
+            selections = {table: self._selection(table, None, None) for table in TABLE_NAMES}
+            top_stats, top_errors, inferred, scopes, future = self._aggregated(
+                selections, lambda sources: sqlagg.fleet_rows(
+                    sources, cutoff, projects=projects, instances=instances, regions=regions))
         scope_runs = fleet.scope_runs_frame(inferred, scopes)
         return fleet.finish(top_stats, top_errors, scope_runs, fleet._future_frame(future), as_of=as_of,
                             staleness=staleness)
@@ -386,8 +416,9 @@ class HistoryStore:
         frames = []
         with self._reading():
             for table in ("stats", "errors"):
-                files = self._files(table, cutoff.floor("D"), None)
-                frames.append(self._scan(files, table, ["run_id", "collected_at"], expression).to_pandas())
+                selection = self._selection(table, cutoff.floor("D"), None)
+                frames.append(self._scan(selection.files, table, ["run_id", "collected_at"], expression,
+                                         dedup=selection.overlap).to_pandas())
         runs = pd.concat(frames, ignore_index=True).drop_duplicates("run_id")
         return runs.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
 
@@ -422,6 +453,11 @@ class HistoryStore:
         A run appended to the day while it is compacted is not in the merged file's list and
         stays as its own file.  Days with a single file are left as they are.  ``grace`` applies
         to object stores only (folders delete at the commit, under the lock).
+
+        A file is merged only when that loses nothing: damaged, foreign or newer files, copies of
+        runs already merged, files holding rows of another day, with columns this version does not
+        know, or with times finer than microseconds are left in place, each named in
+        ``CompactReport.left_in_place`` and issued as a :class:`HistoryWarning`.
         """
         if before is None:
             cutoff = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d")
@@ -429,7 +465,7 @@ class HistoryStore:
             cutoff = parse_time(before, "before").strftime("%Y-%m-%d")
         grace = REPLACED_GRACE_SECONDS if grace is None else float(grace)
         fs = self._backend
-        days, files_merged, rows = set(), 0, 0
+        days, files_merged, rows, left = set(), 0, 0, []
         with fs.errors(f"cannot compact {fs.describe()}"):
             if not fs.exists():
                 return CompactReport()
@@ -438,29 +474,59 @@ class HistoryStore:
                     for day, folder in self._day_folders(table, None, None):
                         if day >= cutoff:
                             continue
-                        merged_files, merged_rows = self._compact_day(folder, table, grace)
+                        merged_files, merged_rows, left_here = self._compact_day(folder, table, grace)
+                        left.extend(left_here)
                         if merged_files:
                             days.add(day)
                             files_merged += merged_files
                             rows += merged_rows
-        return CompactReport(days=len(days), files_merged=files_merged, rows=rows)
+        return CompactReport(days=len(days), files_merged=files_merged, rows=rows, left_in_place=tuple(left))
 
-    def _compact_day(self, folder, table: str, grace: float) -> tuple[int, int]:
+    def _compact_day(self, folder, table: str, grace: float) -> tuple[int, int, list[str]]:
         fs = self._backend
         now = time.time()
         fs.remove_abandoned_temporaries(folder, now, COMPACTED_PREFIX)
         self._remove_replaced(folder, now, grace)
-        candidates = self._unreplaced(fs.data_files(folder))
-        sources = self._one_file_per_run(candidates)
-        if len(candidates) <= 1:
-            return 0, 0
-        arrow = self._scan(sources, table, list(_table_dtypes(table)), None)
+        visible = self._unreplaced(fs.data_files(folder))
+        if not visible:
+            return 0, 0, []
+        selection = history_files.select(self._inspect(path, table) for path in visible)
+        left = [self._warn(info) for info in selection.skipped]
+        candidates = []
+        for info in selection.files:
+            mergeable, why = info.mergeable
+            if len(visible) == 1 and not info.other_days:
+                continue  # alone in its day and readable: nothing to merge it with, nothing to say
+            if mergeable:
+                candidates.append(info)
+            else:
+                left.append(self._warn_left(info, why))
+        if len(candidates) + len(selection.superseded) <= 1:
+            return 0, 0, left
+        parts, merged = [], []
+        for info in candidates:
+            part, problem = self._scan_one(info, table, list(_table_dtypes(table)), None, lossless=True)
+            if part is None:  # damaged data, or times that would be cut: stays as it is
+                left.append(problem)
+                continue
+            parts.append(part)
+            merged.append(info)
+        merged_runs = set().union(*(info.run_ids for info in merged))
+        # Merged files whose runs the merge holds anyway (two compactions at once) go with it.
+        replaced = merged + [info for info in selection.superseded if info.run_ids <= merged_runs]
+        if not merged or len(replaced) <= 1:
+            return 0, 0, left
+        arrow = pa.concat_tables(parts)
+        if any(a.run_ids & b.run_ids for i, a in enumerate(merged) for b in merged[i + 1:]):
+            arrow = _first_per_key(arrow, _ROW_KEYS[table])
         order = [(key, "ascending") for key in _SORT_KEYS[table]]
         arrow = arrow.sort_by(order)
         runs = sorted(
-            {run["run_id"]: run for path in sources for run in self._file_runs(path)}.values(),
+            {run_id: {"run_id": run_id, "collected_at": at}
+             for info in merged for run_id, at in info.runs_meta}.values(),
             key=lambda run: (run["collected_at"], run["run_id"]),
         )
+        candidates = [info.path for info in replaced]
         names = sorted(fs.name(path) for path in candidates)
         replaces = sorted(set(names) | set(self._replaced_names(candidates)))
         digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
@@ -476,7 +542,7 @@ class HistoryStore:
             META_REPLACES: json.dumps(replaces).encode(),
         })
         fs.replace_files(target, lambda file: write_parquet(arrow, file), candidates)
-        return len(candidates), arrow.num_rows
+        return len(candidates), arrow.num_rows, left
 
     def _remove_replaced(self, folder, now: float, grace: float) -> None:
         """Delete the files that a committed merged file replaces: in a folder at once (left by a
@@ -536,88 +602,164 @@ class HistoryStore:
                 days.append((day, entry))
         return sorted(days)
 
-    def _files(self, table: str, start, end) -> list:
-        files = []
+    def _selection(self, table: str, start, end) -> history_files.Selection:
+        """The files of ``table`` a reader of ``[start, end)`` reads: one copy of each run, no file
+        a committed compaction replaced, no damaged or foreign file (each warned about once)."""
+        infos = []
         for _, folder in self._day_folders(table, start, end):
             visible = self._backend.data_files(folder)
             if len(visible) > 1:
-                visible = self._one_file_per_run(self._unreplaced(visible))
-            files.extend(visible)
-        return files
+                visible = self._unreplaced(visible)
+            infos.extend(self._inspect(path, table) for path in visible)
+        selection = history_files.select(infos)
+        for info in (*selection.skipped, *selection.misplaced):
+            self._warn(info)
+        return selection
 
     def _unreplaced(self, visible: list) -> list:
         """``visible`` without the files that a merged file among them replaces."""
         replaced = set(self._replaced_names(visible))
         return [path for path in visible if self._backend.name(path) not in replaced]
 
-    def _one_file_per_run(self, files: list) -> list:
-        """``files`` without those whose every run is held by a file kept before them.
-
-        Merged files holding more runs come first, then by name; a run file holds the run its
-        name says.  Two compactions of one day that ran at once (possible on an object store)
-        leave merged files with the same runs: a reader must read only one of them.
-        """
+    def _inspect(self, path, table: str) -> history_files.FileInfo:
+        """``history_files.inspect`` of ``path``, remembered while the file keeps its size and time."""
         fs = self._backend
-        merged = [path for path in files if fs.name(path).startswith(COMPACTED_PREFIX)]
-        if not merged:
-            return files
-        held = {path: {run["run_id"] for run in self._file_runs(path)} for path in merged}
-        for path in files:
-            if path not in held:
-                held[path] = {fs.name(path)[: -len(".parquet")]}
-        order = sorted(merged, key=lambda path: (-len(held[path]), fs.name(path)))
-        order += [path for path in files if path not in merged]
-        claimed, kept = set(), set()
-        for path in order:
-            if held[path] and held[path] <= claimed:
-                continue
-            kept.add(path)
-            claimed |= held[path]
-        return [path for path in files if path in kept]
+        if isinstance(path, Path):
+            try:
+                stat = path.stat()
+            except FileNotFoundError as exc:  # only without flock: a compaction swapped the day
+                raise RomaError(f"the history changed while it was read ({exc}); try again") from exc
+            stamp = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        else:
+            stamp = fs.age(path, 0.0)  # an object is never rewritten in place: its time will do
+        key = (str(path), table, stamp)
+        info = self._inspected.get(key)
+        if info is None:
+            try:
+                info = history_files.inspect(path, table, opener=fs.open)
+            except FileNotFoundError as exc:  # only without flock: a compaction swapped the day
+                raise RomaError(f"the history changed while it was read ({exc}); try again") from exc
+            if len(self._inspected) >= _INSPECTED_MAX:
+                self._inspected.clear()
+            self._inspected[key] = info
+        return info
 
-    def _aggregation_source(self, table: str, start, end):
+    def _warn(self, info: history_files.FileInfo) -> str:
+        return self._issue(info.warning(self.path, self._backend.public))
+
+    def _warn_left(self, info: history_files.FileInfo, why: str) -> str:
+        return self._issue(f"left the history file {self._backend.public(info.path)} as it is (not merged): it {why}")
+
+    def _issue(self, message: str) -> str:
+        """Issue ``message`` as a HistoryWarning, once per store (a dashboard or ``collect --every``
+        reads the history again and again: the user is told once)."""
+        if message not in self._warned:
+            self._warned[message] = None
+            warnings.warn(message, HistoryWarning, stacklevel=4)
+        return message
+
+    def _aggregation_source(self, table: str, paths: list):
         """What :mod:`sqlagg` reads: the file list for a folder, an Arrow dataset for an object
         store (DuckDB reads no object store by itself here: its httpfs extension is not bundled)."""
-        files = self._files(table, start, end)
         fs = self._backend
         if fs.deletes_replaced_at_once:
-            return files
-        return fs.dataset(files, arrow_schema(table), table_folder=fs.child(fs.root, table))
+            return paths
+        return fs.dataset(paths, arrow_schema(table), table_folder=fs.child(fs.root, table))
 
-    def _scan(self, files: list, table: str, columns: list[str], expression) -> pa.Table:
+    def _aggregated(self, selections: dict, aggregate):
+        """``aggregate({table: source})`` over the selected files; when DuckDB fails on a file whose
+        footer looked fine (a damaged data page), find the damaged files by reading them, warn,
+        and aggregate without them."""
+        import duckdb
+
+        def sources(paths: dict) -> dict:
+            return {table: self._aggregation_source(table, files) for table, files in paths.items()}
+
+        try:
+            return aggregate(sources({table: selection.paths for table, selection in selections.items()}))
+        except (duckdb.Error, pa.ArrowInvalid, OSError):
+            good = {table: [info.path for info in selection.files
+                            if self._scan_one(info, table, list(_table_dtypes(table)), None)[0] is not None]
+                    for table, selection in selections.items()}
+            if sum(map(len, good.values())) == sum(len(s.files) for s in selections.values()):
+                raise
+        return aggregate(sources(good))
+
+    def _scan(self, files, table: str, columns: list[str], expression, dedup: bool = False) -> pa.Table:
+        """Rows of the inspected ``files`` as the contract's Arrow types.  ``dedup``: files share
+        runs, keep each run's row of a series once."""
         full = arrow_schema(table)
+        read_columns = list(dict.fromkeys([*columns, *(_ROW_KEYS[table] if dedup else ())]))
         if not files:
             return full.empty_table().select(columns)
         # An explicit schema means no file is opened before the scan, which then reads only
         # the listed (already date-pruned) files, with the row filter pushed down.
-        dataset = self._backend.dataset(files, full)
+        dataset = self._backend.dataset([info.path for info in files], full)
         try:
-            return dataset.to_table(columns=columns, filter=expression)
+            arrow = dataset.to_table(columns=read_columns, filter=expression)
         except FileNotFoundError as exc:  # only without flock: a compaction swapped the day
             raise RomaError(f"the history changed while it was read ({exc}); try again") from exc
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise RomaError(
-                f"cannot read the {table} history in {self.path}: {exc}. A file there is not "
-                "valid roma-analytics Parquet; move it out of the history folder"
-            ) from exc
+        except (pa.ArrowInvalid, OSError):
+            # A damaged data page, or a file of another writer that needs a cast the dataset
+            # refuses (nanoseconds): read file by file, so one bad file costs only its own rows.
+            parts = [self._scan_one(info, table, read_columns, expression)[0] for info in files]
+            parts = [part for part in parts if part is not None]
+            arrow = pa.concat_tables(parts) if parts else full.empty_table().select(read_columns)
+        if dedup:
+            arrow = _first_per_key(arrow, _ROW_KEYS[table])
+        return arrow.select(columns)
 
-    def _compacted_run_ids(self, folder) -> set[str]:
-        return {
-            run["run_id"]
-            for path in self._backend.data_files(folder)
-            if self._backend.name(path).startswith(COMPACTED_PREFIX)
-            for run in self._file_runs(path)
-        }
+    def _scan_one(self, info, table: str, columns: list[str], expression, lossless: bool = False):
+        """``(rows, None)`` of one file, or ``(None, warning)`` when it cannot be read (it is then
+        marked damaged and warned about).  ``lossless``: refuse a cast that cuts sub-microsecond
+        times (for compaction)."""
+        full = arrow_schema(table)
+        try:
+            return self._backend.dataset([info.path], full).to_table(columns=columns, filter=expression), None
+        except FileNotFoundError as exc:
+            raise RomaError(f"the history changed while it was read ({exc}); try again") from exc
+        except (pa.ArrowInvalid, OSError) as exc:
+            first_error = exc
+        try:
+            with self._backend.open(info.path) as file:
+                arrow = history_files.cast_to_contract(pq.read_table(file), table)
+        except (pa.ArrowInvalid, OSError, KeyError) as exc:
+            return None, self._mark_damaged(info, exc)
+        if lossless:
+            return None, self._issue(
+                f"left the history file {self._backend.public(info.path)} as it is (not merged): its rows "
+                f"cannot be merged without loss ({history_files.short_error(first_error)})")
+        arrow = arrow.select(columns)
+        return (arrow if expression is None else arrow.filter(expression)), None
+
+    def _mark_damaged(self, info, exc) -> str:
+        bad = history_files.damaged(info, exc)
+        for key, cached in list(self._inspected.items()):
+            if cached.path == info.path:
+                self._inspected[key] = bad
+        return self._warn(bad)
+
+    def _compacted_run_ids(self, folder, table: str) -> set[str]:
+        run_ids = set()
+        for path in self._backend.data_files(folder):
+            if self._backend.name(path).startswith(COMPACTED_PREFIX):
+                info = self._inspect(path, table)
+                if info.problem:  # cannot tell what it holds: say so, but keep collecting
+                    self._warn(info)
+                run_ids |= info.run_ids
+        return run_ids
 
     def _replaced_names(self, files: list) -> list[str]:
         replaced = []
         for path in files:
             if self._backend.name(path).startswith(COMPACTED_PREFIX):
-                replaced.extend(json.loads(self._backend.schema_metadata(path).get(META_REPLACES, b"[]")))
+                try:
+                    replaced.extend(json.loads(self._backend.schema_metadata(path).get(META_REPLACES, b"[]")))
+                except FileNotFoundError:
+                    raise
+                except (OSError, pa.ArrowException, ValueError, TypeError):
+                    pass  # an unreadable merged file: skipped (and warned about) as damaged
         return replaced
-
-    def _file_runs(self, path) -> list[dict]:
-        return json.loads(self._backend.schema_metadata(path).get(META_RUNS, b"[]"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,22 +810,11 @@ def _row_filter(start, end, filters: dict):
     return expression
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+def _first_per_key(arrow: pa.Table, keys) -> pa.Table:
+    """The first row of each ``keys`` combination, in the original order (rows of one run read
+    from two files count once)."""
+    if arrow.num_rows < 2:
+        return arrow
+    numbered = arrow.append_column("__row", pa.array(np.arange(arrow.num_rows)))
+    firsts = numbered.group_by(list(keys), use_threads=False).aggregate([("__row", "min")])["__row_min"]
+    return arrow.take(pa.array(np.sort(firsts.to_numpy())))

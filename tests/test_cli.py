@@ -233,7 +233,8 @@ def test_export_with_filters(simulator, two_run_history, tmp_path, capsys):
     future = tmp_path / "none.csv"
     code, text, err = run_cli(capsys, "export", "--history", two_run_history, "--format", "csv", "--out", future,
                               "--since", date.today() + timedelta(days=2))
-    assert code == 0 and "exported 0 stats row(s)" in text
+    # A period without runs is not a success (a stopped collector must not go unnoticed).
+    assert code == 6 and text == "" and "has no row since" in err and not future.exists()
 
 
 def test_compact_merges_the_day_without_losing_rows(two_run_history, capsys):

@@ -16,7 +16,7 @@ from unprivileged import as_unprivileged
 
 from roma_analytics import schema
 from roma_analytics.collect import Collection
-from roma_analytics.errors import ConfigError, RomaError
+from roma_analytics.errors import ConfigError, NothingMatched, RomaError
 from roma_analytics.export import WRITERS, ExportReport, export_table
 from roma_analytics.store import HistoryStore
 
@@ -117,8 +117,12 @@ def test_export_filters(store, tmp_path):
     assert report.rows == 1
     rows = read_csv_cells(out)
     assert len(rows) == 2 and rows[1][1] == "r2" and rows[1][4] == "i1"
-    assert export_table(store, out, instances=["nope"]).rows == 0
-    assert read_csv_cells(out) == [list(schema.STATS_COLUMNS)]  # an empty export still has its header
+    with pytest.raises(NothingMatched, match="instance nope"):
+        export_table(store, out, instances=["nope"])
+    assert read_csv_cells(out) == rows  # nothing matched: the previous export is left as it was
+    # p1's errors on May 2nd: none, but p1 has stats rows then, so a valid header-only file
+    assert export_table(store, out, table="errors", projects=["p1"], since="2024-05-02").rows == 0
+    assert read_csv_cells(out) == [list(schema.ERRORS_COLUMNS)]
 
 
 def test_parquet_export_keeps_schema_and_metadata(store, tmp_path):
@@ -139,8 +143,9 @@ def test_parquet_export_keeps_schema_and_metadata(store, tmp_path):
 
 def test_export_of_an_empty_history(tmp_path):
     out = tmp_path / "empty.parquet"
-    assert export_table(tmp_path / "no-history", out, format="parquet").rows == 0
-    pd.testing.assert_frame_equal(schema.conform(pd.read_parquet(out)), schema.empty_stats())
+    with pytest.raises(NothingMatched, match="has no row"):  # an empty export is not a success
+        export_table(tmp_path / "no-history", out, format="parquet")
+    assert not out.exists()
 
 
 def test_bad_targets_are_clear_errors(store, tmp_path):

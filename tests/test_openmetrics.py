@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_pro
 
 from roma_analytics.cli import main
 from roma_analytics.collect import collect
+from roma_analytics.errors import NothingMatched
 from roma_analytics.export import export_table
 from roma_analytics import fleet
 from roma_analytics.openmetrics import render
@@ -141,8 +142,9 @@ def test_an_instance_without_tasks_has_a_nan_ratio_and_zero_counts():
 
 def test_empty_history_and_wrong_table(tmp_path, capsys):
     out = tmp_path / "roma.prom"
-    report = export_table(tmp_path / "none", out, format="openmetrics")
-    assert report.rows == 0 and out.read_text() == "# EOF\n"
+    with pytest.raises(NothingMatched, match="has no row"):  # nothing to export is not a success
+        export_table(tmp_path / "none", out, format="openmetrics")
+    assert not out.exists()
     (tmp_path / "empty").mkdir()
     code = main(["export", "--format", "openmetrics", "--table", "errors", "--out", str(out),
                  "--history", str(tmp_path / "empty")])

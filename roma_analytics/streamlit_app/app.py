@@ -25,6 +25,9 @@ from roma_analytics.store import HistoryStore
 from roma_analytics.targets import load_targets
 
 st.set_page_config(page_title="ROMA Connect task analytics", page_icon="📊", layout="wide")
+# Tables' and charts' own CSV export would write server text without export.csv_text's protection
+# against formulas and split rows: every CSV leaves through the download buttons below.
+st.set_option("client.disableDataExport", True)
 
 SOURCES = ("Sample history", "History folder", "Uploaded export", "Live collection")
 TABS = ("Overview", "Trends", "Heatmap", "Collection health", "Instance drill-down", "Abnormal tasks", "Data")
@@ -38,7 +41,9 @@ PLOT_CONFIG = {"displaylogo": False}
 
 @st.cache_data(max_entries=2, show_spinner="Reading the history…")
 def read_folder(path: str, fingerprint: tuple[int, int]):
-    return (*dashboard.load_history(path), dashboard.load_scopes(path))
+    problems: list[str] = []  # damaged or foreign files, skipped: shown on the page
+    stats, errors = dashboard.load_history(path, problems)
+    return stats, errors, dashboard.load_scopes(path, problems), tuple(problems)
 
 
 @st.cache_data(max_entries=4, show_spinner="Reading the upload…")
@@ -58,7 +63,7 @@ def upload_resolution(digest: str, _files) -> str:
 
 @st.cache_resource(max_entries=4, show_spinner="Indexing the history…")
 def prepared_folder(path: str, fingerprint: tuple[int, int], freq: str, as_of) -> dashboard.PreparedHistory:
-    stats, errors, scopes = read_folder(path, fingerprint)
+    stats, errors, scopes, _ = read_folder(path, fingerprint)
     return dashboard.prepare(stats, errors, freq, scopes=scopes, as_of=as_of)
 
 
@@ -182,6 +187,7 @@ source_key: tuple = ()
 source_text = ""
 live_targets = None
 watched_folder = None  # a history folder an open page watches for new runs
+history_problems: tuple[str, ...] = ()
 try:
     if source_kind in ("Sample history", "History folder"):
         if source_kind == "Sample history":
@@ -199,6 +205,7 @@ try:
         # minutes keep the cache key stable between reruns.
         as_of = None if source_kind == "Sample history" else pd.Timestamp.now(tz="UTC").ceil("min")
         prepared = prepared_folder(folder, stamp, freq, as_of)
+        history_problems = read_folder(folder, stamp)[3]
         source_key = ("folder", folder, stamp, freq)
         watched_folder = (folder, stamp)
         source_text = "the bundled sample history" if source_kind == "Sample history" else f"history folder {md(folder)}"
@@ -280,6 +287,8 @@ except (ConfigError, RomaError) as exc:
     prepared = None
 
 st.title("ROMA Connect task analytics")
+for problem in history_problems:
+    st.warning(md(problem, limit=2000), icon="⚠️")
 if source_error is not None:
     # The message says what to do; a generic "choose a data source" under it would contradict it.
     st.error(f"**Cannot use this data source.** {md(source_error, limit=2000)}")
@@ -391,7 +400,7 @@ if kpis["stale_series"]:
     stale_scopes = numbers["scopes"][numbers["scopes"]["stale"]]
     st.warning(f"{kpis['stale_instances']:,} instance(s) have not been refreshed within their staleness window "
                f"({len(stale_scopes)} project(s) not collected for "
-               + ", ".join(dashboard.age_text(age) for age in stale_scopes["age"].head(3))
+               + ", ".join(fleet.age_text(age) for age in stale_scopes["age"].head(3))
                + "); their numbers above are their last known snapshots.")
 if kpis["disappeared_instances"]:
     st.caption(f"{kpis['disappeared_instances']:,} instance(s) no longer found by their project's latest run "
