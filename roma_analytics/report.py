@@ -30,7 +30,7 @@ import pandas as pd
 
 from roma_analytics import __version__, analysis, charts, display, episodes, fleet
 from roma_analytics._fsio import checked_target, write_output
-from roma_analytics.errors import ConfigError, NothingMatched
+from roma_analytics.errors import NothingMatched
 from roma_analytics.store import HistoryStore, parse_time
 
 __all__ = ["build_report", "write_report", "choose_freq", "ReportSummary", "FREQ_CANDIDATES"]
