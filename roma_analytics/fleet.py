@@ -335,12 +335,17 @@ def _scope_table(scope_runs, top_stats, top_errors, as_of, staleness) -> pd.Data
     table["stale"] = table["age"] > table["stale_after"]
     table = table.reset_index()
     # How the last run went: instances whose latest snapshot or error is that run.
-    def in_last_run(frame, key):
+    def in_last_run(frame):
         rows = frame.merge(table[[*SCOPE_KEY, "last_run_id"]], on=list(SCOPE_KEY))
-        rows = rows[rows["run_id"] == rows["last_run_id"]]
-        return rows[list(key)].drop_duplicates().groupby(list(SCOPE_KEY)).size()
-    collected = in_last_run(top_stats, INSTANCE_KEY)
-    failed = in_last_run(top_errors[top_errors["instance_id"] != DISCOVERY_INSTANCE_ID], INSTANCE_KEY)
+        return rows.loc[rows["run_id"] == rows["last_run_id"], list(INSTANCE_KEY)].drop_duplicates()
+    collected_rows = in_last_run(top_stats)
+    # An errors row of an instance with stats in the same run is about its task list, not a
+    # failed collection (collect.py).
+    failed_rows = in_last_run(top_errors[top_errors["instance_id"] != DISCOVERY_INSTANCE_ID])
+    failed_rows = failed_rows.merge(collected_rows.assign(_collected=True), on=list(INSTANCE_KEY), how="left")
+    failed_rows = failed_rows[failed_rows["_collected"].isna()]
+    collected = collected_rows.groupby(list(SCOPE_KEY)).size()
+    failed = failed_rows.groupby(list(SCOPE_KEY)).size()
     index = pd.MultiIndex.from_frame(table[list(SCOPE_KEY)])
     table["collected"] = collected.reindex(index).fillna(0).astype("int64").to_numpy()
     table["failed"] = failed.reindex(index).fillna(0).astype("int64").to_numpy()

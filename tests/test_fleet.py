@@ -224,3 +224,22 @@ def test_a_failed_instance_keeps_its_last_good_snapshot_and_a_stopped_collector_
     assert later.scopes["stale"].tolist() == [True] and later.scopes["interval"].tolist() == [pd.Timedelta(minutes=5)]
     assert len(later) == 0  # the OpenMetrics export shows no stale gauge
     assert store.fleet_state(as_of=t0 + pd.Timedelta(minutes=24)).scopes["stale"].tolist() == [False]
+
+
+def test_a_failed_task_listing_is_not_a_failed_collection(tmp_path):
+    """An errors row beside the instance's stats in the same run is about its task list."""
+    with Simulator(projects=1, instances=8, seed=0) as sim:
+        project = sim.project_ids[0]
+        targets = [Target(project_id=project, endpoint=sim.base_url, region=REGION)]
+        store = HistoryStore(tmp_path / "history")
+        store.append(collect(targets, retries=0))
+        abnormal = store.load().groupby("instance_id")["abnormal"].sum()
+        broken = abnormal[abnormal > 0].index[0]
+        sim.set_fault(broken, "http_500", api="tasks")
+        store.append(collect(targets, retries=0))
+    errors = store.load(table="errors")
+    assert list(errors["instance_id"]) == [broken] and errors["error_msg"].iloc[0].startswith("task list: ")
+    state = store.fleet_state()
+    assert not state.series["failed"].any() and state.kpis()["failed_collections"] == 0
+    assert state.scopes["success"].tolist() == [True] and state.scopes["failed"].tolist() == [0]
+    assert state.scopes["collected"].tolist() == [len(abnormal)]
