@@ -71,6 +71,7 @@ KINDS: tuple[Kind, ...] = (
             "in charts, pickers, messages",
             "shown as escapes; labels that still look alike get the id appended",
             (_D + "test_visible_shows_every_hidden_character_as_its_escape",
+             _D + "test_instances_that_look_alike_on_screen_are_told_apart_by_their_ids",
              _DASH + "test_instance_picker_labels_are_safe_to_show")),
         Row("storage", "the same texts in the history, exports and the webhook JSON's fields",
             "kept exactly as the server sent them: only what is displayed is escaped",
@@ -154,6 +155,19 @@ def test_each_sink_escapes_its_own_syntax():
     assert display.plotly(LINK) == "&lt;a href='http://evil.example/'&gt;click&lt;/a&gt;"
     assert display.html(LINK) == "&lt;a href=&#x27;http://evil.example/&#x27;&gt;click&lt;/a&gt;"
     assert len(display.plotly(LONG)) == display.LABEL_LIMIT
+
+
+def test_instances_that_look_alike_on_screen_are_told_apart_by_their_ids():
+    import pandas as pd
+
+    from roma_analytics import charts
+
+    # A real bidi override and the six characters "\u202e" look the same once made visible.
+    latest = pd.DataFrame({"instance_id": ["i-1", "i-2"], "instance_name": ["db\u202e", "db\\u202e"],
+                           "task_type": ["common", "common"], "running": [1, 1], "abnormal": [2, 1],
+                           "terminated": [0, 0], "completed": [0, 0]})
+    labels = list(charts.state_breakdown(latest).data[0].y)
+    assert labels == ["db\\u202e (i-1)", "db\\u202e (i-2)"]
 
 
 # --------------------------------------------------------------------------------------------
