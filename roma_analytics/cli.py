@@ -943,8 +943,8 @@ DEFAULT_DASHBOARD_PORT = 8501
 def add_dashboard(subparsers) -> None:
     parser = _subparser(subparsers, "dashboard", "start the dashboard on 127.0.0.1", DASHBOARD_HELP,
                         DASHBOARD_EXAMPLE)
-    parser.add_argument("--history", metavar="DIR",
-                        help="history folder to open (default $ROMA_HISTORY, else the bundled sample)")
+    parser.add_argument("--history", metavar="DIR|URI",
+                        help="history folder or s3://bucket/prefix to open (default $ROMA_HISTORY, else the bundled sample)")
     parser.add_argument("--port", metavar="N", type=_number(int, lambda value: 1 <= value <= 65535,
                                                             "a TCP port from 1 to 65535"),
                         default=DEFAULT_DASHBOARD_PORT, help=f"TCP port on 127.0.0.1 (default {DEFAULT_DASHBOARD_PORT})")
@@ -964,11 +964,14 @@ def run_dashboard(args) -> int:
     import importlib.util
 
     from roma_analytics.dashboard import HISTORY_ENV, REFRESH_ENV, app_path
+    from roma_analytics.history_backend import is_object_store_uri
 
     if importlib.util.find_spec("streamlit") is None:
         raise _Usage("the dashboard needs Streamlit and plotly: pip install 'roma-analytics[dashboard]'")
     env = dict(os.environ)
-    if args.history is not None:
+    if args.history is not None and is_object_store_uri(args.history):
+        env[HISTORY_ENV] = _existing_history(args.history)
+    elif args.history is not None:
         history = os.path.abspath(os.path.expanduser(args.history))
         if not os.path.isdir(history):
             raise _Usage(f"history folder {args.history} does not exist; collect into it first "

@@ -39,6 +39,7 @@ from roma_analytics.display import LABEL_LIMIT, visible
 from roma_analytics.errors import ConfigError, HistoryWarning
 from roma_analytics.export import csv_restore, csv_text
 from roma_analytics.fleet import age_text
+from roma_analytics.history_backend import is_object_store_uri
 from roma_analytics.store import HistoryStore, to_arrow, write_parquet
 
 __all__ = [
@@ -135,18 +136,27 @@ def freshness_text(then, now) -> str:
     return f"{fleet.age_text(age)} ago"
 
 
-def history_from_env(environ: Mapping[str, str] | None = None) -> Path | None:
-    """The history folder named by ``ROMA_HISTORY`` (``None`` when unset or blank)."""
+def history_from_env(environ: Mapping[str, str] | None = None) -> Path | str | None:
+    """The history folder (a Path) or ``s3://`` URI (a str) named by ``ROMA_HISTORY`` (``None``
+    when unset or blank)."""
     value = (os.environ if environ is None else environ).get(HISTORY_ENV, "").strip()
+    if is_object_store_uri(value):
+        return value
     return Path(value).expanduser() if value else None
 
 
 def load_history(path: str | os.PathLike, problems: list | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(stats, errors)`` of the history folder ``path``; ConfigError when there is none.
+    """``(stats, errors)`` of the history folder or ``s3://`` URI ``path``; ConfigError when there is none.
 
     A damaged or foreign file is skipped (the rest of the history still loads); ``problems``, when
     given, receives one message per such file, naming it and what to do, for the page to show.
     """
+    if is_object_store_uri(path):
+        if not HistoryStore(path).exists():
+            raise ConfigError(f"history {path} does not exist (nothing under that prefix); give the URI "
+                              "`roma-analytics collect --history` writes to")
+        stats, errors = _read_tables(path, ("stats", "errors"), problems)
+        return stats, errors
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ConfigError(
@@ -163,11 +173,11 @@ def load_history(path: str | os.PathLike, problems: list | None = None) -> tuple
 def load_scopes(path: str | os.PathLike, problems: list | None = None) -> pd.DataFrame:
     """The ``scopes`` table of the history folder ``path`` (empty for histories without one);
     ``problems`` as in :func:`load_history`."""
-    (scopes,) = _read_tables(Path(path).expanduser(), ("scopes",), problems)
+    (scopes,) = _read_tables(path if is_object_store_uri(path) else Path(path).expanduser(), ("scopes",), problems)
     return scopes
 
 
-def _read_tables(folder: Path, tables, problems: list | None) -> list[pd.DataFrame]:
+def _read_tables(folder, tables, problems: list | None) -> list[pd.DataFrame]:
     store = HistoryStore(folder)
     with warnings.catch_warnings():
         # With a list to fill, the page shows the warnings; else Python's default shows them.
@@ -181,6 +191,8 @@ def _read_tables(folder: Path, tables, problems: list | None) -> list[pd.DataFra
 def history_fingerprint(path: str | os.PathLike) -> tuple[int, int]:
     """``(files, newest mtime in ns)`` of a history's Parquet files: changes when a run is appended
     or a day compacted, so a cache keyed on it reloads exactly then."""
+    if is_object_store_uri(path):
+        return HistoryStore(path).fingerprint()
     newest, count = 0, 0
     for table in schema.TABLES:
         for file in Path(path).expanduser().glob(f"{table}/date=*/*.parquet"):

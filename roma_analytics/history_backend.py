@@ -265,6 +265,16 @@ class LocalBackend:
     def file_exists(self, path) -> bool:
         return Path(path).exists()
 
+    def modified_ns(self, folder) -> list[int]:
+        """The modification times (ns) of the folder's data files."""
+        times = []
+        for path in self.data_files(folder):
+            try:
+                times.append(path.stat().st_mtime_ns)
+            except OSError:  # swapped by a compaction between listing and stat
+                continue
+        return times
+
     def schema_metadata(self, path) -> dict[bytes, bytes]:
         return pq.read_schema(path).metadata or {}
 
@@ -523,9 +533,13 @@ class ObjectStoreBackend:
         return [entry["name"] for entry in self._ls(folder) if entry["type"] == "directory"]
 
     def data_files(self, folder) -> list[str]:
-        return sorted(entry["name"] for entry in self._ls(folder)
-                      if entry["type"] != "directory" and self.name(entry["name"]).endswith(".parquet")
-                      and not self.name(entry["name"]).startswith((".", "_")))
+        return sorted(entry["name"] for entry in self._data_entries(folder))
+
+    def _data_entries(self, folder) -> list[dict]:
+        """Listing entries of the folder's data objects: ``*.parquet`` not hidden by a dot or underscore."""
+        return [entry for entry in self._ls(folder)
+                if entry["type"] != "directory" and self.name(entry["name"]).endswith(".parquet")
+                and not self.name(entry["name"]).startswith((".", "_"))]
 
     def _ls(self, folder) -> list[dict]:
         try:
@@ -542,6 +556,10 @@ class ObjectStoreBackend:
                 f"bucket {self.bucket} does not exist{' at ' + self.settings.endpoint if self.settings.endpoint else ''}; "
                 "create it first (roma-analytics never creates buckets) or fix the history URI"
             ) from None
+
+    def modified_ns(self, folder) -> list[int]:
+        """The modification times (ns) of the folder's data objects."""
+        return [int(entry["LastModified"].timestamp() * 1e9) for entry in self._data_entries(folder)]
 
     def file_exists(self, path) -> bool:
         try:
@@ -640,12 +658,13 @@ class ObjectStoreBackend:
         except OSError as exc:
             text = _reason(exc)
             if "SlowDown" in text or "503" in text or exc.errno == errno.EBUSY:
+                # EAGAIN: a transient failure, so `collect --every` reports it and goes on.
                 raise RomaError(
                     f"{what}: the object store is throttling requests (503 SlowDown) and still was after "
                     f"{self.settings.retries} attempts; nothing was lost, try again later or spread the "
                     "collectors' schedules"
-                ) from None
-            raise RomaError(f"{what}: {text}") from None
+                ) from OSError(errno.EAGAIN, "503 SlowDown")
+            raise RomaError(f"{what}: {text}") from OSError(exc.errno or errno.EIO, text)
         except Exception as exc:  # botocore's connection and credential errors are not OSErrors
             if type(exc).__module__.startswith(("botocore", "aiobotocore", "aiohttp")):
                 raise RomaError(f"{what}: {type(exc).__name__}: {_reason(exc)}") from None

@@ -169,6 +169,16 @@ class HistoryStore:
         """True when the history's folder (or object prefix) exists."""
         return self._backend.exists()
 
+    def fingerprint(self) -> tuple[int, int]:
+        """``(data files, newest modification time in ns)`` over every table: changes when a run
+        is appended or a day compacted (what a cache of the history is keyed on)."""
+        times = []
+        with self._reading():
+            for table in TABLE_NAMES:
+                for _, folder in self._day_folders(table, None, None):
+                    times.extend(self._backend.modified_ns(folder))
+        return len(times), max(times, default=0)
+
     # ---------------------------------------------------------------------------- writing
     def append(self, collection) -> list[Path]:
         """Store one collection run; return the files written (stats, then errors if any).

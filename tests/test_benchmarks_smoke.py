@@ -157,3 +157,11 @@ def test_dashboard_smoke_on_the_real_app(tmp_path):
     rows = bench_dashboard.run(instances=3, runs=20, reruns=2, work=tmp_path)
     assert_well_formed(rows, "3 dashboard", 1)
     assert not any(row.figure.startswith("exception") for row in rows), rows
+
+
+def test_s3_smoke_gives_the_same_trend_on_the_object_store():
+    from benchmarks import bench_s3
+
+    rows = bench_s3.run(instances=4, runs=20, appends=2, repeats=1)
+    assert_well_formed(rows, "7 object store", 3)
+    assert rows[-1].figure == "identical"

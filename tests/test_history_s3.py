@@ -487,3 +487,25 @@ def test_writers_compactor_and_reader_with_kill_9_keep_every_acknowledged_run_on
         reader.compact(before="2030-01-01", grace=0)
         reader.compact(before="2030-01-01", grace=0)
     assert len(reader.files()) == 2  # one merged object per day, nothing left over
+
+
+def test_dashboard_reads_an_s3_history_like_the_folder(s3_bucket, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    from test_app import APP, metrics
+
+    from roma_analytics import dashboard
+    from roma_analytics.samples import SAMPLE_HISTORY
+
+    uri = f"s3://{s3_bucket}/sample"
+    HistoryStore(uri)._backend.fs.put(str(SAMPLE_HISTORY / "stats"), f"{s3_bucket}/sample/stats", recursive=True)
+    HistoryStore(uri)._backend.fs.put(str(SAMPLE_HISTORY / "errors"), f"{s3_bucket}/sample/errors", recursive=True)
+    assert dashboard.history_fingerprint(uri)[0] == dashboard.history_fingerprint(SAMPLE_HISTORY)[0]
+    shown = {}
+    for source in (str(SAMPLE_HISTORY), uri):
+        monkeypatch.setenv("ROMA_HISTORY", source)
+        at = AppTest.from_file(APP, default_timeout=180)
+        at.run()
+        assert not at.exception, at.exception
+        assert at.sidebar.radio(key="source").value == "History folder"
+        shown[source] = metrics(at)
+    assert shown[uri] == shown[str(SAMPLE_HISTORY)] and shown[uri]
