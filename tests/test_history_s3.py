@@ -497,8 +497,8 @@ def test_dashboard_reads_an_s3_history_like_the_folder(s3_bucket, monkeypatch):
     from roma_analytics.samples import SAMPLE_HISTORY
 
     uri = f"s3://{s3_bucket}/sample"
-    HistoryStore(uri)._backend.fs.put(str(SAMPLE_HISTORY / "stats"), f"{s3_bucket}/sample/stats", recursive=True)
-    HistoryStore(uri)._backend.fs.put(str(SAMPLE_HISTORY / "errors"), f"{s3_bucket}/sample/errors", recursive=True)
+    for table in (path.name for path in SAMPLE_HISTORY.iterdir() if path.is_dir()):
+        HistoryStore(uri)._backend.fs.put(str(SAMPLE_HISTORY / table), f"{s3_bucket}/sample/{table}", recursive=True)
     assert dashboard.history_fingerprint(uri)[0] == dashboard.history_fingerprint(SAMPLE_HISTORY)[0]
     shown = {}
     for source in (str(SAMPLE_HISTORY), uri):
