@@ -357,3 +357,29 @@ def test_one_run_history_every_tab_then_a_new_run_appears_without_a_click(tmp_pa
             page.close()
         finally:
             stop(process)
+
+
+# ------------------------------------------------------------------------------ the report shows names as text
+
+def test_a_name_with_html_is_text_in_the_report_charts_not_a_link(chromium, tmp_path):
+    from roma_analytics.report import write_report
+
+    link = "<a href='http://evil.example/'>click</a>"
+    history = tmp_path / "history"
+    collect_named_fleet(history, [link, "<b>bold</b><img src='http://evil.example/p.png'>", "plain", "other"],
+                        seed=3, runs=2)
+    out = tmp_path / "report.html"
+    write_report(history, out, since="2000-01-01")
+    page = chromium.new_page(viewport={"width": 1400, "height": 3000})
+    try:
+        page.goto(out.as_uri())
+        page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+        # plotly turns <a href> in a label into an SVG link and <b> into bold: neither may happen.
+        links = page.eval_on_selector_all(".js-plotly-plot a", "els => els.map(e => e.getAttribute('href') "
+                                          "|| e.getAttributeNS('http://www.w3.org/1999/xlink', 'href'))")
+        assert not [href for href in links if href and "evil" in href]
+        assert page.locator(".js-plotly-plot img, img[src*='evil']").count() == 0
+        shown = page.eval_on_selector_all(".js-plotly-plot text", "els => els.map(e => e.textContent)")
+        assert any(link in text for text in shown), "the name is shown as the text it is"
+    finally:
+        page.close()

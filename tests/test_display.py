@@ -62,7 +62,8 @@ KINDS: tuple[Kind, ...] = (
             "cells, titles, legend names and hover text",
             "`&lt;`, `&gt;`, `&amp;` entities: plotly shows the text, renders no link; error codes never "
             "enter a hover template",
-            (_D + "test_charts_never_carry_markup_or_hidden_characters_from_names",)),
+            (_D + "test_charts_never_carry_markup_or_hidden_characters_from_names",
+             _BROWSER + "test_a_name_with_html_is_text_in_the_report_charts_not_a_link")),
         Row("report-size", "a 200 000-character instance name in the HTML report",
             f"cut to {display.LABEL_LIMIT} characters in labels and {display.LIMIT} elsewhere (ending in "
             "\"…\"): the report stays the usual size and opens at once; HTML-escaped",
