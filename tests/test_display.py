@@ -42,11 +42,12 @@ LONG = "N" * 200_000
 _D, _APP, _DASH, _BROWSER = "test_display::", "test_app::", "test_dashboard::", "test_browser::"
 KINDS: tuple[Kind, ...] = (
     Kind("sinks", (
-        Row("terminal", "an error code, message or instance id with ANSI sequences (`i-\\x1b[2J`), an OSC 8 "
+        Row("terminal", "an error code, message (of the API or IAM) or instance id with ANSI sequences (`i-\\x1b[2J`), an OSC 8 "
             "link, a bidi override (`\\u202e`) or zero-width characters, printed by `collect`, `check` or an "
             "`error:` line, or logged with `-v`",
             "shown as escapes (`i-\\x1b[2J`, `\\u202e`): the terminal moves nothing, no log line is forged",
             (_D + "test_collect_errors_and_debug_logs_show_server_text_without_running_it",
+             _D + "test_an_iam_refusal_is_printed_without_running_it",
              _D + "test_check_prints_findings_without_running_them_and_the_webhook_text_cannot_ping")),
         Row("dashboard-markdown", "a server message with `![x](http://…)`, `[click](http://…)`, `<http://…>`, "
             "`*emphasis*`, `$LaTeX$`, `:red[…]` in the dashboard's `st.error`",
@@ -56,7 +57,8 @@ KINDS: tuple[Kind, ...] = (
         Row("chat-webhook", "`<!channel>`, `<http://x|y>`, `@here` in an instance name that reaches the "
             "webhook's `text`",
             "`&lt;…&gt;` entities and a full-width `＠here`: shown, no mention, no link; the JSON's "
-            "structured fields keep the stored values",
+            "structured fields keep the stored values. Slack has no escape for `*`, `_`, `~`: a name "
+            "may still be shown bold or italic",
             (_D + "test_check_prints_findings_without_running_them_and_the_webhook_text_cannot_ping",)),
         Row("plotly", "`<a href=…>` in an instance name or error code, in bar and heatmap labels, table "
             "cells, titles, legend names and hover text",
@@ -187,8 +189,8 @@ def hostile_history(tmp_path_factory):
     return folder
 
 
-def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+def run_cli(*args, env_extra=None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env_extra or {})}
     env.pop("ROMA_AUTH_TOKEN", None)
     return subprocess.run([sys.executable, "-m", "roma_analytics", *args], capture_output=True, text=True,
                           encoding="utf-8", errors="surrogateescape", env=env, cwd=REPO, timeout=300, **kwargs)
@@ -229,6 +231,28 @@ def test_collect_errors_and_debug_logs_show_server_text_without_running_it(recor
     assert_no_hidden(result.stdout + result.stderr)
     assert "bad \\u202eexe.txt\\u200b\\ufeff two" in result.stderr
     assert "FDI.3002\\u202e" in result.stderr          # the run's error line and the DEBUG log line
+
+
+def test_an_iam_refusal_is_printed_without_running_it(recorder, tmp_path):
+    # The recorder plays IAM (and would play the API): every request is refused with a hostile message.
+    recorder.answer = (401, {"error": {"code": "1101\u202e", "message": "\x1b]8;;http://evil\x07user "
+                                       "\u202elocked\u200b\x1b[2J"}})
+    targets = tmp_path / "targets.toml"
+    targets.write_text(f'''[[endpoints]]
+endpoint = "{recorder.url}"
+auth = {{ type = "iam", user_env = "DISPLAY_U", password_env = "DISPLAY_P", domain_env = "DISPLAY_D", iam_endpoint = "{recorder.url}" }}
+  [[endpoints.projects]]
+  project_id = "p1"
+  instances = ["i-1"]
+''', encoding="utf-8")
+    env = {"DISPLAY_U": "user", "DISPLAY_P": "pw-display-9c2f", "DISPLAY_D": "domain"}
+    result = run_cli("-v", "collect", "--config", str(targets), "--history", str(tmp_path / "history"),
+                     "--retries", "0", env_extra=env)
+    assert recorder.requests, "IAM was asked"
+    assert result.returncode == 4, result.stderr
+    assert_no_hidden(result.stdout + result.stderr)
+    assert "\\u202elocked\\u200b" in result.stderr
+    assert "pw-display-9c2f" not in result.stdout + result.stderr
 
 
 def test_the_report_shows_names_as_text_and_stays_small(hostile_history, tmp_path):
