@@ -861,3 +861,23 @@ def test_task_page_limit_bounds_are_accepted(recorder, page_limit):
     with RomaClient(recorder.url, retries=0) as client:
         assert client.list_tasks("p1", "i1", page_limit=page_limit) == []
     assert dict(parse_qsl(recorder.requests[0]["path"].partition("?")[2]))["limit"] == str(page_limit)
+
+
+def test_a_stopped_run_and_a_passed_deadline_have_their_own_codes(recorder):
+    from roma_analytics.transport import Deadline
+
+    recorder.answer = (200, {"total": 0, "size": 0, "instances": []})
+    stopped = Deadline()
+    stopped.cancel()
+    with RomaClient(recorder.url, retries=3) as client, stopped.applied(), \
+            pytest.raises(RomaTimeout) as caught:
+        client.list_instances("p1")
+    assert (caught.value.error_code, caught.value.attempts) == ("CANCELLED", 1)
+    assert str(caught.value).endswith("the run was stopped (after 1 attempt)")
+    with Simulator(projects=1, instances=1, seed=2, latency_ms=3000) as slow:
+        project = slow.project_ids[0]
+        with RomaClient(slow.base_url, retries=3) as client, Deadline(0.3).applied(), \
+                pytest.raises(RomaTimeout) as caught:
+            client.list_instances(project)
+    assert (caught.value.error_code, caught.value.attempts) == ("RUN_DEADLINE", 1)
+    assert str(caught.value).endswith("the run's deadline of 0.3s passed (after 1 attempt)")
