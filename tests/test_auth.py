@@ -482,3 +482,44 @@ def test_ak_sk_refuses_control_characters_in_project_and_security_token(field):
     with pytest.raises(ConfigError, match=f"^AkSkAuth: {field} contains spaces or control characters$"):
         AkSkAuth(AK, SK, **{field: "abc\x7f"})
     assert AkSkAuth(f" {AK} ", SK).ak == AK
+
+
+@pytest.mark.parametrize("body, lifetime", [
+    ('{"token": {"issued_at": "2024-05-01T10:00:00.000000Z", "expires_at": "2024-05-02T10:00:00.000000Z"}}', 86400.0),
+    ('{"token": {"issued_at": "2024-05-01T10:00:00+08:00", "expires_at": "2024-05-01T04:00:00Z"}}', 7200.0),
+    # naive times are UTC
+    ('{"token": {"issued_at": "2024-05-01T10:00:00", "expires_at": "2024-05-01T11:00:00Z"}}', 3600.0),
+    # no issued_at: the local clock (now = 2024-05-01T10:30Z) instead
+    ('{"token": {"expires_at": "2024-05-01T11:00:00Z"}}', 1800.0),
+    ('{"token": {"issued_at": "yesterday", "expires_at": "2024-05-01T11:00:00Z"}}', 1800.0),
+    ('{"token": {"issued_at": "2024-05-01T10:00:00Z"}}', None),
+    ('{"token": {"expires_at": "soon"}}', None),
+    ('{"other": 1}', None),
+    ("not json", None),
+])
+def test_token_lifetime_is_read_from_iam_times(body, lifetime):
+    from roma_analytics.auth import _token_lifetime
+
+    now = datetime(2024, 5, 1, 10, 30, tzinfo=timezone.utc).timestamp()
+    assert _token_lifetime(body, now) == lifetime
+
+
+@pytest.mark.parametrize("text, limit, expected", [
+    ("a\x1fb\x7fc\x9fd\xa0e\x20f", 100, "a b c d e f"),   # C0, DEL, C1 controls and any whitespace: one space
+    ("\xa1\xff ok", 100, "\xa1\xff ok"),                     # printable Latin-1 stays
+    ("  many   spaces\n\there ", 100, "many spaces here"),
+    ("x" * 10, 10, "x" * 10),
+    ("x" * 11, 10, "x" * 9 + "\u2026"),
+    ("a b", 100, "a b"),
+])
+def test_clean_text_of_iam_messages(text, limit, expected):
+    from roma_analytics.auth import _clean_text
+
+    assert _clean_text(text, limit) == expected
+
+
+def test_iam_error_code_is_cut_at_64():
+    from roma_analytics.auth import _iam_error
+
+    code, _ = _iam_error(('{"error": {"code": "' + "C" * 70 + '", "message": "m"}}').encode(), lambda text: text)
+    assert code == "C" * 63 + "\u2026"
