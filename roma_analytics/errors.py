@@ -12,8 +12,13 @@
     │   └── ThrottledError         429 after the retries ran out
     ├── InvalidResponse            a 2xx whose body is not exactly the documented shape
     │                              .instance_id, .field  (error_code INVALID_RESPONSE)
-    ├── RomaTimeout                connect or read timeout after the retries ran out (TIMEOUT)
+    ├── RomaTimeout                no complete answer within an attempt's budget after the retries
+    │                              ran out (TIMEOUT), or cut by the run's deadline (RUN_DEADLINE)
     └── RomaConnectionError        refused, reset, DNS, TLS ... after the retries (CONNECTION)
+
+A plain ``RomaError`` with ``attempts = 0`` records an instance a run did not attempt: its
+``error_code`` says why (``RUN_DEADLINE``: the run's deadline passed; ``CREDENTIAL_SUSPENDED``:
+its credential was refused too often, see :mod:`roma_analytics.collect`).
 
 Every error has ``error_code`` (the API's code, or the local code in brackets above), ``error_msg``,
 ``status`` (``None`` when no HTTP response came), ``request_id`` and ``attempts`` (how many HTTP
