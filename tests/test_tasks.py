@@ -189,3 +189,25 @@ def test_budget_refuses_what_is_not_a_request_count():
         with pytest.raises(ValueError):
             TaskListBudget(bad)
     assert TaskListBudget(None).reserve(10**6) is not None
+
+
+def test_collect_command_budget_and_opt_out_flags(clocked_sim, tmp_path, capsys):
+    import json
+
+    from roma_analytics.cli import main
+
+    sim = clocked_sim
+    project = sim.project_ids[0]
+    history = tmp_path / "h"
+    common = ["collect", "--endpoint", sim.base_url, "--project-id", project, "--history", str(history), "--json"]
+    assert main([*common, "--task-list-budget", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["task_list_requests"] <= 2 and summary["not_listed"] > 0
+    assert task_list_requests(sim) == summary["task_list_requests"]
+    sim.reset_counters()
+    assert main([*common, "--no-task-list"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["abnormal_task_rows"] is None and task_list_requests(sim) == 0
+    store = HistoryStore(history)
+    assert len(store.listed_runs()) == 1 and len(store.runs()) == 2
+    assert main([*common, "--no-task-list", "--task-list-budget", "3"]) == 2   # they exclude each other
