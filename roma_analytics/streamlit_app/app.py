@@ -503,8 +503,11 @@ with tabs["Instance drill-down"]:
             if source_key and source_key[0] == "folder":
                 episodes = folder_episodes(source_key[1], source_key[2])
                 mine = episodes[episodes["instance_id"] == chosen]
-                st.plotly_chart(charts.episode_timeline(mine, title="Abnormal tasks over time (from the history)"),
-                                config=PLOT_CONFIG)
+                if mine.empty:
+                    st.caption("No task of this instance was listed in ERROR in the history.")
+                else:
+                    st.plotly_chart(charts.episode_timeline(mine, title="Abnormal tasks over time (from the history)"),
+                                    config=PLOT_CONFIG)
 
 with tabs["Abnormal tasks"]:
     if tabs["Abnormal tasks"].open:
