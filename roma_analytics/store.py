@@ -376,8 +376,10 @@ class HistoryStore:
         if listed_runs is None:
             listed_runs = self.listed_runs(since, until)["run_id"].tolist()
         with self._reading():
-            sources = [self._aggregation_source(table, start, end) for table in ("stats", "abnormal_tasks", "errors")]
-            return episodes.episodes_duckdb(*sources, listed_runs, since=since, until=until)
+            selections = {table: self._selection(table, start, end) for table in ("stats", "abnormal_tasks", "errors")}
+            return self._aggregated(selections, lambda sources: episodes.episodes_duckdb(
+                sources["stats"], sources["abnormal_tasks"], sources["errors"], listed_runs,
+                since=since, until=until))
 
     def cdc_vs_common(self, freq="1D", since=None, until=None, projects=None, instances=None,
                       regions=None) -> pd.DataFrame:
