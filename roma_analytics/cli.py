@@ -555,15 +555,15 @@ def _history_arguments(parser) -> None:
                         help="targets file whose [defaults] history is used (no credentials needed)")
 
 
-def _history(args) -> str:
-    """The history folder of a reading command: --history, $ROMA_HISTORY, --config's
-    [defaults] history, data/history; it must exist."""
+def _history(args):
+    """The HistoryStore of a reading command: --history, $ROMA_HISTORY, --config's [defaults]
+    history (and, for an s3:// history, its history_* settings), data/history; it must exist."""
     defaults = None
     if args.config:
         from roma_analytics.targets import load_defaults
 
         defaults = load_defaults(args.config)
-    return _existing_history(resolve_history(args.history, defaults))
+    return _history_store(_existing_history(resolve_history(args.history, defaults), defaults), defaults)
 
 
 def _say(args, text: str) -> None:
@@ -583,13 +583,13 @@ def _require_extra(module: str, what: str) -> None:
                      "pip install 'roma-analytics[dashboard]'")
 
 
-def _existing_history(path: str) -> str:
+def _existing_history(path: str, settings: dict | None = None) -> str:
     """Commands that read a history stop on a missing folder: in cron, a mistyped path must fail
     loudly instead of exporting or compacting nothing, run after run."""
     from roma_analytics.history_backend import is_object_store_uri
 
     if is_object_store_uri(path):
-        if not _history_store(path).exists():
+        if not _history_store(path, settings).exists():
             raise _Usage(f"history {path} does not exist (nothing under that prefix); collect into it first "
                          f"(roma-analytics collect --history {path}) or pass the right --history")
         return path
@@ -639,9 +639,7 @@ def add_compact(subparsers) -> None:
 
 
 def run_compact(args) -> int:
-    from roma_analytics.store import HistoryStore
-
-    report = _history_store(_history(args)).compact(before=args.before)
+    report = _history(args).compact(before=args.before)
     today = datetime.now(timezone.utc).date()
     before = min(args.before.date(), today) if args.before else today
     _say(args, f"compacted {report.days} day(s) before {before.isoformat()} (UTC; "

@@ -393,6 +393,12 @@ endpoint = "{simulator.base_url}"
   discover = true
 """)
     assert main(["collect", "--config", str(config)]) == 0, capsys.readouterr().err
+    # the reading commands take the same [defaults]
+    out = tmp_path / "stats.csv"
+    assert main(["export", "--config", str(config), "--format", "csv", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert len(pd.read_csv(out)) > 0
+    assert main(["compact", "--config", str(config)]) == 0, capsys.readouterr().err
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
