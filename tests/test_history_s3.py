@@ -515,3 +515,29 @@ def test_dashboard_reads_an_s3_history_like_the_folder(s3_bucket, monkeypatch):
         assert at.sidebar.radio(key="source").value == "History folder"
         shown[source] = metrics(at)
     assert shown[uri] == shown[str(SAMPLE_HISTORY)] and shown[uri]
+
+
+def test_collect_every_reports_a_throttled_run_and_goes_on(simulator, s3_bucket, slowdown_proxy):
+    """A store throttling beyond the retries costs that run (reported), not the collector."""
+    import subprocess
+    import sys
+
+    uri = f"s3://{s3_bucket}/h"
+    proxy, endpoint = slowdown_proxy(refusals=10)  # two requests' worth of attempts (5 each)
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "roma_analytics", "collect", "--endpoint", simulator.base_url,
+         "--project-id", simulator.project_ids[0], "--history", uri, "--every", "1s"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not HistoryStore(uri).exists() or len(HistoryStore(uri).runs()) < 2:
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline, "no run was stored after the throttling ended"
+            time.sleep(0.5)
+    finally:
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+    assert proxy.refused == 10
+    assert "was not stored" in err and "throttling requests (503 SlowDown)" in err, err
+    assert child.returncode == 0, err
