@@ -50,6 +50,8 @@ from . import history_files, schema
 from .schema import parse_time
 from .errors import ConfigError, HistoryWarning, RomaError
 from .history_backend import REPLACED_GRACE_SECONDS, ObjectStoreSettings, backend_for
+# Where the folder backend's lock files and temporary-file cutoff live (kept importable from here).
+from .history_backend import COMPACT_LOCK_NAME, READ_LOCK_NAME, STALE_TEMP_SECONDS  # noqa: F401
 
 __all__ = ["HistoryStore", "CompactReport", "arrow_schema", "to_arrow", "write_parquet", "parse_time"]
 
