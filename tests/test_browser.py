@@ -229,7 +229,7 @@ def test_a_click_on_a_bar_opens_the_instance_that_was_clicked(confusing_page, co
 from test_dashboard_command import HOSTILE_CONFIG, HOSTILE_ENV, start_dashboard, stop  # noqa: E402
 
 TABS = ("Overview", "Trends", "Heatmap", "Collection health", "Instance drill-down", "Data")
-#: Charts each tab draws (the drill-down once an instance is chosen).
+#: Charts each tab draws at least (the drill-down once an instance is chosen).
 CHARTS = {"Overview": 3, "Trends": 2, "Heatmap": 1, "Collection health": 1, "Instance drill-down": 1, "Data": 0}
 TIMINGS = REPO / "artifacts" / "browser-timings.json"
 
@@ -272,7 +272,9 @@ def check_every_tab(page, charts: dict[str, int] = CHARTS) -> None:
             page.wait_for_function(
                 "n => document.querySelectorAll('[data-testid=\"stMain\"] .js-plotly-plot .main-svg').length >= n",
                 arg=charts[tab], timeout=60_000)
-        assert visible_charts(page) == charts[tab], tab
+        # At least the tab's own charts (the drill-down may add an episode timeline); none on Data.
+        shown = visible_charts(page)
+        assert shown >= charts[tab] and (charts[tab] or shown == 0), (tab, shown)
         assert page.locator('[data-testid="stException"]').count() == 0, tab
     open_tab(page, "Overview")
 
