@@ -183,8 +183,8 @@ def _read_tables(folder, tables, problems: list | None) -> list[pd.DataFrame]:
         # With a list to fill, the page shows the warnings; else Python's default shows them.
         warnings.simplefilter("ignore" if problems is not None else "default", HistoryWarning)
         frames = [store.load(table=table) for table in tables]
-    if problems is not None:
-        problems.extend(store.problems)
+    if problems is not None:  # one message per file, however many tables were read
+        problems.extend(problem for problem in store.problems if problem not in problems)
     return frames
 
 

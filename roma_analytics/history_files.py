@@ -27,6 +27,10 @@ OpenMetrics and the dashboard read through those paths, so one rule holds everyw
   store then deduplicates rows by run id and series).  Preferred, in this order: files in their
   own ``date=`` folder, compacted files, files named after their run (``<run_id>.parquet``), then
   the rest in name order.
+* **A run is read whole or not at all**: when a run's ``stats`` file is skipped, its rows of the
+  other tables (errors, scopes, abnormal tasks) are not read either -- else a run whose stats are
+  unreadable would look like a run that found no instance, and every instance would seem gone.
+  Its runs come from the file's run list, or for an unreadable file from its name.
 * **A row's day is its own ``collected_at``**, not its folder's name: rows are always filtered by
   their time, never by the ``date`` partition value.  A file whose rows belong to another day
   than its folder is read with one warning saying where it belongs (the folder still decides
@@ -143,6 +147,8 @@ class Selection:
     overlap: bool = False
     misplaced: tuple[FileInfo, ...] = ()
     superseded: tuple[FileInfo, ...] = ()
+    #: Runs whose stats file was skipped: their rows of the other tables are not read either.
+    excluded_runs: frozenset = frozenset()
 
     @property
     def paths(self) -> list:
@@ -161,7 +167,10 @@ def inspect(path, table: str, opener: Callable = lambda path: open(path, "rb")) 
     except FileNotFoundError:
         raise  # gone meanwhile (a compaction's swap): the caller's business, not a damaged file
     except (OSError, pa.ArrowException, ValueError) as exc:
-        return replace(info, problem=f"is not a readable Parquet file ({short_error(exc)})", advice=_ADVICE_DAMAGED)
+        # Its runs can only be told by its name (<run_id>.parquet, as roma-analytics writes them).
+        named = info.name[: -len(".parquet")] if info.name.endswith(".parquet") and not info.compacted else ""
+        return replace(info, problem=f"is not a readable Parquet file ({short_error(exc)})", advice=_ADVICE_DAMAGED,
+                       run_ids=frozenset([named]) if named else frozenset())
 
 
 def damaged(info: FileInfo, exc: BaseException) -> FileInfo:
@@ -223,7 +232,7 @@ def _checked(parquet: pq.ParquetFile, info: FileInfo) -> FileInfo:
     table = info.table
     metadata = parquet.schema_arrow.metadata or {}
     found = parquet.schema_arrow
-    info = replace(info, rows=parquet.metadata.num_rows)
+    info = replace(info, rows=parquet.metadata.num_rows, **_listed_runs(metadata))
 
     version = metadata.get(META_SCHEMA_VERSION)
     if version is not None:
@@ -264,7 +273,9 @@ def _checked(parquet: pq.ParquetFile, info: FileInfo) -> FileInfo:
     if null_columns:
         return replace(info, advice=_ADVICE_FOREIGN, problem=(
             f"has empty (null) values in column(s) {', '.join(null_columns)}, which the {table} table always fills"))
-    info = replace(info, **_run_lists(parquet, metadata))
+    if not info.run_ids and info.rows:
+        run_ids = pc.unique(parquet.read(columns=["run_id"]).column(0).combine_chunks()).to_pylist()
+        info = replace(info, run_ids=frozenset(str(run) for run in run_ids if run is not None))
     first, last = statistics["collected_at"]["min"], statistics["collected_at"]["max"]
     if info.rows and first is not None:
         info = replace(info, first=first, last=last, other_days=_other_days(info.path, first, last))
@@ -318,21 +329,16 @@ def _column_statistics(parquet: pq.ParquetFile, names: list[str]) -> dict[str, d
     return out
 
 
-def _run_lists(parquet: pq.ParquetFile, metadata: dict) -> dict:
-    runs_meta = ()
+def _listed_runs(metadata: dict) -> dict:
+    """``runs_meta`` and ``run_ids`` from the file's ``roma_analytics.runs`` (empty without one)."""
     raw = metadata.get(META_RUNS)
-    if raw is not None:
-        try:
-            listed = json.loads(raw)
-            runs_meta = tuple((str(run["run_id"]), str(run["collected_at"])) for run in listed)
-        except (ValueError, TypeError, KeyError):
-            runs_meta = ()  # unreadable run list: the rows still say which runs the file holds
-    if runs_meta:
-        return {"runs_meta": runs_meta, "run_ids": frozenset(run for run, _ in runs_meta)}
-    if not parquet.metadata.num_rows:
+    if raw is None:
         return {}
-    run_ids = pc.unique(parquet.read(columns=["run_id"]).column(0).combine_chunks()).to_pylist()
-    return {"run_ids": frozenset(str(run) for run in run_ids if run is not None)}
+    try:
+        runs_meta = tuple((str(run["run_id"]), str(run["collected_at"])) for run in json.loads(raw))
+    except (ValueError, TypeError, KeyError):
+        return {}  # an unreadable run list: the rows still say which runs the file holds
+    return {"runs_meta": runs_meta, "run_ids": frozenset(run for run, _ in runs_meta)}
 
 
 def _utc(value) -> pd.Timestamp | None:

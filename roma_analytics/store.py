@@ -30,6 +30,7 @@ of other writers are cast to the contract's types.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -278,7 +279,8 @@ class HistoryStore:
         read_columns = list(dict.fromkeys([*wanted, *(k for k in _SORT_KEYS[table] if k in dtypes)]))
         with self._reading():
             selection = self._selection(table, start, end)
-            arrow = self._scan(selection.files, table, read_columns, expression, dedup=selection.overlap)
+            arrow = self._scan(selection.files, table, read_columns, expression, dedup=selection.overlap,
+                               excluded_runs=selection.excluded_runs)
         frame = arrow.to_pandas()
         sort_keys = [key for key in _SORT_KEYS[table] if key in frame.columns]
         if len(frame) > 1:
@@ -296,9 +298,10 @@ class HistoryStore:
             for table in TABLE_NAMES:
                 selection = self._selection(table, start, end)
                 scanned = self._scan(selection.files, table, ["run_id", "collected_at"], expression,
-                                     dedup=selection.overlap)
+                                     dedup=selection.overlap, excluded_runs=selection.excluded_runs)
                 rows[table] = scanned.to_pandas()
-                listed.extend(run for info in selection.files for run in info.runs_meta)
+                listed.extend(run for info in selection.files for run in info.runs_meta
+                              if run[0] not in selection.excluded_runs)
         # A run without a single row exists only in the files' metadata.
         meta = pd.DataFrame(listed, columns=["run_id", "collected_at"])
         meta["collected_at"] = pd.to_datetime(meta["collected_at"], utc=True, format="ISO8601")
@@ -432,7 +435,8 @@ class HistoryStore:
             for table in ("stats", "errors"):
                 selection = self._selection(table, cutoff.floor("D"), None)
                 frames.append(self._scan(selection.files, table, ["run_id", "collected_at"], expression,
-                                         dedup=selection.overlap).to_pandas())
+                                         dedup=selection.overlap,
+                                         excluded_runs=selection.excluded_runs).to_pandas())
         runs = pd.concat(frames, ignore_index=True).drop_duplicates("run_id")
         return runs.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
 
@@ -628,7 +632,18 @@ class HistoryStore:
         selection = history_files.select(infos)
         for info in (*selection.skipped, *selection.misplaced):
             self._warn(info)
+        if table != "stats":
+            lost = self._lost_runs(start, end)
+            if lost:  # the stats file's warning said it; these rows go with it, silently
+                kept = tuple(info for info in selection.files if not (info.run_ids and info.run_ids <= lost))
+                selection = dataclasses.replace(selection, files=kept, excluded_runs=lost)
         return selection
+
+    def _lost_runs(self, start, end) -> frozenset:
+        """Runs of ``[start, end)`` whose stats rows cannot be read (their stats file was skipped)."""
+        stats = self._selection("stats", start, end)
+        readable = set().union(*(info.run_ids for info in stats.files))
+        return frozenset(set().union(*(info.run_ids for info in stats.skipped)) - readable)
 
     def _unreplaced(self, visible: list) -> list:
         """``visible`` without the files that a merged file among them replaces."""
@@ -699,10 +714,14 @@ class HistoryStore:
                 raise
         return aggregate(sources(good))
 
-    def _scan(self, files, table: str, columns: list[str], expression, dedup: bool = False) -> pa.Table:
+    def _scan(self, files, table: str, columns: list[str], expression, dedup: bool = False,
+              excluded_runs=frozenset()) -> pa.Table:
         """Rows of the inspected ``files`` as the contract's Arrow types.  ``dedup``: files share
-        runs, keep each run's row of a series once."""
+        runs, keep each run's row of a series once; rows of ``excluded_runs`` are left out."""
         full = arrow_schema(table)
+        if excluded_runs:
+            keep = ~ds.field("run_id").isin(pa.array(sorted(excluded_runs), type=pa.string()))
+            expression = keep if expression is None else expression & keep
         read_columns = list(dict.fromkeys([*columns, *(_ROW_KEYS[table] if dedup else ())]))
         if not files:
             return full.empty_table().select(columns)

@@ -177,6 +177,7 @@ class HistoryFault:
     compact: str         # "left in place" | "merged"
     lost: tuple = ()     # runs whose stats rows are no longer readable
     hint: str = ""       # what the warning must say
+    runs_known: bool = True  # whether the lost runs can be told (a run file's name or run list)
 
     @property
     def said(self) -> str:
@@ -197,7 +198,7 @@ HISTORY_FAULTS: tuple[HistoryFault, ...] = (
                                                                           run_file(h, "r2"))[1],
                  "skipped", "left in place", ("r2",), "cannot be read"),
     HistoryFault("a damaged `compacted-*.parquet`", damage_compacted, "skipped", "left in place", ("r1", "r2", "r3"),
-                 "not a readable"),
+                 "not a readable", runs_known=False),
     HistoryFault("a newer `schema_version` (and a new column)", rewritten(
         "r2", lambda t: t.append_column("pending", pa.array([7] * t.num_rows, pa.int64())),
         {b"roma_analytics.schema_version": str(schema.SCHEMA_VERSION + 1).encode()}),
@@ -244,6 +245,9 @@ def test_history_fault_matrix(history, fault):
     path = fault.damage(history)
     content = path.read_bytes()
     readable = [run for run in RUNS if run not in fault.lost]
+    # A run is read whole or not at all: its errors rows go with its unreadable stats file
+    # (when the file tells which runs it held: a merged file's name does not).
+    error_runs = readable if fault.runs_known else list(RUNS)
     store = HistoryStore(history)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -251,7 +255,7 @@ def test_history_fault_matrix(history, fault):
         again = all_reads(store)  # a dashboard or `collect --every` reads again and again
     said = history_warnings(caught)
     for result in (reads, again):
-        assert_reads_equal_runs(result, readable)
+        assert_reads_equal_runs(result, readable, error_runs)
     assert path.read_bytes() == content, "a reader modified the file"
     if fault.readers == "read":
         assert said == []
@@ -276,7 +280,7 @@ def test_history_fault_matrix(history, fault):
         assert [m for m in history_warnings(caught) if str(path) in m]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert_reads_equal_runs(all_reads(HistoryStore(history)), readable)
+        assert_reads_equal_runs(all_reads(HistoryStore(history)), readable, error_runs)
     for merged in (history / "stats").glob("date=*/compacted-*.parquet"):  # never into the wrong day
         if merged != path:
             days = pq.read_table(merged).column("collected_at").to_pandas().dt.strftime("%Y-%m-%d")
@@ -450,6 +454,22 @@ def test_each_command_works_on_a_history_with_one_damaged_file(recent_history_di
 @pytest.fixture
 def recent_history_dir(history_dir):
     return recent_history(history_dir)
+
+
+def test_a_damaged_latest_stats_file_never_makes_instances_look_gone(recent_history_dir, tmp_path, capsys):
+    """Its run's errors rows are not read either: the run is unreadable, not a run that found nothing."""
+    history = recent_history_dir
+    (bad,) = history.glob("stats/date=*/recent-1.parquet")
+    bad.write_bytes(b"junk")
+    with pytest.warns(HistoryWarning, match="recent-1.parquet"):
+        store = HistoryStore(history)
+        state = store.fleet_state()
+        runs = store.runs()
+    assert set(state.series["status"]) == {"ok"}, state.series
+    assert list(runs["run_id"]) == ["recent-3", "recent-2"]
+    code, out, err = cli(capsys, "check", "--disappeared", "--history", history, "--state", tmp_path / "state.json")
+    assert code == 0 and "disappeared" not in out.lower(), (out, err)
+    assert len(warning_lines(err)) == 1 and str(bad) in err
 
 
 @pytest.mark.timeout(120)
