@@ -660,7 +660,9 @@ class HistoryStore:
                 raise RomaError(f"the history changed while it was read ({exc}); try again") from exc
             stamp = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
         else:
-            stamp = fs.age(path, 0.0)  # an object is never rewritten in place: its time will do
+            # Objects are created once (conditional PUT) and never rewritten in place: the name is
+            # enough, and no HEAD request per object slows a lock-free reader past the grace period.
+            stamp = None
         key = (str(path), table, stamp)
         info = self._inspected.get(key)
         if info is None:
