@@ -309,9 +309,10 @@ CONFIDENCE = 0.99
 
 
 def confidence_text(confidence: float | None = None) -> str:
-    """``"99 %"``: the level a view states beside its intervals."""
+    """``"99%"``: the level a view states beside its intervals (written as every percentage the
+    dashboard and report show)."""
     level = CONFIDENCE if confidence is None else confidence
-    return f"{level * 100:g} %"
+    return f"{level * 100:g}%"
 
 
 def wilson_interval(successes, trials, confidence: float | None = None):

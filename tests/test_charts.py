@@ -511,7 +511,7 @@ def test_worst_instances_table_cells():
     table = fig.data[0]
     assert isinstance(table, go.Table)
     assert list(table.header.values) == [
-        "<b>Instance</b>", "<b>Abnormal</b>", "<b>Total</b>", "<b>Abnormal ratio</b>", "<b>99 % Wilson interval</b>"
+        "<b>Instance</b>", "<b>Abnormal</b>", "<b>Total</b>", "<b>Abnormal ratio</b>", "<b>99% Wilson interval</b>"
     ]
     instance, abnormal, total, ratio, interval = (list(column) for column in table.cells.values)
     assert instance == ["alpha", "beta", "gamma"]
