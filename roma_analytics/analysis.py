@@ -107,7 +107,14 @@ def _utc_times(times) -> pd.Series:
     """``times`` as a ``datetime64[us, UTC]`` Series; naive values are taken as UTC."""
     series = times if isinstance(times, pd.Series) else pd.Series(times)
     if not pd.api.types.is_datetime64_any_dtype(series):
-        series = pd.to_datetime(series, utc=True, format="ISO8601")
+        # Texts with an offset and naive ones are parsed apart: pandas 2.x, given both at once,
+        # applies the first text's offset to the naive ones instead of reading them as UTC.
+        aware = series.astype("string").str.contains(r"(?:[zZ]|[+-]\d\d(?::?\d\d)?)$", regex=True)
+        aware = aware.fillna(False).astype(bool)
+        parts = [pd.to_datetime(series[mask], utc=True, format="ISO8601").astype(TIMESTAMP_DTYPE)
+                 for mask in (aware, ~aware) if mask.any()]
+        series = (pd.concat(parts).reindex(series.index) if parts
+                  else pd.Series(pd.NaT, index=series.index, dtype=TIMESTAMP_DTYPE))
     elif series.dt.tz is None:
         series = series.dt.tz_localize("UTC")
     return series.dt.tz_convert("UTC").astype(TIMESTAMP_DTYPE)
