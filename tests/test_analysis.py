@@ -750,6 +750,6 @@ def test_kpis_pass_scopes_time_and_staleness_to_the_fleet_state():
 
 
 def test_confidence_text_states_the_level_in_percent():
-    assert analysis.confidence_text(0.95) == "95 %"
-    assert analysis.confidence_text(0.999) == "99.9 %"
+    assert analysis.confidence_text(0.95) == "95%"
+    assert analysis.confidence_text(0.999) == "99.9%"
     assert analysis.CONFIDENCE == 0.99 and analysis.confidence_text() == "99%"
