@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from datetime import datetime, timezone
 from types import SimpleNamespace
 from urllib.parse import quote
@@ -523,3 +524,24 @@ def test_iam_error_code_is_cut_at_64():
 
     code, _ = _iam_error(('{"error": {"code": "' + "C" * 70 + '", "message": "m"}}').encode(), lambda text: text)
     assert code == "C" * 63 + "\u2026"
+
+
+def test_naive_iam_times_are_utc_whatever_the_local_zone(monkeypatch):
+    from roma_analytics.auth import _token_lifetime
+
+    monkeypatch.setenv("TZ", "Asia/Shanghai")
+    time.tzset()
+    try:
+        body = '{"token": {"issued_at": "2024-05-01T10:00:00", "expires_at": "2024-05-01T11:00:00Z"}}'
+        assert _token_lifetime(body, 0.0) == 3600.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_an_issued_iam_token_is_redacted_too(iam_sim):
+    auth = IamPasswordAuth("alice", IAM_PASSWORD, "acme", project_id=iam_sim.project_ids[0],
+                           iam_endpoint=iam_sim.base_url)
+    assert auth._secret_values() == (IAM_PASSWORD,)
+    token = auth.token()
+    assert auth._secret_values() == (IAM_PASSWORD, token)
