@@ -261,7 +261,11 @@ def test_the_report_shows_names_as_text_and_stays_small(hostile_history, tmp_pat
     assert result.returncode == 0, result.stderr
     page = out.read_text(encoding="utf-8")
     assert LONG[:1000] not in page
-    assert_no_hidden(page)
+    # The report embeds the plotly.js library itself, whose own source holds such characters in
+    # some versions (5.x); only what the report adds around it is checked.
+    from plotly.offline import get_plotlyjs
+
+    assert_no_hidden(page.replace(get_plotlyjs(), ""))
     # plotly reads <a href> in labels: in the figures' JSON ("<" written \u003c) and in the
     # tables, every "<" of a name is an entity.
     body = page.split("</head>", 1)[1]   # the head inlines plotly.js, which has its own "<a href"
