@@ -367,7 +367,6 @@ def _changes(series, before, errors, scopes) -> pd.DataFrame:
                                                           "last_discovery"]]
     rows = series.merge(two_runs, on=list(SCOPE_KEY), how="inner")
     in_last = rows["run_id"] == rows["last_run_id"]
-    attempt_run = rows["last_attempt_at"]  # noqa: F841 - documented by the conditions below
     failed_now = rows["failed"] & ~in_last
     # Tried in the scope's previous run (collected or failed) and not in its latest.
     was_in_previous = (rows["run_id"] == rows["previous_run_id"])
@@ -396,17 +395,16 @@ def _changes(series, before, errors, scopes) -> pd.DataFrame:
         out[name] = rows[name].astype(STRING_DTYPE)
     out["instance_name"] = rows["instance_name"].astype(STRING_DTYPE)
     has_prior = key.isin(prior.index) if len(prior) else np.zeros(len(rows), dtype=bool)
-    current_side = in_last
     differs = np.zeros(len(rows), dtype=bool)
     for name in TOTAL_COLUMNS:
         latest_value = rows[name].astype("Int64")
         prior_value = (prior[name].reindex(key).astype("Int64").to_numpy() if len(prior)
                        else pd.array([pd.NA] * len(rows), dtype="Int64"))
-        now = pd.array(np.where(current_side, latest_value.to_numpy(dtype=object, na_value=pd.NA), pd.NA),
+        now = pd.array(np.where(in_last, latest_value.to_numpy(dtype=object, na_value=pd.NA), pd.NA),
                        dtype="Int64")
         # The previous side: the series' own previous snapshot when its latest is from this
         # run, else the latest itself (what it had when last seen).
-        then = pd.array(np.where(current_side, np.asarray(prior_value, dtype=object),
+        then = pd.array(np.where(in_last, np.asarray(prior_value, dtype=object),
                                  latest_value.to_numpy(dtype=object, na_value=pd.NA)), dtype="Int64")
         out[name] = now
         out[f"previous_{name}"] = then
