@@ -63,7 +63,8 @@ class Recorder:
 def recorder():
     """A :class:`Recorder` on a free loopback port."""
     server = Recorder()
-    thread = threading.Thread(target=server.server.serve_forever, daemon=True)
+    # A short poll: shutdown() waits for it, and many tests use this server.
+    thread = threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server

@@ -7,6 +7,8 @@ which also yields the URI it sends), once as ``requests`` sends that URI with ``
 """
 from __future__ import annotations
 
+import json
+import logging
 import re
 import threading
 import time
@@ -545,3 +547,399 @@ def test_an_issued_iam_token_is_redacted_too(iam_sim):
     assert auth._secret_values() == (IAM_PASSWORD,)
     token = auth.token()
     assert auth._secret_values() == (IAM_PASSWORD, token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical request details (each checked against text written out by hand)
+
+
+def test_canonical_helpers_on_edge_inputs():
+    import hashlib
+
+    from roma_analytics.auth import canonical_headers, payload_hash
+
+    assert canonical_uri("") == "/"
+    assert canonical_query_string("a=1&&b=2&") == "a=1&b=2"          # empty parts are skipped, not the end
+    assert canonical_query_string([("flag", True), ("off", False), ("n", 3)]) == "flag=true&n=3&off=false"
+    assert canonical_query_string([("b", "x y"), ("a", "1")]) == "a=1&b=x%20y"
+    # A signed header the request lacks is signed with an empty value, as the SDK does.
+    assert canonical_headers({"Host": "h.example"}, ["host", "x-project-id"]) == "host:h.example\nx-project-id:\n"
+    assert payload_hash("é") == hashlib.sha256("é".encode("utf-8")).hexdigest()
+    assert payload_hash(b"") == payload_hash(None) == hashlib.sha256(b"").hexdigest()
+
+
+def test_the_query_is_sent_as_signed_sorted_and_with_percent_20():
+    # requests' params= writes "b=x+y&a=1"; the gateway must receive the canonical query the
+    # signature covers, exactly the URI the SDK sends.
+    official = sdk_sign("GET", {"project_id": "p", "instance_id": "i"}, [("b", "x y"), ("a", "1")],
+                        {"X-Sdk-Date": DATE})
+    prepared = requests.Request("GET", f"https://{HOST}/v2/p/x/i/y", params=[("b", "x y"), ("a", "1")],
+                                headers={"X-Sdk-Date": DATE}, auth=AkSkAuth(AK, SK)).prepare()
+    assert prepared.path_url == official.uri == "/v2/p/x/i/y?a=1&b=x%20y"
+    assert prepared.headers["Authorization"] == official.header_params["Authorization"]
+
+
+def test_a_given_host_header_is_kept_and_signed():
+    # Reaching the gateway by address with its name in Host (as behind a private DNS): the Host
+    # sent is the one signed.
+    official = sdk_sign("GET", {"project_id": "p", "instance_id": "i"}, [], {"X-Sdk-Date": DATE, "Host": HOST})
+    prepared = requests.Request("GET", f"https://192.0.2.10{official.uri}", headers={"X-Sdk-Date": DATE, "Host": HOST},
+                                auth=AkSkAuth(AK, SK)).prepare()
+    assert prepared.headers["Host"] == HOST
+    assert prepared.headers["Authorization"] == official.header_params["Authorization"]
+
+
+def test_a_bson_body_is_signed_with_its_hash_like_the_sdk():
+    body = b"\x16\x00\x00\x00\x02hello\x00\x06\x00\x00\x00world\x00\x00"
+    headers = {"X-Sdk-Date": DATE, "Content-Type": "application/bson"}
+    official = sdk_sign("POST", {"project_id": "p", "instance_id": "i"}, [], headers, body)
+    prepared = our_sign("POST", official.uri, headers, body)
+    assert "X-Sdk-Content-Sha256" not in official.header_params and "X-Sdk-Content-Sha256" not in prepared.headers
+    assert prepared.headers["Authorization"] == official.header_params["Authorization"]
+
+
+def test_a_streamed_body_is_signed_unsigned_payload_like_the_sdk():
+    import io
+
+    headers = {"X-Sdk-Date": DATE, "Content-Type": "application/json"}
+    official = sdk_sign("PUT", {"project_id": "p", "instance_id": "i"}, [],
+                        {**headers, "X-Sdk-Content-Sha256": "UNSIGNED-PAYLOAD"}, b'{"a": 1}')
+    prepared = our_sign("PUT", official.uri, headers, io.BytesIO(b'{"a": 1}'))
+    assert prepared.headers["X-Sdk-Content-Sha256"] == "UNSIGNED-PAYLOAD"
+    assert prepared.headers["Authorization"] == official.header_params["Authorization"]
+
+
+def test_a_request_without_a_method_is_signed_as_get():
+    prepared = requests.Request(url=f"https://{HOST}/v2/p/x", headers={"X-Sdk-Date": DATE}).prepare()
+    assert prepared.method is None
+    signed = AkSkAuth(AK, SK)(prepared)
+    assert signed.headers["Authorization"] == our_sign("GET", "/v2/p/x", {"X-Sdk-Date": DATE}).headers["Authorization"]
+
+
+def test_the_sdk_date_is_utc_whatever_the_local_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "Asia/Shanghai")   # UTC+8, no daylight saving
+    time.tzset()
+    try:
+        signed_at = datetime.strptime(our_sign("GET", "/v2/p/x", {}).headers["X-Sdk-Date"], "%Y%m%dT%H%M%SZ")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    utc_now = datetime.now(timezone.utc).replace(tzinfo=None)
+    assert abs((utc_now - signed_at).total_seconds()) < 900   # within the gateway's window, not 8 h off
+
+
+@pytest.mark.parametrize("token", ["tok!en", "a\"b#c$d", "~" * 8, "MIIabc+/="])
+def test_token_auth_accepts_every_printable_ascii_character(token):
+    prepared = requests.Request("GET", "http://h/", auth=TokenAuth(token)).prepare()
+    assert prepared.headers["X-Auth-Token"] == token
+
+
+# ---------------------------------------------------------------------------------------------
+# IamPasswordAuth: configuration
+
+
+@pytest.mark.parametrize("field", ["username", "password", "domain"])
+@pytest.mark.parametrize("value", ["", None])
+def test_iam_names_the_missing_credential(field, value):
+    given = {"username": "alice", "password": IAM_PASSWORD, "domain": "acme", field: value}
+    with pytest.raises(ConfigError, match=f"^IamPasswordAuth needs a non-empty {field}$"):
+        IamPasswordAuth(given["username"], given["password"], given["domain"], project_id="p1")
+
+
+def test_iam_scope_messages_and_which_scope_wins():
+    with pytest.raises(ConfigError, match="^IamPasswordAuth: give project_id or project_name, not both$"):
+        IamPasswordAuth("u", "p", "d", project_id="x", project_name="y")
+    with pytest.raises(ConfigError, match="^IamPasswordAuth needs a project scope: give project_id, "
+                                          "project_name or region$"):
+        IamPasswordAuth("u", "p", "d")
+    # A project id is the scope even when a region is given too: the region only picks IAM.
+    both = IamPasswordAuth("u", "p", "d", project_id="p1", region="cn-east-3")
+    assert (both.project_id, both.project_name) == ("p1", None)
+    assert both.cache_key == ("d", "u", "p1")
+    assert both.iam_endpoint == "https://iam.cn-east-3.myhuaweicloud.com"
+
+
+@pytest.mark.parametrize("endpoint, complaint", [
+    (5, "^iam_endpoint must be a URL string$"),
+    (b"https://iam.example", "^iam_endpoint must be a URL string$"),
+    ("iam.example.com", "^iam_endpoint "),
+    ("ftp://iam.example.com", "^iam_endpoint "),
+])
+def test_iam_endpoint_must_be_an_http_url(endpoint, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        IamPasswordAuth("u", "p", "d", project_id="p1", iam_endpoint=endpoint)
+
+
+def test_iam_endpoint_path_is_kept_without_trailing_slashes(recorder):
+    recorder.answer = (201, {"token": {"issued_at": "2024-05-01T10:00:00Z", "expires_at": "2024-05-01T11:00:00Z"}})
+    recorder.headers = {"X-Subject-Token": "MIItoken-1"}
+    auth = IamPasswordAuth("u", "p", "d", project_id="p1", iam_endpoint=recorder.url + "/iam/X//")
+    assert auth.iam_endpoint == recorder.url + "/iam/X"
+    assert auth.token() == "MIItoken-1"
+    assert [r["path"] for r in recorder.requests] == ["/iam/X/v3/auth/tokens"]
+    sent = json.loads(recorder.requests[0]["body"])
+    assert sent == {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": "u", "password": "p", "domain": {"name": "d"}}}}, "scope": {"project": {"id": "p1"}}}}
+
+
+# ---------------------------------------------------------------------------------------------
+# IamPasswordAuth: what IAM answers (a recording loopback server stands in for IAM)
+
+ISSUED = '{"token": {"issued_at": "2024-05-01T10:00:00Z", "expires_at": "2024-05-01T12:00:00Z"}}'   # 2 h
+
+
+def iam_auth(url: str, clock=None, **kwargs) -> IamPasswordAuth:
+    return IamPasswordAuth("alice", IAM_PASSWORD, "acme", project_id="p1", iam_endpoint=url,
+                           clock=clock or FakeClock(), **kwargs)
+
+
+@pytest.mark.parametrize("body, level, lifetime, logged", [
+    (ISSUED.encode(), logging.DEBUG, 7200, "IAM token obtained for user 'alice' of domain 'acme', valid for 7200 s"),
+    # Without a readable expiry: renewed after an hour rather than refused.
+    (b'{"token": {"methods": ["password"]}}', logging.WARNING, 3600,
+     "IAM token response has no readable token.expires_at; renewing in 1 hour"),
+])
+def test_iam_token_lifetime_and_log_come_from_the_answer(recorder, caplog, body, level, lifetime, logged):
+    recorder.answer = (201, body)
+    recorder.headers = {"X-Subject-Token": "  MIItoken-x  "}
+    clock = FakeClock()
+    auth = iam_auth(recorder.url, clock)
+    with caplog.at_level(level, logger="roma_analytics.auth"):
+        assert auth.token() == "MIItoken-x"
+    assert auth.expires_at == clock.now + lifetime
+    assert [r.getMessage() for r in caplog.records] == [logged]
+
+
+def test_iam_token_without_issued_at_lives_until_expires_at_by_the_local_clock(recorder):
+    issued = datetime(2024, 5, 1, 10, 0, tzinfo=timezone.utc).timestamp()
+    recorder.answer = (201, {"token": {"expires_at": "2024-05-01T10:30:00Z"}})
+    recorder.headers = {"X-Subject-Token": "MIItoken-y"}
+    auth = iam_auth(recorder.url, FakeClock(issued))
+    assert auth.token() == "MIItoken-y"
+    assert auth.expires_at == issued + 1800
+
+
+_EXPIRED = "IAM issued an already expired token for user 'alice' of domain 'acme'; check the clocks of this machine and IAM"
+_NO_TOKEN = "IAM answered 201 for user 'alice' of domain 'acme' but sent no X-Subject-Token header"
+
+
+@pytest.mark.parametrize("expires_at, token, message, code", [
+    ("2024-05-01T10:00:00Z", "MIItoken-old", _EXPIRED, "IAM_EXPIRED_TOKEN"),    # lifetime 0
+    ("2024-05-01T09:00:00Z", "MIItoken-old", _EXPIRED, "IAM_EXPIRED_TOKEN"),
+    ("2024-05-01T12:00:00Z", None, _NO_TOKEN, "IAM_NO_TOKEN"),
+    ("2024-05-01T12:00:00Z", "   ", _NO_TOKEN, "IAM_NO_TOKEN"),
+])
+def test_iam_answers_without_a_usable_token(recorder, expires_at, token, message, code):
+    recorder.answer = (201, {"token": {"issued_at": "2024-05-01T10:00:00Z", "expires_at": expires_at}})
+    recorder.headers = {"X-Request-Id": "req-unusable-1", **({"X-Subject-Token": token} if token else {})}
+    with pytest.raises(AuthenticationError) as caught:
+        iam_auth(recorder.url).token()
+    assert caught.value.error_msg == message
+    assert (caught.value.status, caught.value.error_code, caught.value.request_id) == (201, code, "req-unusable-1")
+
+
+@pytest.mark.parametrize("expires_at, lifetime, kept_for", [
+    ("2024-05-01T10:00:01Z", 1, 0.5),          # one second is accepted; renewed at half its life
+    ("2024-05-01T10:10:00Z", 600, 300),        # less than twice the 10-minute margin: half its life
+    ("2024-05-01T12:00:00Z", 7200, 6600),      # renewed 10 minutes ahead, exactly at the margin
+])
+def test_iam_token_is_renewed_ahead_of_expiry(recorder, expires_at, lifetime, kept_for):
+    recorder.answer = (201, {"token": {"issued_at": "2024-05-01T10:00:00Z", "expires_at": expires_at}})
+    recorder.headers = {"X-Subject-Token": "MIItoken-1"}
+    clock = FakeClock()
+    auth = iam_auth(recorder.url, clock)
+    assert auth.token() == "MIItoken-1"
+    assert auth.expires_at == clock.now + lifetime
+    clock.now += kept_for - 0.125
+    auth.token()
+    assert len(recorder.requests) == 1
+    clock.now += 0.125
+    auth.token()
+    assert len(recorder.requests) == 2
+
+
+@pytest.mark.parametrize("request_id, kept", [("0f3c2a1b-9d8e", True), ("bad id <script>", False),
+                                              ("x" * 129, False)])
+def test_iam_request_ids_that_do_not_look_like_ids_are_dropped(recorder, request_id, kept):
+    recorder.answer = (401, {"error": {"code": 401, "message": "The username or password is wrong."}})
+    recorder.headers = {"X-Request-Id": request_id}
+    with pytest.raises(AuthenticationError) as caught:
+        iam_auth(recorder.url).token()
+    assert caught.value.request_id == (request_id if kept else None)
+    assert caught.value.error_msg == ("IAM refused a token for user 'alice' of domain 'acme' (The username or "
+                                 "password is wrong.); check the user name, password, domain and project scope")
+    assert caught.value.error_code == "401"
+
+
+def test_iam_error_without_a_code_is_named_after_the_status(recorder):
+    recorder.answer = (502, b"<html><title>502 Bad Gateway</title></html>")
+    with pytest.raises(AuthenticationError) as caught:
+        iam_auth(recorder.url).token()
+    assert (caught.value.status, caught.value.error_code) == (502, "IAM_502")
+    assert "(<html><title>502 Bad Gateway</title></html>)" in str(caught.value)
+
+
+@pytest.mark.parametrize("status, remembered", [(400, True), (401, True), (403, True), (404, False), (500, False),
+                                                (429, False)])
+def test_only_a_refusal_of_the_credentials_is_remembered(recorder, status, remembered):
+    recorder.answer = (status, {"error": {"code": str(status), "message": "no"}})
+    auth = iam_auth(recorder.url)
+    for _ in range(2):
+        with pytest.raises(AuthenticationError) as caught:
+            auth.token()
+        assert caught.value.status == status
+    assert len(recorder.requests) == (1 if remembered else 2)
+    assert ("not sent again" in str(caught.value)) is remembered
+
+
+def test_a_token_answer_with_status_200_is_accepted(recorder):
+    recorder.answer = (200, ISSUED.encode())
+    recorder.headers = {"X-Subject-Token": "MIItoken-200"}
+    assert iam_auth(recorder.url).token() == "MIItoken-200"
+
+
+def test_a_cached_token_outlives_a_refused_renewal(recorder):
+    recorder.answer = (201, ISSUED.encode())
+    recorder.headers = {"X-Subject-Token": "MIItoken-first"}
+    clock = FakeClock()
+    auth = iam_auth(recorder.url, clock)
+    assert auth.token() == "MIItoken-first"
+    recorder.answer = (401, {"error": {"code": 401, "message": "The password has been changed."}})
+    with pytest.raises(AuthenticationError, match="The password has been changed"):
+        auth.renew()
+    # The token IAM issued earlier is still valid: requests keep using it until it is due.
+    assert auth.token() == "MIItoken-first"
+    clock.now += 7200 - 600
+    with pytest.raises(AuthenticationError, match="401: not sent again: IAM already refused"):
+        auth.token()
+    assert len(recorder.requests) == 2
+
+
+def test_renew_without_a_request_in_this_thread_fetches_a_token(recorder):
+    recorder.answer = (201, ISSUED.encode())
+    recorder.headers = {"X-Subject-Token": "MIItoken-r"}
+    fresh = iam_auth(recorder.url)
+    assert fresh.renew() is True and len(recorder.requests) == 1
+    assert fresh.token() == "MIItoken-r" and len(recorder.requests) == 1
+    assert fresh.renew() is True and len(recorder.requests) == 2     # no request sent yet: renewed
+
+
+def test_a_given_session_is_used_and_left_open(recorder):
+    class Session(requests.Session):
+        closed = 0
+
+        def close(self):
+            type(self).closed += 1
+            super().close()
+
+    recorder.answer = (201, ISSUED.encode())
+    recorder.headers = {"X-Subject-Token": "MIItoken-s"}
+    session = Session()
+    session.headers["User-Agent"] = "roma-analytics-test/1"
+    auth = iam_auth(recorder.url, session=session)
+    auth.token()
+    auth.renew()
+    assert [r["headers"].get("User-Agent") for r in recorder.requests] == ["roma-analytics-test/1"] * 2
+    assert Session.closed == 0
+    session.close()
+
+
+@pytest.mark.parametrize("timeout, pair", [((3, 60), (3.0, 60.0)), ([1, 2.5], (1.0, 2.5)), (7, (7.0, 7.0))])
+def test_iam_timeout_is_a_connect_read_pair(timeout, pair):
+    from roma_analytics.auth import _timeout_pair
+
+    assert _timeout_pair(timeout) == pair
+
+
+# ---------------------------------------------------------------------------------------------
+# IamPasswordAuth: when IAM cannot be reached
+
+
+@pytest.fixture
+def raw_server():
+    """A loopback TCP server that answers each connection with ``answer`` bytes (None: reads the
+    request and never answers), then closes it."""
+    import socket
+
+    server = SimpleNamespace(answer=None, sock=socket.create_server(("127.0.0.1", 0)), stop=threading.Event())
+    server.url = f"http://127.0.0.1:{server.sock.getsockname()[1]}"
+    server.sock.settimeout(0.1)
+    held = []
+
+    def serve():
+        while not server.stop.is_set():
+            try:
+                conn, _ = server.sock.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            if server.answer is None:
+                held.append(conn)
+            else:
+                conn.sendall(server.answer)
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.sock.close()
+
+
+def test_iam_that_does_not_answer_is_a_timeout(raw_server):
+    from roma_analytics.errors import RomaTimeout
+
+    with pytest.raises(RomaTimeout) as caught:
+        iam_auth(raw_server.url, timeout=(1.0, 0.2)).token()
+    assert caught.value.error_msg == (f"IAM at {raw_server.url} did not answer in time getting a token for user "
+                                 f"'alice' of domain 'acme' (no response within 0.2s)")
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_iam_call_ended_by_the_run_is_a_timeout(raw_server, stopped):
+    from roma_analytics.errors import RomaTimeout
+    from roma_analytics.transport import Deadline
+
+    deadline = Deadline(0.3)
+    if stopped:
+        deadline.cancel()
+    with deadline.applied(), pytest.raises(RomaTimeout) as caught:
+        iam_auth(raw_server.url, timeout=(5.0, 5.0)).token()
+    said = "the run was stopped" if stopped else "the run's deadline of 0.3s passed"
+    assert caught.value.error_msg.endswith(f"did not answer in time getting a token for user 'alice' of domain 'acme' "
+                                      f"({said})")
+
+
+def test_unreachable_iam_is_a_connection_error():
+    import socket
+
+    from roma_analytics.errors import RomaConnectionError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(RomaConnectionError) as caught:
+        iam_auth(url).token()
+    message = caught.value.error_msg
+    assert message.startswith(f"could not reach IAM at {url} to get a token for user 'alice' of domain 'acme': "
+                              f"connection failed (")
+    assert "Connection refused" in message
+
+
+def test_what_answers_in_place_of_iam_is_shown_cut_and_without_the_password(raw_server):
+    from roma_analytics.errors import RomaConnectionError
+
+    # Not HTTP: http.client quotes the line it could not read, here holding the password.
+    raw_server.answer = b"NOT-HTTP " + IAM_PASSWORD.encode() + b" " + b"x" * 300 + b"\r\n\r\n"
+    with pytest.raises(RomaConnectionError) as caught:
+        iam_auth(raw_server.url).token()
+    message = caught.value.error_msg
+    detail = message.split(" to get a token for user 'alice' of domain 'acme': ", 1)[1]
+    assert detail.startswith("connection failed (BadStatusLine: ") and "<hidden>" in detail
+    assert IAM_PASSWORD not in message
+    assert len(detail) == 200 and detail.endswith("x\u2026")
