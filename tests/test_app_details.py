@@ -10,9 +10,6 @@ from roma_analytics.samples import SAMPLE_HISTORY
 from roma_analytics.store import HistoryStore
 from roma_analytics.streamlit_app import APP_PATH
 
-pytestmark = pytest.mark.skipif(not (SAMPLE_HISTORY / "stats").is_dir(), reason="sample history not built")
-
-
 @pytest.fixture
 def app(monkeypatch):
     for name in ("ROMA_HISTORY", "ROMA_AUTH_TOKEN", "ROMA_AK", "ROMA_SK", "ROMA_IAM_USER", "ROMA_DASHBOARD_REFRESH"):

@@ -19,6 +19,7 @@ import pytest
 
 from roma_analytics import settings
 from roma_analytics._fsio import write_output
+from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.cli import main
 from roma_analytics.samples import SAMPLE_HISTORY
 from roma_analytics.simulator import Simulator
@@ -149,8 +150,10 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         file.write(b"half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(Exception, match="No space left on device"):
+    # Writing failed midway: a RomaError (not the ConfigError of an unusable --out) that says so.
+    with pytest.raises(RomaError, match="No space left on device; nothing was written") as raised:
         write_output(target, failing)
+    assert not isinstance(raised.value, ConfigError)
     assert target.read_text() == "complete old export"
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
 
@@ -160,10 +163,15 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "roma_analytics", "export", "--history", str(SAMPLE_HISTORY),
                                 "--format", "csv", "--out", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                cwd=tmp_path)
-    assert process.stdout.read(100).startswith(b"collected_at,")
-    process.stdout.close()  # like `| head -c 100`
-    err = process.stderr.read()
-    assert process.wait(timeout=120) == 141
+    try:
+        assert process.stdout.read(100).startswith(b"collected_at,")
+        process.stdout.close()  # like `| head -c 100`
+        err = process.stderr.read()
+        assert process.wait(timeout=120) == 141
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert err == b"", err
 
 

@@ -122,7 +122,9 @@ def test_summaries_follow_the_episodes(simulated_history):
         durations = episodes.loc[(episodes["instance_id"] == row["instance_id"])
                                  & (episodes["ended"] == "recovered"), "duration"].sort_values()
         assert row["recovered"] == len(durations)
-        assert row["median"] == durations.iloc[len(durations) // 2] or len(durations) % 2 == 0
+        # The middle duration; with an even count, halfway between the two middle ones.
+        low, high = durations.iloc[(len(durations) - 1) // 2], durations.iloc[len(durations) // 2]
+        assert row["median"] == low + (high - low) / 2
         assert durations.min() <= row["p90"] <= durations.max()
     stats = history.load()
     tasks = history.load(table="abnormal_tasks")

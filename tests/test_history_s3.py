@@ -25,6 +25,8 @@ from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.history_backend import ObjectStoreSettings
 from roma_analytics.store import HistoryStore
 
+from processes import stop
+
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -439,8 +441,9 @@ def test_writers_compactor_and_reader_with_kill_9_keep_every_acknowledged_run_on
     acknowledged = tmp_path / "acknowledged.txt"
     rng = random.Random(17)
     count = 12
+    prefixes = ("a", "b", "c", "d", "e")
     writers = [fork.Process(target=_s3_writer, args=(uri, prefix, count, acknowledged), daemon=True)
-               for prefix in ("a", "b", "c", "d", "e")]
+               for prefix in prefixes]
     # Replaced objects are deleted 2 s after their merged object appears: deletion happens
     # during the test, and the reader's loads take far less than that.
     compactor = fork.Process(target=_s3_compactor, args=(uri, 2.0), daemon=True)
@@ -461,7 +464,10 @@ def test_writers_compactor_and_reader_with_kill_9_keep_every_acknowledged_run_on
             elapsed = time.monotonic() - started
             # kill -9 one writer mid-append, then start the spare writers
             if killed_writers == 0 and elapsed > 2:
-                os.kill(writers[rng.randrange(3)].pid, signal.SIGKILL)
+                victim_index = rng.randrange(3)
+                victim = writers[victim_index]
+                assert victim.is_alive(), "the writer to kill has already ended"
+                os.kill(victim.pid, signal.SIGKILL)
                 killed_writers += 1
                 for spare in writers[3:]:
                     spare.start()
@@ -482,6 +488,10 @@ def test_writers_compactor_and_reader_with_kill_9_keep_every_acknowledged_run_on
                     writer.kill()
     assert killed_writers == 1 and killed_compactors == 3
     acked = acknowledged.read_text().split()
+    # The kill landed inside the victim's loop of appends (the loop does nothing else but note a
+    # returned append): it died of it, before acknowledging all of its runs.
+    assert victim.exitcode == -signal.SIGKILL
+    assert sum(run.startswith(f"{prefixes[victim_index]}-") for run in acked) < count
     assert len(acked) == len(set(acked)) and len(acked) >= 4 * count
     for attempt in range(2):  # as left by the killed processes, then compacted to the end
         final = reader.load()
@@ -536,8 +546,7 @@ def test_collect_every_reports_a_throttled_run_and_goes_on(simulator, s3_bucket,
             assert time.monotonic() < deadline, "no run was stored after the throttling ended"
             time.sleep(0.5)
     finally:
-        child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=60)
+        out, err = stop(child, signal.SIGTERM)
     assert proxy.refused == 10
     assert "was not stored" in err and "throttling requests (503 SlowDown)" in err, err
     assert child.returncode == 0, err

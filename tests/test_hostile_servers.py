@@ -41,10 +41,12 @@ from roma_analytics.auth import AkSkAuth, IamPasswordAuth
 from roma_analytics.cli import main
 from roma_analytics.client import RomaClient
 from roma_analytics.collect import collect
-from roma_analytics.errors import AuthenticationError, ConfigError
+from roma_analytics.errors import AuthenticationError, ConfigError, ThrottledError
 from roma_analytics.simulator import Simulator
 from roma_analytics.store import HistoryStore
 from roma_analytics.targets import Target, load_targets
+
+from processes import stop as stop_process
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,8 +323,7 @@ def collect_every(sim, project_id, ids, history, runs: int, stop: int) -> tuple[
     try:
         wait_for(lambda: history.exists() and len(HistoryStore(history).runs()) >= runs, what=f"{runs} stored runs")
     finally:
-        process.send_signal(stop)
-        _, err = process.communicate(timeout=60)
+        _, err = stop_process(process, stop)
     return process.returncode, err
 
 
@@ -513,8 +514,9 @@ def _retry_after_forms(request):
             return True
 
     with canned_server(throttle) as (url, _), Recording(url, retries=1, max_backoff=7) as client:
-        with pytest.raises(Exception):
+        with pytest.raises(ThrottledError) as raised:
             client.task_statistics("p", "i")
+    assert raised.value.status == 429 and raised.value.error_code == "APIGW.0308"
     assert waits == [7]
 
 
@@ -752,8 +754,7 @@ def _full_disk(request):
             (small / "filler").unlink()
             wait_for(lambda: len(HistoryStore(history).runs()) >= 3, what="runs stored once there is room")
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            stop_process(process, signal.SIGTERM, read=False)   # the reader thread owns stderr
             reader.join(10)
     assert process.returncode == 0, "".join(err_lines)
     assert "No space left on device" in "".join(err_lines)
@@ -781,8 +782,7 @@ def _sigterm(request):
         try:
             wait_for(lambda: sim.requests("statistics") >= 1, what="a request in flight")
         finally:
-            process.send_signal(signal.SIGTERM)
-            _, err = process.communicate(timeout=60)
+            _, err = stop_process(process, signal.SIGTERM)
     assert process.returncode == 0, (process.returncode, err)
     assert "stopped by SIGTERM: the run was abandoned, nothing written for it" in err
     assert not during.exists() or HistoryStore(during).runs().empty

@@ -23,6 +23,8 @@ import requests
 import roma_analytics
 from roma_analytics.simulator import Simulator
 
+from processes import stop
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
@@ -164,9 +166,10 @@ print("METRICS", {m.label: m.value for m in at.metric})
                     break
             except requests.ConnectionError:
                 pass
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read().decode()[-2000:]
+            # (Its output is read only once it has ended: reading a live server's pipe would block.)
+            assert server.poll() is None, server.stdout.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the installed dashboard did not answer its health check"
             time.sleep(0.5)
         assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).ok
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server, timeout=30)

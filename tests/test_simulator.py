@@ -19,6 +19,8 @@ import requests
 from roma_analytics import simulator as simulator_module
 from roma_analytics.simulator import FAULTS, Simulator, main
 
+from processes import stop
+
 # 2024-06-01 00:00:00 UTC: a fixed "now" for the tests that compare counts.
 T0 = 1_717_200_000.0
 COUNT_KEYS = {"running_tasks_count", "abnormal_tasks_count", "terminated_tasks_count", "completed_tasks_count"}
@@ -929,12 +931,8 @@ def test_main_serves_until_interrupted_and_hides_secrets():
         assert project_id in "".join(lines)
         response = requests.get(f"{base_url}/v2/{project_id}/instances", headers={"X-Auth-Token": SECRET_TOKEN})
         assert response.json()["total"] == 2
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=20)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        stdout, stderr = stop(process, signal.SIGINT, timeout=20)
     assert process.returncode == 0
     output = "".join(lines) + stdout + stderr
     assert SECRET_TOKEN not in output and SK not in output
@@ -986,10 +984,4 @@ def test_main_takes_several_project_ids_after_one_flag_or_repeated():
             assert requests.get(f"{base_url}/v2/{project_id}/instances").json()["total"] == 1
         assert requests.get(f"{base_url}/v2/proj-d/instances").status_code != 200
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.communicate(timeout=20)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+        stop(process, signal.SIGINT, timeout=20)
