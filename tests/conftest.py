@@ -1,4 +1,5 @@
-"""Shared fixtures: a real simulator on loopback, a recording loopback server, temporary histories."""
+"""Shared fixtures: a real simulator on loopback, a recording loopback server, a raw TCP server,
+temporary histories."""
 from __future__ import annotations
 
 import ctypes
@@ -6,8 +7,10 @@ import http.server
 import json
 import os
 import signal
+import socket
 import sys
 import threading
+import types
 
 import psutil
 import pytest
@@ -71,6 +74,42 @@ def recorder():
     finally:
         server.server.shutdown()
         server.server.server_close()
+
+
+@pytest.fixture
+def raw_server():
+    """A loopback TCP server (``url``) that answers each connection with ``answer`` bytes, then
+    closes it; with ``answer = None`` it reads the request and never answers."""
+    server = types.SimpleNamespace(answer=None, sock=socket.create_server(("127.0.0.1", 0)), stop=threading.Event())
+    server.url = f"http://127.0.0.1:{server.sock.getsockname()[1]}"
+    server.sock.settimeout(0.1)
+    held = []
+
+    def serve():
+        while not server.stop.is_set():
+            try:
+                conn, _ = server.sock.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            if server.answer is None:
+                held.append(conn)
+            else:
+                conn.sendall(server.answer)
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.sock.close()
+
+
 # `nohup scripts/test &` starts the suite with SIGINT ignored; an ignored signal stays ignored in
 # every child (exec keeps it), where Python then installs no KeyboardInterrupt handler, so the
 # Ctrl-C tests would wait for a signal that never lands.  A handled signal is reset to its

@@ -753,3 +753,62 @@ def test_confidence_text_states_the_level_in_percent():
     assert analysis.confidence_text(0.95) == "95%"
     assert analysis.confidence_text(0.999) == "99.9%"
     assert analysis.CONFIDENCE == 0.99 and analysis.confidence_text() == "99%"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking defaults, limits and ties
+
+
+def test_ranking_defaults_show_the_first_ten_groups_with_at_least_one_task():
+    # Twelve instances with 0..11 abnormal out of 11 tasks, one with a single task, one with none.
+    fleet = _fleet(*[(f"i{k:02d}", k, 11) for k in range(12)], ("one", 1, 1), ("none", 0, 0))
+    ranked = analysis.abnormal_ranking(fleet)
+    # At 99 %, 1 of 1 has the Wilson lower bound 0.131: between 5 of 11 (0.166) and 4 of 11 (0.115).
+    order = ["i11", "i10", "i09", "i08", "i07", "i06", "i05", "one", "i04", "i03"]
+    assert ranked["instance_id"].tolist() == order
+    everything = analysis.abnormal_ranking(fleet, n=None)
+    assert len(everything) == 13 and "one" in everything["instance_id"].tolist()
+    assert "none" not in everything["instance_id"].tolist()
+    assert analysis.abnormal_ranking(fleet, n=None, min_tasks=2)["instance_id"].tolist().count("one") == 0
+
+
+def test_ranking_of_zero_groups_is_empty_and_a_negative_count_is_refused():
+    fleet = _fleet(("a", 3, 10), ("b", 1, 4))
+    empty = analysis.abnormal_ranking(fleet, n=0)
+    assert empty.empty and empty.columns.tolist() == analysis.abnormal_ranking(fleet).columns.tolist()
+    with pytest.raises(ConfigError, match=r"^n must be 0 or more \(or None for all\), got -1$"):
+        analysis.abnormal_ranking(fleet, n=-1)
+    with pytest.raises(ConfigError, match="^by must name at least one of region, "):
+        analysis.abnormal_ranking(fleet, by=[])
+
+
+def test_ranking_ties_are_listed_in_group_order():
+    # Two projects with the same counts, each in its own region: listed p1 then p2 whatever the
+    # order of regions.
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 1, 0, 9, region="ap-southeast-1", project="p2"),
+        snapshot("2024-05-01T10:00Z", "r1", "i2", "common", 0, 1, 0, 9, region="cn-north-4", project="p1"),
+    )
+    assert analysis.abnormal_ranking(stats, by="project_id")["project_id"].tolist() == ["p1", "p2"]
+
+
+def test_rows_with_a_missing_group_value_form_their_own_group():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 5, 0, 5),
+        snapshot("2024-05-01T10:00Z", "r1", "i2", "common", 0, 1, 0, 9),
+    )
+    stats["region"] = pd.array([pd.NA, "cn-north-4"], dtype=stats["region"].dtype)
+    ranked = analysis.abnormal_ranking(stats, by="region")
+    assert ranked["region"].isna().tolist() == [True, False]
+    assert ranked[["abnormal", "total"]].values.tolist() == [[5, 10], [1, 10]]
+
+
+def test_anomalies_keep_groups_apart_when_a_group_value_is_missing():
+    stats = make_stats(*_hourly([1, 2, 1, 3, 9]), *_hourly([5, 5, 4, 6, 1], instance="i2"))
+    stats["region"] = pd.array([pd.NA] * len(stats), dtype=stats["region"].dtype)
+    both = analysis.anomalies(stats, "1h", by=("region", "instance_id"), window=4, min_periods=4)
+    for instance in ("i1", "i2"):
+        alone = analysis.anomalies(stats[stats["instance_id"] == instance], "1h", by="instance_id",
+                                   window=4, min_periods=4)
+        mine = both[both["instance_id"] == instance].drop(columns="region").reset_index(drop=True)
+        assert_frame_equal(mine, alone)

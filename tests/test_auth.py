@@ -855,42 +855,6 @@ def test_iam_timeout_is_a_connect_read_pair(timeout, pair):
 # IamPasswordAuth: when IAM cannot be reached
 
 
-@pytest.fixture
-def raw_server():
-    """A loopback TCP server that answers each connection with ``answer`` bytes (None: reads the
-    request and never answers), then closes it."""
-    import socket
-
-    server = SimpleNamespace(answer=None, sock=socket.create_server(("127.0.0.1", 0)), stop=threading.Event())
-    server.url = f"http://127.0.0.1:{server.sock.getsockname()[1]}"
-    server.sock.settimeout(0.1)
-    held = []
-
-    def serve():
-        while not server.stop.is_set():
-            try:
-                conn, _ = server.sock.accept()
-            except OSError:
-                continue
-            conn.recv(65536)
-            if server.answer is None:
-                held.append(conn)
-            else:
-                conn.sendall(server.answer)
-                conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        server.sock.close()
-
-
 def test_iam_that_does_not_answer_is_a_timeout(raw_server):
     from roma_analytics.errors import RomaTimeout
 

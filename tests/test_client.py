@@ -881,3 +881,93 @@ def test_a_stopped_run_and_a_passed_deadline_have_their_own_codes(recorder):
             client.list_instances(project)
     assert (caught.value.error_code, caught.value.attempts) == ("RUN_DEADLINE", 1)
     assert str(caught.value).endswith("the run's deadline of 0.3s passed (after 1 attempt)")
+
+
+@pytest.mark.parametrize("seconds, shown", [
+    (45 * 60, "45 min"), (119 * 60, "119 min"), (119.6 * 60, "120 min"),
+    (120 * 60, "2.0 h"), (120.5 * 60, "2.0 h"), (5 * 3600, "5.0 h"), (26.5 * 3600, "26.5 h"),
+])
+def test_clock_offsets_are_written_in_minutes_below_two_hours(seconds, shown):
+    from roma_analytics.client import _duration
+
+    assert _duration(seconds) == shown
+
+
+@pytest.mark.parametrize("location, shown", [
+    (" ", "(an empty Location)"),                       # nothing shows once cleaned
+    ("?token=secret", "(an empty Location)"),
+    ("https://other.example/" + "p" * 300, "https://other.example/" + "p" * 177 + "\u2026"),   # 200 characters
+])
+def test_redirect_targets_are_shown_cut_or_named_empty(location, shown):
+    from roma_analytics.client import _safe_location
+
+    assert _safe_location(location) == shown
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("limit", "paging is automatic"),
+    ("colour", "known: name, sort_field, sort_type, source_app_id, source_datasource_id, status, target_app_id, "
+               "target_datasource_id, task_id, task_tag, task_type"),
+])
+def test_unknown_task_filters_say_what_to_do(recorder, name, hint):
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(InvalidParameter) as caught:
+        client.list_tasks("p1", "i1", **{name: 5})
+    assert caught.value.parameter == name
+    assert caught.value.error_msg == f"list_tasks has no filter {name!r} ({hint})"
+    assert recorder.requests == []
+
+
+def test_task_filters_left_unset_do_not_hide_the_next_ones(recorder):
+    recorder.answer = (200, {"total": 0, "size": 0, "entities": []})
+    with RomaClient(recorder.url, retries=0) as client:
+        client.list_tasks("p1", "i1", task_tag=None, status=0, name="orders")
+    query = dict(parse_qsl(recorder.requests[0]["path"].split("?", 1)[1]))
+    assert query == {"status": "0", "name": "orders", "limit": "999", "offset": "0"}
+
+
+def test_task_list_pages_name_the_instance_and_count_every_request(recorder):
+    recorder.answer = (200, {"total": 1, "size": 1, "entities": [{"name": "no id"}]})
+    calls = []
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(InvalidResponse) as caught:
+        client.list_tasks("p1", "i1", before_request=lambda: calls.append(1))
+    assert (caught.value.instance_id, caught.value.field) == ("i1", "entities[0].task_id")
+    assert len(calls) == len(recorder.requests) == 1
+
+
+def test_a_task_list_beyond_the_api_offset_limit_asks_for_filters(recorder):
+    page = [{"task_id": f"t{k}"} for k in range(999)]
+    recorder.answer = (200, {"total": 50_000, "size": 999, "entities": page})
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(ConfigError) as caught:
+        client.list_tasks("p1", "i1")
+    assert str(caught.value) == ("/v2/p1/fdi/instances/i1/tasks has 50000 matching entries, more than the API "
+                                 "can page through (offset <= 20000); narrow the query with filters")
+    # Pages of 999 reach offset 20979 > 20000 after the 21st request.
+    assert len(recorder.requests) == 21
+
+
+def test_a_retry_really_waits_with_the_real_sleep(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "http_500", times=1)
+    with RomaClient(sim.base_url, retries=1, backoff=0.001, timeout=(2.0, 2.0)) as client:
+        assert client.task_statistics(project, instance).attempts == 2
+    assert stats_requests(sim, instance) == 2
+
+
+def test_transport_failures_are_described_cut_at_300_characters(raw_server):
+    # Something that is not HTTP answers: http.client quotes the line it could not read.
+    raw_server.answer = b"NOT-HTTP " + b"x" * 400 + b"\r\n\r\n"
+    with RomaClient(raw_server.url, retries=0) as client, pytest.raises(RomaConnectionError) as caught:
+        client.task_statistics("p1", "i1")
+    message = caught.value.error_msg
+    prefix = f"GET {raw_server.url}/v2/p1/fdi/instances/i1/statistics/tasks: "
+    assert message.startswith(prefix + "connection failed (BadStatusLine: ")
+    description = message[len(prefix):message.index(" (after 1 attempt); check the endpoint, network and proxy")]
+    assert len(description) == 300 and description.endswith("x\u2026")
+
+
+def test_a_read_timeout_says_what_to_do(raw_server):
+    with RomaClient(raw_server.url, retries=0, timeout=(2.0, 0.2)) as client, pytest.raises(RomaTimeout) as caught:
+        client.task_statistics("p1", "i1")
+    assert caught.value.error_msg == (f"GET {raw_server.url}/v2/p1/fdi/instances/i1/statistics/tasks: no response "
+                                      f"within 0.2s (after 1 attempt); raise the timeout or check the endpoint")
+    assert (caught.value.attempts, caught.value.error_code) == (1, "TIMEOUT")
