@@ -29,7 +29,7 @@ from urllib3.util.retry import RequestHistory
 
 from . import transport
 from .auth import canonical_query_string
-from .redact import redact, shown_url, url_problem
+from .redact import HIDDEN, redact, shown_url, url_problem
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -643,14 +643,22 @@ def _safe_location(location: str | None) -> str:
 def _excerpt(body: bytes, limit: int = 160, redact=lambda text: text) -> str:
     """A short, printable excerpt of an error body; HTML reduced to its title or text; ``redact``
     applied before anything is cut."""
-    text = redact(body[:65536].decode("utf-8", errors="replace"))
+    text = redact(body[:65536].decode("utf-8", errors="replace").replace(_MARK, "\ufffd"))
+    # "<hidden>" looks like a tag: out of the way of the markup handling, or it would vanish
+    # (and take the text between it and a "<" before it along).
+    text = text.replace(HIDDEN, _MARK)
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
     if title:
         text = title.group(1)
     elif "<" in text and ">" in text:
         text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", text, flags=re.IGNORECASE | re.DOTALL)
         text = re.sub(r"<[^>]*>", " ", text)
-    return _clean(text, limit)
+    return _clean(text.replace(_MARK, HIDDEN), limit)
+
+
+#: Stands in for the redaction marker while an excerpt's markup is removed (a private-use
+#: character; one already in a body is shown as U+FFFD).
+_MARK = "\ue000"
 
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")

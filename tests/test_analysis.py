@@ -812,3 +812,55 @@ def test_anomalies_keep_groups_apart_when_a_group_value_is_missing():
                                    window=4, min_periods=4)
         mine = both[both["instance_id"] == instance].drop(columns="region").reset_index(drop=True)
         assert_frame_equal(mine, alone)
+
+
+RANKING_COUNTS = ["running", "abnormal", "terminated", "completed", "total", "abnormal_ratio", "wilson_low",
+                  "wilson_high"]
+
+
+def test_ranking_columns_and_a_fresh_index():
+    fleet = _fleet(("a", 3, 10), ("b", 1, 4), ("c", 9, 10))
+    by_instance = analysis.abnormal_ranking(fleet, n=2)
+    assert by_instance.columns.tolist() == ["instance_id", "instance_name", *RANKING_COUNTS]
+    assert by_instance.index.tolist() == [0, 1] and by_instance["instance_id"].tolist() == ["c", "a"]
+    by_scope = analysis.abnormal_ranking(fleet, by=["region", "project_id"])
+    assert by_scope.columns.tolist() == ["region", "project_id", *RANKING_COUNTS]
+    low, high = analysis.wilson_interval(np.array([13]), np.array([24]))
+    assert by_scope[["wilson_low", "wilson_high"]].values.tolist() == [[low[0], high[0]]]
+
+
+def test_wilson_interval_edges_are_exact_and_quiet():
+    import warnings
+
+    # At 99 %, the computed upper bound of 7 of 7 is 0.9999999999999999 and the lower bound of
+    # 0 of 7 is 2.8e-17: both are pinned to the exact value.
+    low, high = analysis.wilson_interval(np.array([0, 7]), np.array([7, 7]))
+    assert (low[0], high[1]) == (0.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # no RuntimeWarning for the groups without tasks
+        low, high = analysis.wilson_interval(np.array([0, 1]), np.array([0, 2]))
+    assert np.isnan([low[0], high[0]]).all()
+    with pytest.raises(ConfigError, match=r"^confidence must be between 0 and 1 \(exclusive\), got 0$"):
+        analysis.wilson_interval(np.array([1]), np.array([2]), 0)
+
+
+def test_wilson_interval_of_series_keeps_their_index_on_both_bounds():
+    successes = pd.Series([1, 0, 3], index=["x", "y", "z"], dtype="Int64")   # nullable counts, as `changes` gives
+    trials = pd.Series([2, 0, 3], index=["x", "y", "z"], dtype="Int64")
+    low, high = analysis.wilson_interval(successes, trials, 0.95)
+    expected_low, expected_high = analysis.wilson_interval(np.array([1, 0, 3]), np.array([2, 0, 3]), 0.95)
+    for got, expected in ((low, expected_low), (high, expected_high)):
+        assert got.index.tolist() == ["x", "y", "z"] and got.dtype == "float64"
+        np.testing.assert_array_equal(got.to_numpy(), expected)
+    assert high["x"] == pytest.approx(0.905469, abs=1e-6) and high["z"] == 1.0
+
+
+def test_changes_without_instance_names():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 5, 1, 0, 4),
+        snapshot("2024-05-01T10:05Z", "r2", "i1", "common", 5, 2, 0, 3),
+    ).drop(columns="instance_name")
+    out = analysis.changes(stats)
+    assert out["instance_name"].isna().tolist() == [True] and out["instance_name"].dtype == "string"
+    assert out[["status", "summary"]].values.tolist() == [
+        ["changed", "abnormal +1, completed -1 since the previous run"]]

@@ -971,3 +971,89 @@ def test_a_read_timeout_says_what_to_do(raw_server):
     assert caught.value.error_msg == (f"GET {raw_server.url}/v2/p1/fdi/instances/i1/statistics/tasks: no response "
                                       f"within 0.2s (after 1 attempt); raise the timeout or check the endpoint")
     assert (caught.value.attempts, caught.value.error_code) == (1, "TIMEOUT")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a bad statistics body and an API error say
+
+
+@pytest.mark.parametrize("body, instance_id, message, field", [
+    (b"\xff\xfe{}", "ins-1", "instance ins-1: the response body is not UTF-8", None),
+    (b'{"common_task_details": ', "ins-1", "instance ins-1: the response body is not valid JSON", None),
+    (b"[1, 2]", None, "the task-statistics response: the response body is a JSON list, not an object", None),
+    ({"cdc_task_details": {}}, "ins-1", "instance ins-1: common_task_details is missing", "common_task_details"),
+    (_example(), None, None, None),
+])
+def test_statistics_body_problems_are_named(body, instance_id, message, field):
+    if message is None:
+        assert parse_task_statistics(body, instance_id)[0].total == 18
+        return
+    with pytest.raises(InvalidResponse) as caught:
+        parse_task_statistics(body, instance_id)
+    assert (caught.value.error_msg, caught.value.field, caught.value.instance_id) == (message, field, instance_id)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"common_task_details": [1, 2]}, "common_task_details is a list, not an object"),
+    ({"cdc_task_details": None}, "cdc_task_details is missing"),
+    ({"cdc_task_details": "none"}, "cdc_task_details is a str, not an object"),
+    ({"cdc_task_details": {**_example()["cdc_task_details"], "abnormal_tasks_count": None}},
+     "cdc_task_details.abnormal_tasks_count is missing"),
+    ({"common_task_details": {**_example()["common_task_details"], "running_tasks_count": "2"}},
+     "common_task_details.running_tasks_count is '2' (str), not an integer"),
+    ({"common_task_details": {**_example()["common_task_details"], "completed_tasks_count": 10**12}},
+     "common_task_details.completed_tasks_count is 1000000000000, outside 0..999999999999"),
+])
+def test_statistics_field_problems_name_instance_and_field(change, message):
+    body = {**_example(), **change}
+    with pytest.raises(InvalidResponse) as caught:
+        parse_task_statistics(body, "ins-1")
+    assert caught.value.error_msg == f"instance ins-1: {message}"
+    assert caught.value.instance_id == "ins-1"
+    assert caught.value.field == message.split(" is ")[0]
+
+
+@pytest.mark.parametrize("status, body, code, message, request_id", [
+    (404, {"error_code": "FDI.3081", "error_msg": "The instance does not exist.", "request_id": "req-body-1"},
+     "FDI.3081", "The instance does not exist.", "req-body-1"),
+    (403, {"error": {"code": "APIGW.0101", "message": "The API does not exist."}, "request_id": "bad id!"},
+     "APIGW.0101", "The API does not exist.", "req-header-1"),
+    (400, {"error_msg": "Invalid parameters.", "error": {"code": "X.1", "message": "inner"}},
+     "X.1", "Invalid parameters.", "req-header-1"),
+    (400, {"error_code": "X.2", "error": {"code": "X.1", "message": "inner message"}},
+     "X.2", "inner message", "req-header-1"),
+    (404, {"error_msg": "no code"}, "HTTP_404", "no code", "req-header-1"),
+    (404, {"error": "not an object", "error_msg": "m"}, "HTTP_404", "m", "req-header-1"),
+    (404, b"gone", "HTTP_404", "Not Found: gone", "req-header-1"),
+    (599, b"gone", "HTTP_599", "HTTP error: gone", "req-header-1"),
+    (599, b"", "HTTP_599", "HTTP error", "req-header-1"),
+    (404, {"other": 1}, "HTTP_404", 'Not Found: {"other": 1}', "req-header-1"),
+    (502, b"<html><title>502 Bad Gateway</title></html>", "HTTP_502", "502 Bad Gateway", "req-header-1"),
+    (502, b"<html><title>BAD GATEWAY (proxy)</title></html>", "HTTP_502", "BAD GATEWAY (proxy)", "req-header-1"),
+    (502, b"upstream down", "HTTP_502", "Bad Gateway: upstream down", "req-header-1"),
+    (400, {"error_code": "C" * 70, "error_msg": "m" * 600}, "C" * 63 + "\u2026", "m" * 511 + "\u2026", "req-header-1"),
+])
+def test_api_errors_carry_the_servers_code_message_and_request_id(recorder, status, body, code, message, request_id):
+    recorder.answer = (status, body)
+    recorder.headers = {"X-Request-Id": "req-header-1"}
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics("p1", "i1")
+    assert (caught.value.status, caught.value.error_code, caught.value.error_msg, caught.value.request_id) == (
+        status, code, message, request_id)
+
+
+@pytest.mark.parametrize("body, shown", [
+    # Hidden before the page is cut: a cut secret would no longer be recognised.
+    ("x" * 150 + TOKEN + " and more text after it", "x" * 150 + "<hidden> \u2026"),
+    # The marker is not taken for a tag, in plain text or in a page.
+    (f"a < b, token={TOKEN}", "a < b, token=<hidden>"),
+    (f"<html><body><p>token {TOKEN} refused</p></body></html>", "token <hidden> refused"),
+    (f"<html><title>{TOKEN} \ue000</title></html>", "<hidden> \ufffd"),
+], ids=["cut", "plain text", "page", "title"])
+def test_a_secret_in_an_error_page_is_hidden_and_says_so(recorder, body, shown):
+    recorder.answer = (404, body.encode())
+    with RomaClient(recorder.url, retries=0, auth=TokenAuth(TOKEN)) as client, \
+            pytest.raises(RomaApiError) as caught:
+        client.task_statistics("p1", "i1")
+    assert caught.value.error_msg == f"Not Found: {shown}"
+    assert TOKEN[:6] not in caught.value.error_msg
