@@ -864,3 +864,18 @@ def test_changes_without_instance_names():
     assert out["instance_name"].isna().tolist() == [True] and out["instance_name"].dtype == "string"
     assert out[["status", "summary"]].values.tolist() == [
         ["changed", "abnormal +1, completed -1 since the previous run"]]
+
+
+def test_changes_of_a_scope_with_a_missing_region():
+    # Rows written without a region (an older collector): their scope is still compared run to run.
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 5, 1, 0, 4),
+        snapshot("2024-05-01T10:05Z", "r2", "i1", "common", 5, 2, 0, 3),
+        snapshot("2024-05-01T10:02Z", "q1", "j1", "common", 1, 1, 1, 1, project="p2"),
+        snapshot("2024-05-01T10:07Z", "q2", "j1", "common", 1, 1, 1, 1, project="p2"),
+    )
+    stats["region"] = pd.array([pd.NA, pd.NA, "cn-north-4", "cn-north-4"], dtype=stats["region"].dtype)
+    out = analysis.changes(stats)
+    assert out[["run_id", "previous_run_id", "instance_id", "status"]].values.tolist() == [
+        ["r2", "r1", "i1", "changed"], ["q2", "q1", "j1", "unchanged"]]
+    assert out["region"].isna().tolist() == [True, False]

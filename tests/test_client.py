@@ -1057,3 +1057,45 @@ def test_a_secret_in_an_error_page_is_hidden_and_says_so(recorder, body, shown):
         client.task_statistics("p1", "i1")
     assert caught.value.error_msg == f"Not Found: {shown}"
     assert TOKEN[:6] not in caught.value.error_msg
+
+
+@pytest.mark.parametrize("task_type, sent", [("Timing", "timing"), ("realtime", "realtime")])
+def test_both_task_types_are_accepted(recorder, task_type, sent):
+    recorder.answer = (200, {"total": 0, "size": 0, "entities": []})
+    with RomaClient(recorder.url, retries=0) as client:
+        assert client.list_tasks("p1", "i1", task_type=task_type) == []
+    assert dict(parse_qsl(recorder.requests[0]["path"].split("?", 1)[1]))["task_type"] == sent
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((), {}, "give exactly one of endpoint (a URL) or region (e.g. 'cn-north-4')"),
+    (("https://h",), {"region": "cn-north-4"}, "give exactly one of endpoint (a URL) or region (e.g. 'cn-north-4')"),
+    ((), {"region": "CN-NORTH-4"}, "region 'CN-NORTH-4' does not look like a region id such as 'cn-north-4'"),
+    ((), {"region": 4}, "region 4 does not look like a region id such as 'cn-north-4'"),
+    ((5,), {}, "endpoint must be a URL string, got int"),
+    (("https://h",), {"retries": -1}, "retries must be an integer >= 0, got -1"),
+    (("https://h",), {"retries": True}, "retries must be an integer >= 0, got True"),
+    (("https://h",), {"retries": 1.0}, "retries must be an integer >= 0, got 1.0"),
+    (("https://h",), {"backoff": -0.5}, "backoff must be a number of seconds >= 0, got -0.5"),
+    (("https://h",), {"backoff": True}, "backoff must be a number of seconds >= 0, got True"),
+    (("https://h",), {"backoff": "1"}, "backoff must be a number of seconds >= 0, got '1'"),
+    (("https://h",), {"max_backoff": float("inf")}, "max_backoff must be a number of seconds >= 0, got inf"),
+    (("https://h",), {"max_backoff": -1}, "max_backoff must be a number of seconds >= 0, got -1"),
+    (("https://h",), {"pool_size": 0}, "pool_size must be an integer >= 1, got 0"),
+    (("https://h",), {"pool_size": True}, "pool_size must be an integer >= 1, got True"),
+    (("https://h",), {"pool_size": 2.0}, "pool_size must be an integer >= 1, got 2.0"),
+    (("https://h",), {"verify": 1}, "verify must be True, False or the path of a CA bundle"),
+    (("https://h",), {"verify": "/nonexistent/ca.pem"}, "verify: CA bundle '/nonexistent/ca.pem' does not exist"),
+])
+def test_client_settings_are_refused_saying_which_and_why(args, kwargs, message):
+    with pytest.raises(ConfigError) as caught:
+        RomaClient(*args, **kwargs)
+    assert caught.value.error_msg == message
+
+
+def test_client_settings_at_their_bounds_are_accepted():
+    client = RomaClient("https://h", retries=0, backoff=0, max_backoff=0, pool_size=1, timeout=1e-3, verify=False)
+    assert (client.retries, client.backoff, client.max_backoff, client.verify) == (0, 0.0, 0.0, False)
+    assert isinstance(client.backoff, float) and isinstance(client.max_backoff, float)
+    adapter = client.session.get_adapter("https://h/")
+    assert (adapter._pool_connections, adapter._pool_maxsize) == (1, 1)
