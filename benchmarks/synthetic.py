@@ -21,12 +21,14 @@ START = pd.Timestamp("2026-01-05T00:00:00Z")     # a Monday
 MARKER = ".complete"
 
 
-def history(path: Path, instances: int, runs: int, every: str = "5min", seed: int = 7) -> Path:
-    """A history of ``runs`` runs, ``every`` apart, of ``instances`` instances x 2 task types.
-
-    Reused when ``path`` already holds a finished history of the same shape.
+def history(path: Path, instances: int, runs: int, every: str = "5min", seed: int = 7,
+            start: pd.Timestamp = START) -> Path:
+    """A history of ``runs`` runs, ``every`` apart from ``start``, of ``instances`` instances x 2
+    task types.  Reused when ``path`` already holds a finished history of the same shape.
     """
     shape = {"instances": instances, "runs": runs, "every": every, "seed": seed}
+    if start != START:
+        shape["start"] = start.isoformat()
     marker = path / MARKER
     if marker.exists() and json.loads(marker.read_text()) == shape:
         return path
@@ -34,7 +36,7 @@ def history(path: Path, instances: int, runs: int, every: str = "5min", seed: in
     (path / "stats").mkdir(parents=True)
     rng = np.random.default_rng(seed)
     step_us = int(pd.Timedelta(every) / pd.Timedelta(microseconds=1))
-    start_us = START.value // 1000
+    start_us = pd.Timestamp(start).value // 1000
     run_times = start_us + np.arange(runs, dtype=np.int64) * step_us
     day_us = 86_400 * 10**6
     days = run_times // day_us

@@ -644,7 +644,8 @@ def run_compact(args) -> int:
     before = min(args.before.date(), today) if args.before else today
     _say(args, f"compacted {report.days} day(s) before {before.isoformat()} (UTC; "
                f"{'today is' if before == today else 'that day and later are'} never compacted): "
-               f"{report.files_merged} file(s) merged, {report.rows} row(s)"
+               f"{report.files_merged} file(s) merged, {report.rows} row(s); "
+               f"rollups built for {report.rollups} day(s)"
                + (f"; {len(report.left_in_place)} file(s) left in place (see the warnings)"
                   if report.left_in_place else ""))
     return 0

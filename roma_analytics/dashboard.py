@@ -170,6 +170,35 @@ def load_history(path: str | os.PathLike, problems: list | None = None) -> tuple
     return stats, errors
 
 
+def open_history(path: str | os.PathLike) -> HistoryStore:
+    """The :class:`HistoryStore` of the history folder or ``s3://`` URI ``path``; ConfigError, saying
+    what to do, when there is none (the checks of :func:`load_history`, nothing read)."""
+    if is_object_store_uri(path):
+        store = HistoryStore(path)
+        if not store.exists():
+            raise ConfigError(f"history {path} does not exist (nothing under that prefix); give the URI "
+                              "`roma-analytics collect --history` writes to")
+        return store
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"history folder {folder} does not exist; give the folder `roma-analytics collect "
+            "--history` writes to (it holds stats/ and errors/)"
+        )
+    store = HistoryStore(folder)  # a folder of other things: its ConfigError before anything else
+    if not (folder / "stats").is_dir():
+        raise ConfigError(f"{folder} holds no stats/ folder yet; collect a run into it first")
+    return store
+
+
+def store_resolution(store: HistoryStore) -> str:
+    """:func:`auto_resolution` of a history on disk, from its first and last day only."""
+    span = store.time_span()
+    if span is None:
+        return "1h"
+    return auto_resolution(pd.DataFrame({"collected_at": list(span)}))
+
+
 def load_scopes(path: str | os.PathLike, problems: list | None = None) -> pd.DataFrame:
     """The ``scopes`` table of the history folder ``path`` (empty for histories without one);
     ``problems`` as in :func:`load_history`."""
@@ -467,14 +496,28 @@ class PreparedHistory:
     #: Runs stamped after ``as_of`` (a collector's clock is wrong): left out of every view.
     future: pd.DataFrame = field(default_factory=lambda: fleet._future_frame(
         pd.DataFrame(columns=["run_id", "collected_at", "region", "project_id"])), repr=False)
+    #: A history read by query (:func:`prepare_store`): ``stats`` is then empty and every view
+    #: asks the store for what it shows (the snapshots are kept, the raw rows stay on disk).
+    store: HistoryStore | None = field(default=None, repr=False)
+    #: The fleet's reduced rows per ``as_of`` (store-backed only; see :func:`_fleet_of`).
+    _fleet_rows: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def _times(self) -> pd.Series:
+        return self.snapshots["collected_at"] if self.store is not None else self.stats["collected_at"]
+
+    @property
+    def empty(self) -> bool:
+        """True when the history holds no stats row."""
+        return self._times.empty
 
     @property
     def first_day(self) -> pd.Timestamp | None:
-        return None if self.stats.empty else self.stats["collected_at"].iloc[0].floor("D")
+        return None if self.empty else self._times.iloc[0].floor("D")
 
     @property
     def last_day(self) -> pd.Timestamp | None:
-        return None if self.stats.empty else self.stats["collected_at"].iloc[-1].floor("D")
+        return None if self.empty else self._times.iloc[-1].floor("D")
 
     def values(self, column: str) -> list[str]:
         """The distinct values of a filter column, sorted (for the multiselects)."""
@@ -543,6 +586,41 @@ def prepare(stats: pd.DataFrame, errors: pd.DataFrame | None, freq: str = "1h",
                            scopes=scopes.reset_index(drop=True), as_of=as_of, future=future)
 
 
+def prepare_store(store: HistoryStore, freq: str = "1h", as_of=None) -> PreparedHistory:
+    """A history folder or object store ready for filtering, read by query: its cost follows
+    what the page shows, not the history's length.
+
+    Reads the per-bucket snapshots at ``freq`` (``HistoryStore.snapshots``: from the rollups
+    where the resolution allows) and the errors table; the fleet state comes from
+    ``HistoryStore.fleet_rows`` per filter, raw rows only when a download or the Data tab asks
+    for them.  ``as_of`` as in :func:`prepare`.  Views equal those of :func:`prepare` on the
+    loaded tables.
+    """
+    step, _ = analysis.bucket_step(freq)
+    if _US_PER_DAY % step:
+        raise ConfigError(f"resolution {freq!r} must divide a day; use one of {', '.join(RESOLUTIONS)}")
+    until = None
+    if as_of is not None:
+        as_of = schema.parse_time(as_of, "as_of")
+        until = as_of + fleet.DEFAULT_TOLERANCE + pd.Timedelta(1, "us")
+    with warnings.catch_warnings():
+        # Damaged or foreign files are in store.problems, which the page shows.
+        warnings.simplefilter("ignore", HistoryWarning)
+        snapshots = store.snapshots(freq, until=until)
+        errors = store.load(table="errors", until=until)
+    if as_of is None:
+        newest = [frame["collected_at"].max() for frame in (snapshots, errors) if len(frame)]
+        as_of = max(newest) if newest else pd.Timestamp.now(tz="UTC")
+    # snapshots arrive sorted by time and series: the bucket order prepare() gives.
+    micros = _micros(snapshots["collected_at"])
+    bucket = micros - micros % step
+    series = snapshots.groupby(list(schema.SERIES_KEY), sort=False, dropna=False).ngroup().to_numpy(dtype="int64")
+    errors = errors.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
+    return PreparedHistory(stats=schema.empty_stats(), errors=errors, freq=freq, snapshots=snapshots,
+                           snapshot_bucket=bucket, snapshot_series=series, stats_time=np.empty(0, dtype="int64"),
+                           as_of=as_of, store=store)
+
+
 def _micros(times: pd.Series) -> np.ndarray:
     return times.dt.tz_localize(None).to_numpy(dtype="datetime64[us]").view("int64")
 
@@ -586,9 +664,65 @@ class FilteredHistory:
 
     def raw_stats(self) -> pd.DataFrame:
         """Every selected stats row (for downloads and collection health: the costly path)."""
+        if self.prepared.store is not None:
+            return self.prepared.store.load(**self._load_filters())
         stats = self.prepared.stats.iloc[_time_range(self.prepared.stats_time, self.filters)]
         return stats[_mask(stats, self.filters)].sort_values(
             ["collected_at", *schema.SERIES_KEY, "run_id"], kind="stable").reset_index(drop=True)
+
+    def _load_filters(self) -> dict:
+        f = self.filters
+        until = f.until
+        if self.prepared.store is not None and self.prepared.as_of is not None:
+            horizon = self.prepared.as_of + fleet.DEFAULT_TOLERANCE + pd.Timedelta(1, "us")
+            until = horizon if until is None else min(until, horizon)
+        return dict(since=f.since, until=until, regions=f.regions, projects=f.projects,
+                    instances=f.instances, task_types=f.task_types)
+
+    def stats_count(self) -> int:
+        """How many stats rows the selection holds (counted on disk for a store-backed history)."""
+        if self.prepared.store is not None:
+            return self.prepared.store.count(**self._load_filters())
+        return len(self.raw_stats())
+
+    def last_stats(self, n: int = 1000) -> pd.DataFrame:
+        """The selection's last ``n`` stats rows (a store-backed history reads back day by day)."""
+        if self.prepared.store is None:
+            return self.raw_stats().tail(n)
+        filters = self._load_filters()
+        end = filters.pop("until") or (self.prepared.last_day + pd.Timedelta(days=1))
+        start = filters.pop("since")
+        parts, found, day_end = [], 0, end
+        while found < n and (start is None or day_end > start) and day_end > self.prepared.first_day:
+            day_start = (day_end - pd.Timedelta(1, "us")).floor("D")
+            if start is not None:
+                day_start = max(day_start, start)
+            part = self.prepared.store.load(since=day_start, until=day_end, **filters)
+            parts.insert(0, part)
+            found += len(part)
+            day_end = day_start
+        frame = pd.concat(parts, ignore_index=True) if parts else schema.empty_stats()
+        return frame.tail(n).reset_index(drop=True)
+
+    def health(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(analysis.collection_health, analysis.instance_health)`` of the selection.  A
+        store-backed history answers the first from its per-run rollups (unless instances or task
+        types are chosen) and reads raw rows only of the instances that failed."""
+        store = self.prepared.store
+        if store is None:
+            stats = self.raw_stats()
+            return analysis.collection_health(self.errors, stats), analysis.instance_health(self.errors, stats)
+        filters = self._load_filters()
+        columns = ["collected_at", "run_id", "region", "project_id", "instance_id"]
+        if self.filters.instances or self.filters.task_types:
+            stats = store.load(columns=columns, **filters)
+            return analysis.collection_health(self.errors, stats), analysis.instance_health(self.errors, stats)
+        runs = store.collection_health(since=filters["since"], until=filters["until"],
+                                       projects=filters["projects"], regions=filters["regions"])
+        failed = sorted(set(self.errors["instance_id"].dropna()) - {fleet.DISCOVERY_INSTANCE_ID})
+        stats = store.load(columns=columns, **{**filters, "instances": failed}) if failed else \
+            schema.empty_stats()[columns]
+        return runs, analysis.instance_health(self.errors, stats)
 
     def instance_stats(self, instance_id: str) -> pd.DataFrame:
         """The selected snapshots of one instance (its history at the chosen resolution)."""
@@ -628,6 +762,24 @@ def _fleet_of(prepared: PreparedHistory, filters: Filters) -> fleet.FleetState:
 
     The start of the range does not matter: a series' latest snapshot may be older than it."""
     as_of = prepared.as_of
+    if prepared.store is not None:
+        # The reduced rows (two snapshots per series, the scopes' runs) are read once per end of
+        # range; a filter then only narrows them: series by all four keys, scopes by theirs.
+        cut = filters.until is not None and filters.until <= as_of + fleet.DEFAULT_TOLERANCE
+        if cut:  # the range ends before the newest rows: the state of its last instant, exactly
+            as_of = min(as_of, filters.until)
+        if (as_of, cut) not in prepared._fleet_rows:
+            prepared._fleet_rows[(as_of, cut)] = (
+                prepared.store.fleet_rows(as_of=filters.until - pd.Timedelta(1, "us"), tolerance=pd.Timedelta(0))
+                if cut else prepared.store.fleet_rows(as_of=as_of))
+        top_stats, top_errors, scope_runs, future, staleness = prepared._fleet_rows[(as_of, cut)]
+        if cut:  # rows after the range are not in the future: they are outside the selection
+            future = future.iloc[:0]
+        scope_filter = Filters(regions=filters.regions, projects=filters.projects)
+        return fleet.finish(top_stats[_mask(top_stats, filters)].reset_index(drop=True),
+                            top_errors[_mask(top_errors, filters, with_task_type=False)].reset_index(drop=True),
+                            scope_runs[_mask(scope_runs, scope_filter, with_task_type=False)].reset_index(drop=True),
+                            future, as_of=as_of, staleness=staleness)
     stats, errors, scopes = prepared.stats, prepared.errors, prepared.scopes
     if filters.until is not None:
         stop = int(np.searchsorted(prepared.stats_time, filters.until.value // 1000, "left"))

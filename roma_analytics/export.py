@@ -193,14 +193,16 @@ def export_table(
 def _check_something_matches(store: HistoryStore, filters: dict, target: Path) -> None:
     """Raise :class:`NothingMatched` (saying what the history does hold) when no row of any
     table matches ``filters``."""
-    if any(len(store.load(table=table, columns=["run_id"], **filters)) for table in ("stats", "errors")):
+    # Cheap on any history: DuckDB stops at the first matching row.
+    if any(store.has_rows(table, **filters) for table in ("stats", "errors")):
         return
     wanted = [f"{name} {', '.join(map(str, [values] if isinstance(values, str) else values))}"
               for name, values in (("project", filters["projects"]), ("instance", filters["instances"]),
                                    ("region", filters["regions"])) if values is not None]
     period = "".join(f" {word} {parse_time(filters[key], key).isoformat()}"
                      for word, key in (("since", "since"), ("until", "until")) if filters[key] is not None)
-    held = store.load(columns=["project_id", "instance_id"], since=filters["since"], until=filters["until"])
+    # What the period holds, from the daily snapshots (one row per series and day).
+    held = store.snapshots("1D", since=filters["since"], until=filters["until"])
     if held.empty:
         what = f"the history {store.path} has no row{period}"
         hint = "Check --since/--until, and that collection still runs"

@@ -317,7 +317,10 @@ def _scope_table(scope_runs, top_stats, top_errors, as_of, staleness) -> pd.Data
     previous = grouped.nth(-2).set_index(list(SCOPE_KEY))
     table["previous_run_id"] = previous["run_id"].reindex(table.index).astype(STRING_DTYPE)
     table["previous_collected_at"] = previous["collected_at"].reindex(table.index).astype(TIMESTAMP_DTYPE)
-    table["runs_seen"] = grouped.size().reindex(table.index).astype("int64")
+    seen = grouped.size()
+    if "_hidden_runs" in runs:  # a reduced frame (HistoryStore.fleet_rows) says how many runs it left out
+        seen = seen + grouped["_hidden_runs"].max().fillna(0).astype("int64")
+    table["runs_seen"] = seen.reindex(table.index).astype("int64")
     recent = grouped.tail(INTERVAL_RUNS + 1)
     gaps = recent.groupby(list(SCOPE_KEY), sort=True, dropna=False)["collected_at"].diff()
     interval = gaps.groupby([recent[c] for c in SCOPE_KEY], sort=True, dropna=False).median()

@@ -262,6 +262,18 @@ class LocalBackend:
         return sorted(Path(folder) / name for name in names
                       if name.endswith(".parquet") and not name.startswith((".", "_")))
 
+    def file_stamps(self, folder) -> list[tuple[str, str]]:
+        """``(name, size and modification time)`` of the folder's data files: what a rollup's key
+        covers, so that a file changed in place (even at the same size) makes the rollup stale."""
+        stamps = []
+        for path in self.data_files(folder):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # swapped by a compaction between listing and stat
+                continue
+            stamps.append((path.name, f"{stat.st_size}:{stat.st_mtime_ns}"))
+        return stamps
+
     def file_exists(self, path) -> bool:
         return Path(path).exists()
 
@@ -556,6 +568,11 @@ class ObjectStoreBackend:
                 f"bucket {self.bucket} does not exist{' at ' + self.settings.endpoint if self.settings.endpoint else ''}; "
                 "create it first (roma-analytics never creates buckets) or fix the history URI"
             ) from None
+
+    def file_stamps(self, folder) -> list[tuple[str, str]]:
+        """``(name, size and ETag)`` of the folder's data objects (what a rollup's key covers)."""
+        return sorted((self.name(entry["name"]), f"{entry['size']}:{entry.get('ETag', '')}")
+                      for entry in self._data_entries(folder))
 
     def modified_ns(self, folder) -> list[int]:
         """The modification times (ns) of the folder's data objects."""

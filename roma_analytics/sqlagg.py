@@ -117,6 +117,88 @@ def cdc_vs_common(
     return analysis._finish_cdc_vs_common(scan.fetch(sql))
 
 
+def snapshots(
+    source,
+    freq: str = "1h",
+    since=None,
+    until=None,
+    projects: Iterable[str] | str | None = None,
+    instances: Iterable[str] | str | None = None,
+    regions: Iterable[str] | str | None = None,
+    task_types: Iterable[str] | str | None = None,
+) -> pd.DataFrame:
+    """Per ``freq`` bucket and series, the last snapshot (the stats row itself), computed by
+    DuckDB from ``source`` (as for :func:`trend`); sorted by time and series."""
+    from roma_analytics import schema
+
+    step, origin = analysis.bucket_step(freq)
+    scan = _Scan(source, since, until, projects=projects, instances=instances,
+                 regions=regions, task_types=task_types)
+    if scan.empty:
+        return schema._empty(schema.TABLES["stats"])
+    names = ", ".join(_quote(c) for c in schema.TABLES["stats"])
+    counts = ", ".join(analysis.TOTAL_COLUMNS)
+    condition, _ = scan.where()
+    bucket = f"t - (((t - {int(origin)}) % {int(step)}) + {int(step)}) % {int(step)}"
+    series = ", ".join(schema.SERIES_KEY)
+    # The whole row rides along in the struct the greatest (time, run, counts) key picks.
+    sql = f"""
+        WITH rows AS (
+            SELECT epoch_us(collected_at) AS t, * FROM {_SOURCE} WHERE {condition}
+        )
+        SELECT * FROM (
+            SELECT unnest(last, recursive := true) FROM (
+                SELECT max_by(struct_pack({names}), struct_pack(t, run_id, {counts})) AS last
+                FROM rows GROUP BY {bucket}, {series}))
+        ORDER BY collected_at, {series}, run_id
+    """
+    return scan.fetch(sql)
+
+
+def count(source, since=None, until=None, limit: int | None = None, **filters) -> int:
+    """How many rows of ``source`` match (parameters as for :func:`trend`); with ``limit``, at
+    most that many (the scan stops there: "is there any" costs one row group)."""
+    scan = _Scan(source, since, until, **filters)
+    if scan.empty:
+        return 0
+    condition, _ = scan.where()
+    rows = f"SELECT 1 FROM {_SOURCE} WHERE {condition}" + (f" LIMIT {int(limit)}" if limit is not None else "")
+    return int(scan.fetch(f"SELECT count(*) AS n FROM ({rows})")["n"].iloc[0])
+
+
+def recent_runs(source, end, recent: int, projects=None, regions=None) -> pd.DataFrame:
+    """From ``rollup_runs`` files: per scope its last ``recent`` runs before ``end`` and its last
+    complete one (discovery not failed), with ``_hidden_runs`` (how many of its runs before
+    ``end`` are left out), plus every run at or after ``end``.  Columns of ``rollups.RUN_DTYPES``."""
+    from roma_analytics import rollups
+
+    scan = _Scan(source, None, None, projects=projects, regions=regions)
+    columns = list(rollups.RUN_DTYPES)
+    if scan.empty:
+        return rollups.empty_runs().assign(_hidden_runs=pd.Series(dtype="int64"))
+    condition, params = scan.where()
+    row = f"struct_pack({', '.join(columns)})"
+    order = "struct_pack(collected_at, run_id)"
+    cut = end.to_pydatetime() if end is not None else None
+    # Streaming aggregates (one pass, memory per scope), not window functions over every run.
+    summary = scan.fetch_params(f"""
+        SELECT count(*) AS _runs,
+               max_by({row}, {order}, {int(recent)}) AS recent,
+               max_by({row}, {order}) FILTER (WHERE discovery <> 'failed') AS complete
+        FROM {_SOURCE} WHERE {condition} AND (?::TIMESTAMPTZ IS NULL OR collected_at < ?)
+        GROUP BY region, project_id""", [*params, cut, cut])
+    later = scan.fetch_params(f"""
+        SELECT {', '.join(columns)} FROM {_SOURCE}
+        WHERE {condition} AND ?::TIMESTAMPTZ IS NOT NULL AND collected_at >= ?""", [*params, cut, cut])
+    parts = []
+    for runs, newest, complete in summary[["_runs", "recent", "complete"]].itertuples(index=False):
+        rows = list(newest) + ([complete] if isinstance(complete, dict) else [])
+        kept = pd.DataFrame(rows, columns=columns).drop_duplicates("run_id")
+        parts.append(kept.assign(_hidden_runs=int(runs) - len(kept)))
+    parts.append(later.assign(_hidden_runs=0))
+    return pd.concat(parts, ignore_index=True)
+
+
 class _Scan:
     """The filtered read of the stats files of one call: SQL text plus its ``?`` parameters."""
 
@@ -253,7 +335,8 @@ def fleet_rows(files: dict[str, list], cutoff: pd.Timestamp, projects=None, inst
     """The DuckDB twin of :func:`roma_analytics.fleet.reduce_history`, over Parquet files.
 
     ``files`` maps ``stats``, ``errors`` and ``scopes`` to the files to read (each row once, as
-    ``HistoryStore.files`` lists them).  Returns ``(top_stats, top_errors, inferred, scopes,
+    ``HistoryStore.files`` lists them); ``stats@scope`` and ``errors@scope``, when given, are the
+    files the scope runs and future runs are inferred from (default: ``stats`` and ``errors``).  Returns ``(top_stats, top_errors, inferred, scopes,
     future)``: the last ``fleet.SNAPSHOTS_KEPT`` snapshots of each series and errors rows of each
     instance at or before ``cutoff``; one row per (run, scope) found in stats or errors with
     ``_discovery_failed``; the recorded scope rows at or before ``cutoff``; and the (run, scope)
@@ -291,10 +374,14 @@ def fleet_rows(files: dict[str, list], cutoff: pd.Timestamp, projects=None, inst
     top_errors = frame("errors", last_rows("errors", instance), filters, [cut])
     # Scope runs are judged over every instance of the scope: an instance filter must not make
     # a later run of its project look like it never happened.
-    inferred_stats = frame("stats", lambda where: f"""
+    # The scope runs and future runs come from the raw files of the days without a per-run
+    # rollup ("stats@scope", ...; default: the same files as the snapshots).
+    for table in ("stats", "errors"):
+        files.setdefault(f"{table}@scope", files.get(table, []))
+    inferred_stats = frame("stats@scope", lambda where: f"""
         SELECT DISTINCT collected_at, run_id, region, project_id, false AS _discovery_failed
         FROM {source} WHERE {where} AND collected_at <= ?""", scope_filters, [cut])
-    inferred_errors = frame("errors", lambda where: f"""
+    inferred_errors = frame("errors@scope", lambda where: f"""
         SELECT collected_at, run_id, region, project_id, bool_or(instance_id = '*') AS _discovery_failed
         FROM {source} WHERE {where} AND collected_at <= ? GROUP BY ALL""", scope_filters, [cut])
     scopes = frame("scopes", lambda where: f"""
@@ -302,7 +389,7 @@ def fleet_rows(files: dict[str, list], cutoff: pd.Timestamp, projects=None, inst
     future = [frame(table, lambda where: f"""
         SELECT DISTINCT run_id, collected_at, region, project_id FROM {source}
         WHERE {where} AND date >= ? AND collected_at > ?""", scope_filters, [cutoff.date(), cut])
-        for table in ("stats", "errors", "scopes")]
+        for table in ("stats@scope", "errors@scope", "scopes")]
 
     def conformed(result, table):
         return schema._empty(schema.TABLES[table]) if result is None else schema.conform(result, table)

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import history_files, schema
+from . import history_files, rollups, schema
 from .schema import parse_time
 from .errors import ConfigError, HistoryWarning, RomaError
 from .history_backend import REPLACED_GRACE_SECONDS, ObjectStoreSettings, backend_for
@@ -97,6 +97,8 @@ class CompactReport:
     files_merged: int = 0
     rows: int = 0
     left_in_place: tuple[str, ...] = ()
+    #: Days whose rollups (:mod:`roma_analytics.rollups`) were built or rebuilt.
+    rollups: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +161,7 @@ class HistoryStore:
         self._backend.check_root(TABLE_NAMES)
         self._inspected: dict[tuple, history_files.FileInfo] = {}
         self._warned: dict[str, None] = {}
+        self._keys: dict[str, str] | None = None
 
     @property
     def problems(self) -> list[str]:
@@ -243,7 +246,224 @@ class HistoryStore:
                         "run ids must be unique, refusing to overwrite"
                     ) from None
                 written[table] = fs.public(targets[table])
+        self._roll_before(day)
         return [written[table] for table in TABLE_NAMES if table in written]
+
+    # ---------------------------------------------------------------------------- rollups
+    def rollup(self, before=None) -> int:
+        """Build the rollups (:mod:`roma_analytics.rollups`) of every day strictly before
+        ``before`` (default: today UTC) that lacks a current one; return how many days were built.
+
+        Days holding a file with rows of another day are left raw (their readers stay exact).
+        Safe to run beside collectors and readers: a rollup is created whole under a new name,
+        and a day that changes while it is rolled up is left for next time.
+        """
+        return self._rollup(before)
+
+    def _rollup(self, before, clean: bool = False) -> int:
+        cutoff = (pd.Timestamp.now(tz="UTC") if before is None else parse_time(before, "before")).strftime("%Y-%m-%d")
+        fs = self._backend
+        built = 0
+        with fs.errors(f"cannot write the rollups of {fs.describe()}"):
+            if not fs.exists():
+                return 0
+            for day in self._source_days(None, None):
+                if day >= cutoff:
+                    continue
+                if clean:
+                    # Under the compaction lock: a rollup temporary left by a killed writer goes
+                    # now (a collector writing one meanwhile just leaves its day raw).
+                    for table in rollups.TABLES:
+                        with contextlib.suppress(FileNotFoundError):
+                            fs.remove_abandoned_temporaries(fs.child(fs.root, table, f"date={day}"),
+                                                            time.time(), rollups.PREFIX)
+                if self._roll_day(day):
+                    built += 1
+        return built
+
+    def _roll_before(self, day: str, days: int = 3) -> None:
+        """After an append to ``day``: roll up the finished days just before it that lack a
+        current rollup (normally yesterday, once a day).  A failure here never fails the append:
+        the run is stored, and readers read the day raw."""
+        try:
+            recent = [d for d in self._source_days(None, None) if d < day][-days:]
+            for earlier in recent:
+                self._roll_day(earlier)
+        except FileNotFoundError:
+            return  # a compaction swapped the day (or cleaned our temporary) meanwhile: next time
+        except (RomaError, OSError, pa.ArrowException, ValueError) as exc:
+            self._issue(f"could not roll up the days before {day} ({exc}); readers read them raw "
+                        "until `roma-analytics compact` builds them")
+
+    def _source_days(self, start, end) -> list[str]:
+        """The days (``YYYY-MM-DD``) of ``[start, end)`` with a folder in a table rollups come from."""
+        return sorted({day for table in rollups.SOURCE_TABLES for day, _ in self._day_folders(table, start, end)})
+
+    def _day_key(self, day: str) -> str:
+        if self._keys is not None and day in self._keys:
+            return self._keys[day]
+        fs = self._backend
+        key = rollups.source_key(
+            (table, name, stamp) for table in rollups.SOURCE_TABLES
+            for name, stamp in fs.file_stamps(fs.child(fs.root, table, f"date={day}")))
+        if self._keys is not None:
+            self._keys[day] = key
+        return key
+
+    def _day_key_uncached(self, day: str) -> str:
+        fs = self._backend
+        return rollups.source_key(
+            (table, name, stamp) for table in rollups.SOURCE_TABLES
+            for name, stamp in fs.file_stamps(fs.child(fs.root, table, f"date={day}")))
+
+    def _current_rollup(self, table: str, day: str, key: str):
+        """The rollup file of ``table`` for ``day`` built from the files of ``key``, or None."""
+        fs = self._backend
+        wanted = rollups.file_name(key)
+        for path in fs.data_files(fs.child(fs.root, table, f"date={day}")):
+            if fs.name(path) == wanted:
+                return path
+        return None
+
+    def _roll_day(self, day: str) -> bool:
+        """Build ``day``'s rollups if it lacks current ones; True when it built them."""
+        fs = self._backend
+        key = self._day_key_uncached(day)
+        if all(self._current_rollup(table, day, key) is not None for table in rollups.TABLES):
+            return False
+        start = pd.Timestamp(day, tz="UTC")
+        end = start + pd.Timedelta(days=1)
+        frames = {}
+        with self._reading(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", HistoryWarning)
+            for table in rollups.SOURCE_TABLES:
+                selection = self._selection(table, start, end)
+                if selection.skipped or selection.misplaced or any(info.other_days for info in selection.files):
+                    # A damaged, foreign or misplaced file: the day stays raw, so that every
+                    # reader still warns about the file and its rows stay out exactly as now.
+                    return False
+                arrow = self._scan(selection.files, table, list(_table_dtypes(table)), None,
+                                   dedup=selection.overlap, excluded_runs=selection.excluded_runs)
+                frames[table] = _conform(arrow.to_pandas(), table)
+        if self._day_key_uncached(day) != key:
+            return False  # a run arrived (or a compaction swapped the day) meanwhile: next time
+        hourly = rollups.last_per_bucket(frames["stats"], rollups.step_us("rollup_1h"))
+        outputs = {
+            "rollup_1h": to_arrow(hourly, "stats"),
+            "rollup_1d": to_arrow(rollups.last_per_bucket(hourly, rollups.step_us("rollup_1d")), "stats"),
+            rollups.RUNS_TABLE: pa.Table.from_pandas(
+                rollups.run_rows(frames["stats"], frames["errors"], frames["scopes"]),
+                schema=_runs_arrow_schema(), preserve_index=False),
+        }
+        for table, arrow in outputs.items():
+            arrow = arrow.replace_schema_metadata({
+                **(arrow.schema.metadata or {}),
+                META_SCHEMA_VERSION: str(schema.SCHEMA_VERSION).encode(),
+                rollups.META_ROLLUP: table.encode(), rollups.META_KEY: key.encode()})
+            folder = fs.child(fs.root, table, f"date={day}")
+            target = fs.child(folder, rollups.file_name(key))
+            try:
+                fs.create(target, lambda file, arrow=arrow: write_parquet(arrow, file))
+            except FileExistsError:
+                pass  # another process built the same rollup: identical by construction
+            # Rollups of earlier versions of the day are never read again.
+            fs.delete([path for path in fs.data_files(folder)
+                       if fs.name(path) != fs.name(target) and fs.name(path).startswith(rollups.PREFIX)])
+        return True
+
+    def _rolled(self, table: str, start, end) -> dict[str, history_files.FileInfo]:
+        """Per day of ``[start, end)``, the current rollup file of ``table`` that a reader of the
+        range may read instead of the day's raw rows: the day has one, and it lies wholly inside
+        the range or the range's bound on that day falls on a bucket boundary of the rollup."""
+        step = rollups.step_us(table) if table in rollups.SNAPSHOT_ROLLUPS else rollups.step_us("rollup_1d")
+
+        def aligned(stamp) -> bool:
+            return (stamp.value // 1000) % step == 0
+
+        rolled = {}
+        for day in self._source_days(start, end):
+            first = pd.Timestamp(day, tz="UTC")
+            if start is not None and start > first and not aligned(start):
+                continue
+            if end is not None and end < first + pd.Timedelta(days=1) and not aligned(end):
+                continue
+            key = self._day_key(day)
+            path = self._current_rollup(table, day, key)
+            if path is None:
+                continue
+            problem = self._rollup_problem(path, table, key)
+            if problem is not None:
+                self._issue(f"skipped the rollup file {self._backend.public(path)}: it {problem}; its day "
+                            "is read raw (delete the file: `roma-analytics compact` builds it again)")
+                continue
+            rolled[day] = history_files.FileInfo(path=path, table="stats")
+        return rolled
+
+    def _rollup_problem(self, path, table: str, key: str) -> str | None:
+        """What is wrong with the rollup file ``path`` (None: it is ours, current and readable
+        by this version).  Reads its footer's metadata only."""
+        try:
+            metadata = self._backend.schema_metadata(path)
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            return f"is not a readable Parquet file ({history_files.short_error(exc)})"
+        if metadata.get(rollups.META_ROLLUP) != table.encode() or metadata.get(rollups.META_KEY) != key.encode():
+            return "was not written by roma-analytics as this rollup"
+        try:
+            version = int(metadata.get(META_SCHEMA_VERSION, b"0").decode())
+        except (UnicodeDecodeError, ValueError):
+            return "has an unreadable schema_version"
+        if version > schema.SCHEMA_VERSION:
+            return f"was written by a newer roma-analytics (schema version {version})"
+        return None
+
+    def _tiered(self, rollup_table: str, start, end) -> tuple[history_files.Selection, set[str]]:
+        """The stats files a reader of ``[start, end)`` at a resolution of whole ``rollup_table``
+        buckets reads: the current rollups of the days that have one, the raw files of the rest."""
+        rolled = self._rolled(rollup_table, start, end)
+        raw = self._selection("stats", start, end, skip_days=set(rolled), warn=False)
+        # A raw file holding rows of a rolled day (a run copied or moved into another day's
+        # folder): that day is read raw too, so the file is judged (copy or misplaced) as always.
+        touched = {day for info in (*raw.files, *raw.skipped) for day in info.other_days} & set(rolled)
+        if touched:
+            rolled = {day: info for day, info in rolled.items() if day not in touched}
+            raw = self._selection("stats", start, end, skip_days=set(rolled), warn=False)
+        self._warn_selection(raw)
+        return dataclasses.replace(raw, files=(*rolled.values(), *raw.files)), set(rolled)
+
+    def _run_rollups(self, start, end, recent: int | None = None, projects=None,
+                     regions=None) -> tuple[pd.DataFrame, set[str]]:
+        """``rollup_runs`` rows of the days of ``[start, end)`` that have a current one (whole
+        days only) and of the scopes asked for, and those days.
+
+        ``recent``: per scope only its last ``recent`` runs and its last complete one (discovery
+        not failed) at or before ``end``, plus the runs after ``end``, and in ``_hidden_runs``
+        how many of its runs up to ``end`` were left out (what the fleet state needs: its cost
+        then follows the number of scopes, not of runs)."""
+        rolled = self._rolled(rollups.RUNS_TABLE, start, end)
+        if not rolled:
+            return rollups.empty_runs().assign(_hidden_runs=pd.Series(dtype="int64")), set()
+        paths = [info.path for info in rolled.values()]
+        dataset = self._backend.dataset(paths, _runs_arrow_schema())
+        try:
+            if recent is not None:
+                from . import sqlagg
+
+                source = paths if self._backend.deletes_replaced_at_once else dataset
+                frame = sqlagg.recent_runs(source, end, int(recent), projects=projects, regions=regions)
+            else:
+                frame = dataset.to_table().to_pandas(types_mapper={pa.string(): schema.STRING_DTYPE}.get)
+                frame = frame[_scope_mask(frame, {"project_id": projects, "region": regions}, None, None)]
+        except (pa.ArrowInvalid, OSError, ImportError) + _duckdb_errors() as exc:
+            self._issue(f"the per-run rollups of {self._backend.describe()} cannot be read ({exc}); "
+                        "reading the raw runs instead; `roma-analytics compact` rebuilds them")
+            return rollups.empty_runs(), set()
+        hidden = frame["_hidden_runs"].astype("int64").to_numpy() if "_hidden_runs" in frame else 0
+        frame = pd.DataFrame({name: frame[name].astype(dtype) for name, dtype in rollups.RUN_DTYPES.items()})
+        frame["_hidden_runs"] = hidden
+        return frame.reset_index(drop=True), set(rolled)
+
 
     # ---------------------------------------------------------------------------- reading
     def load(
@@ -366,10 +586,116 @@ class HistoryStore:
         # Under the read lock, on the exact file list: a compaction swapping a day meanwhile
         # can never make a row count twice.
         with self._reading():
-            selection = self._selection("stats", parse_time(since, "since"), parse_time(until, "until"))
+            selection = self._stats_at(freq, since, until)
             return self._aggregated({"stats": selection}, lambda sources: sqlagg.trend(
                 sources["stats"], freq=freq, by=by, since=since, until=until,
                 projects=projects, instances=instances, regions=regions))
+
+    def snapshots(self, freq="1h", since=None, until=None, projects=None, instances=None, regions=None,
+                  task_types=None) -> pd.DataFrame:
+        """Per ``freq`` bucket and series, the last snapshot in ``[since, until)``: stats rows
+        (the schema's columns and dtypes) sorted by time and series.
+
+        ``analysis.trend``, ``cdc_vs_common`` and ``anomalies`` at ``freq`` (or any whole
+        multiple of it) give on this frame what they give on every raw row of the range, so it
+        is what a chart reads.  Computed by DuckDB from the rollups where the resolution allows
+        (whole hours or days) and the raw runs elsewhere; filters as in :meth:`load`."""
+        from . import sqlagg
+
+        self._check_range(since, until)
+        with self._reading():
+            selection = self._stats_at(freq, since, until)
+            frame = self._aggregated({"stats": selection}, lambda sources: sqlagg.snapshots(
+                sources["stats"], freq=freq, since=since, until=until, projects=projects,
+                instances=instances, regions=regions, task_types=task_types))
+        return schema.conform(frame, "stats")
+
+    def collection_health(self, since=None, until=None, projects=None, regions=None) -> pd.DataFrame:
+        """``analysis.collection_health`` of ``[since, until)`` (per run: instances ``attempted``,
+        ``collected``, ``failed``, ``success_ratio``), from the per-run rollups where a day has
+        them and the raw stats and errors elsewhere; scope filters only (``projects``,
+        ``regions``): a run's outcome is kept per scope, not per instance."""
+        from . import analysis
+
+        start, end = parse_time(since, "since"), parse_time(until, "until")
+        self._check_range(since, until)
+        with self._reading():
+            rolled_runs, rolled = self._run_rollups(start, end)
+            filters = {"project_id": projects, "region": regions}
+            parts = [rolled_runs[_scope_mask(rolled_runs, filters, start, end)]]
+            raw_days = [day for day in self._source_days(start, end) if day not in rolled]
+        if raw_days:
+            # Only the days without a rollup are read raw (normally today and yesterday).
+            first = max(pd.Timestamp(raw_days[0], tz="UTC"), start) if start is not None else pd.Timestamp(raw_days[0], tz="UTC")
+            stats = self.load(since=first, until=end, projects=projects, regions=regions,
+                              columns=["collected_at", "run_id", "region", "project_id", "instance_id"])
+            errors = self.load(since=first, until=end, projects=projects, regions=regions, table="errors")
+            stats = stats[stats["collected_at"].dt.strftime("%Y-%m-%d").isin(raw_days)]
+            errors = errors[errors["collected_at"].dt.strftime("%Y-%m-%d").isin(raw_days)]
+            health = analysis.collection_health(errors, stats)
+            both = pd.concat([rollups.collection_health(parts[0]), health], ignore_index=True)
+            return both.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
+        return rollups.collection_health(parts[0])
+
+    def has_rows(self, table: str = "stats", since=None, until=None, projects=None, instances=None,
+                 regions=None) -> bool:
+        """Whether :meth:`load` of ``table`` with these filters would return a row.  For stats,
+        days with a daily rollup are asked through it (a series has a rollup row for every day
+        it has a row), so the answer costs a few small files, not the history."""
+        from . import sqlagg
+
+        self._check_range(since, until)
+        _table_dtypes(table)
+        start, end = parse_time(since, "since"), parse_time(until, "until")
+        with self._reading():
+            selection = self._tiered("rollup_1d", start, end)[0] if table == "stats" else \
+                self._selection(table, start, end)
+            return bool(self._aggregated({table: selection}, lambda sources: sqlagg.count(
+                sources[table], since=since, until=until, limit=1, projects=projects,
+                instances=instances, regions=regions)))
+
+    def count(self, since=None, until=None, projects=None, instances=None, regions=None,
+              task_types=None, table: str = "stats", limit: int | None = None) -> int:
+        """How many rows :meth:`load` with these arguments would return (at most ``limit``),
+        counted by DuckDB on disk: nothing is loaded."""
+        from . import sqlagg
+
+        self._check_range(since, until)
+        _table_dtypes(table)
+        if task_types is not None and table != "stats":
+            raise ConfigError(f"the {table} table has no task_type column to filter on")
+        start, end = parse_time(since, "since"), parse_time(until, "until")
+        with self._reading():
+            selection = self._selection(table, start, end)
+            return int(self._aggregated({table: selection}, lambda sources: sqlagg.count(
+                sources[table], since=since, until=until, limit=limit, projects=projects,
+                instances=instances, regions=regions, task_types=task_types)))
+
+    def time_span(self) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+        """``(first, last)`` ``collected_at`` of the stats table (None when it is empty); reads
+        only the first and the last day."""
+        days = [day for day, _ in self._day_folders("stats", None, None)]
+        for first in days:
+            times = self.load(since=first, until=pd.Timestamp(first, tz="UTC") + pd.Timedelta(days=1),
+                              columns=["collected_at"])["collected_at"]
+            if len(times):
+                break
+        else:
+            return None
+        for last in reversed(days):
+            later = self.load(since=last, until=pd.Timestamp(last, tz="UTC") + pd.Timedelta(days=1),
+                              columns=["collected_at"])["collected_at"]
+            if len(later):
+                return times.min(), later.max()
+        return None
+
+    def _stats_at(self, freq, since, until) -> history_files.Selection:
+        """The stats files a reader of ``[since, until)`` at resolution ``freq`` reads."""
+        start, end = parse_time(since, "since"), parse_time(until, "until")
+        rollup = rollups.rollup_for(freq)
+        if rollup is None:
+            return self._selection("stats", start, end)
+        return self._tiered(rollup, start, end)[0]
 
     def task_episodes(self, since=None, until=None, listed_runs=None) -> pd.DataFrame:
         """``episodes.episodes`` of the matching history, computed by DuckDB over the files of the
@@ -393,7 +719,7 @@ class HistoryStore:
 
         self._check_range(since, until)
         with self._reading():
-            selection = self._selection("stats", parse_time(since, "since"), parse_time(until, "until"))
+            selection = self._stats_at(freq, since, until)
             return self._aggregated({"stats": selection}, lambda sources: sqlagg.cdc_vs_common(
                 sources["stats"], freq=freq, since=since, until=until,
                 projects=projects, instances=instances, regions=regions))
@@ -408,18 +734,76 @@ class HistoryStore:
         cost follows the fleet's size rather than the history's length.  Filters as in
         :meth:`load`; ``staleness``/``tolerance`` as in ``fleet.fleet_state``.
         """
+        from . import fleet
+
+        top_stats, top_errors, scope_runs, future, staleness = self.fleet_rows(
+            as_of, staleness=staleness, tolerance=tolerance, projects=projects, instances=instances,
+            regions=regions)
+        as_of = fleet._settings(as_of, staleness, fleet.DEFAULT_TOLERANCE if tolerance is None else tolerance)[0]
+        return fleet.finish(top_stats, top_errors, scope_runs, future, as_of=as_of, staleness=staleness)
+
+    def fleet_rows(self, as_of=None, *, staleness=None, tolerance=None, projects=None, instances=None,
+                   regions=None) -> tuple:
+        """The rows :func:`roma_analytics.fleet.finish` judges the fleet by, as of ``as_of``:
+        ``(top_stats, top_errors, scope_runs, future, staleness)`` -- the last two snapshots of
+        each series, the last two errors rows of each instance, one row per run and scope
+        (``fleet.SCOPE_RUN_COLUMNS``), the runs stamped later, and the staleness setting.
+        Narrowing them by series or scope and then finishing equals :meth:`fleet_state` with
+        those filters (what the dashboard does per filter without reading the history again)."""
         from . import fleet, sqlagg
 
         as_of, cutoff, staleness = fleet._settings(
             as_of, staleness, fleet.DEFAULT_TOLERANCE if tolerance is None else tolerance)
+        filters = dict(projects=projects, instances=instances, regions=regions)
+        end = cutoff + pd.Timedelta(1, "us")
         with self._reading():
-            selections = {table: self._selection(table, None, None) for table in TABLE_NAMES}
+            # Whole days before the cutoff's day are answered by their rollups: the last snapshot
+            # of each series per day (rollup_1d) and the runs of each scope (rollup_runs).
+            stats, rolled = self._tiered("rollup_1d", None, end)
+            run_rows, runs_rolled = self._run_rollups(None, end, recent=int(fleet.INTERVAL_RUNS) + 1,
+                                                      projects=projects, regions=regions)
+            selections = {
+                "stats": stats, "errors": self._selection("errors", None, None),
+                "scopes": self._selection("scopes", None, None, skip_days=runs_rolled),
+                "stats@scope": self._selection("stats", None, None, skip_days=runs_rolled),
+                "errors@scope": self._selection("errors", None, None, skip_days=runs_rolled),
+            }
             top_stats, top_errors, inferred, scopes, future = self._aggregated(
-                selections, lambda sources: sqlagg.fleet_rows(
-                    sources, cutoff, projects=projects, instances=instances, regions=regions))
-        scope_runs = fleet.scope_runs_frame(inferred, scopes)
-        return fleet.finish(top_stats, top_errors, scope_runs, fleet._future_frame(future), as_of=as_of,
-                            staleness=staleness)
+                selections, lambda sources: sqlagg.fleet_rows(sources, cutoff, **filters))
+            top_stats = self._exact_top(top_stats, rolled, cutoff, filters)
+        # Rolled days give each scope's recent runs and its last complete one, plus how many
+        # runs they left out (fleet: "_hidden_runs"); the raw days give all of theirs.
+        recorded = run_rows[run_rows["collected_at"] <= cutoff]
+        raw_runs = fleet.scope_runs_frame(inferred, scopes).assign(_hidden_runs=0)
+        scope_runs = pd.concat([recorded[[*fleet.SCOPE_RUN_COLUMNS, "_hidden_runs"]], raw_runs], ignore_index=True)
+        # A run copied into another day's folder is in both parts: once is enough.
+        scope_runs = scope_runs.drop_duplicates(["run_id", *schema.SCOPE_KEY])
+        scope_runs = scope_runs.sort_values([*schema.SCOPE_KEY, "collected_at", "run_id"], kind="stable")
+        later = run_rows.loc[run_rows["collected_at"] > cutoff, ["run_id", "collected_at", *schema.SCOPE_KEY]]
+        future = pd.concat([future, later], ignore_index=True) if len(later) else future
+        return top_stats, top_errors, scope_runs.reset_index(drop=True), fleet._future_frame(future), staleness
+
+    def _exact_top(self, top_stats: pd.DataFrame, rolled: set[str], cutoff, filters: dict) -> pd.DataFrame:
+        """``top_stats`` (the last two snapshots per series, from daily rollups and raw days)
+        made exact: a series whose latest snapshot comes from a day's rollup may have its
+        previous snapshot earlier that day, which the rollup does not hold, so those days are
+        read raw for them.  Normally no day (every live series was seen today)."""
+        from . import fleet, sqlagg
+
+        if top_stats.empty or not rolled:
+            return top_stats
+        ordered = top_stats.sort_values([*schema.SERIES_KEY, "collected_at", "run_id"], kind="stable")
+        latest = ordered.drop_duplicates(list(schema.SERIES_KEY), keep="last")
+        days = set(latest["collected_at"].dt.strftime("%Y-%m-%d")) & rolled
+        if not days:
+            return top_stats
+        extra = self._selection("stats", None, None, skip_days=set(self._source_days(None, None)) - days)
+        more = self._aggregated({"stats": extra}, lambda sources: sqlagg.fleet_rows(
+            {"stats": sources["stats"]}, cutoff, **filters))[0]
+        both = pd.concat([top_stats, more], ignore_index=True).drop_duplicates([*schema.SERIES_KEY, "run_id"])
+        both = both.sort_values([*schema.SERIES_KEY, "collected_at", "run_id"], kind="stable")
+        return both.groupby(list(schema.SERIES_KEY), sort=False, dropna=False).tail(int(fleet.SNAPSHOTS_KEPT)) \
+            .reset_index(drop=True)
 
     def future_runs(self, now=None, tolerance=None) -> pd.DataFrame:
         """Runs stamped later than ``now`` (default: the present) plus ``tolerance`` (default
@@ -472,6 +856,9 @@ class HistoryStore:
         stays as its own file.  Days with a single file are left as they are.  ``grace`` applies
         to object stores only (folders delete at the commit, under the lock).
 
+        Then every finished day lacking current rollups gets them (:meth:`rollup`), counted in
+        ``CompactReport.rollups``.
+
         A file is merged only when that loses nothing: damaged, foreign or newer files, copies of
         runs already merged, files holding rows of another day, with columns this version does not
         know, or with times finer than microseconds are left in place, each named in
@@ -498,7 +885,11 @@ class HistoryStore:
                             days.add(day)
                             files_merged += merged_files
                             rows += merged_rows
-        return CompactReport(days=len(days), files_merged=files_merged, rows=rows, left_in_place=tuple(left))
+            # After the merge: a merged day has new file names, hence a new rollup key.
+            with fs.compacting():
+                rolled = self._rollup(pd.Timestamp(cutoff, tz="UTC"), clean=True)
+        return CompactReport(days=len(days), files_merged=files_merged, rows=rows, left_in_place=tuple(left),
+                             rollups=rolled)
 
     def _compact_day(self, folder, table: str, grace: float) -> tuple[int, int, list[str]]:
         fs = self._backend
@@ -602,10 +993,19 @@ class HistoryStore:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
-        with self._backend.reading():
-            yield
+        # While a read holds the lock, each day's rollup key is listed once (a reader that asks
+        # several questions -- the fleet state -- lists the history once, not per question).
+        outermost = self._keys is None
+        if outermost:
+            self._keys = {}
+        try:
+            with self._backend.reading():
+                yield
+        finally:
+            if outermost:
+                self._keys = None
 
-    def _day_folders(self, table: str, start, end) -> list[tuple[str, object]]:
+    def _day_folders(self, table: str, start, end, skip_days=frozenset()) -> list[tuple[str, object]]:
         fs = self._backend
         first = None if start is None else start.strftime("%Y-%m-%d")
         # until is exclusive: a range ending at midnight does not need that day's folder.
@@ -616,32 +1016,41 @@ class HistoryStore:
             if not match:
                 continue
             day = match.group(1)
-            if (first is None or day >= first) and (last is None or day <= last):
+            if (first is None or day >= first) and (last is None or day <= last) and day not in skip_days:
                 days.append((day, entry))
         return sorted(days)
 
-    def _selection(self, table: str, start, end) -> history_files.Selection:
+    def _selection(self, table: str, start, end, skip_days=frozenset(), warn: bool = True) -> history_files.Selection:
         """The files of ``table`` a reader of ``[start, end)`` reads: one copy of each run, no file
-        a committed compaction replaced, no damaged or foreign file (each warned about once)."""
+        a committed compaction replaced, no damaged or foreign file (each warned about once).
+        ``skip_days``: days not to read (a rollup answers for them)."""
         infos = []
-        for _, folder in self._day_folders(table, start, end):
+        for _, folder in self._day_folders(table, start, end, skip_days):
             visible = self._backend.data_files(folder)
             if len(visible) > 1:
                 visible = self._unreplaced(visible)
             infos.extend(self._inspect(path, table) for path in visible)
         selection = history_files.select(infos)
-        for info in (*selection.skipped, *selection.misplaced):
-            self._warn(info)
+        if warn:
+            self._warn_selection(selection)
         if table != "stats":
-            lost = self._lost_runs(start, end)
+            read_days = {day for day, _ in self._day_folders(table, start, end, skip_days)}
+            lost = self._lost_runs(start, end, read_days)
             if lost:  # the stats file's warning said it; these rows go with it, silently
                 kept = tuple(info for info in selection.files if not (info.run_ids and info.run_ids <= lost))
                 selection = dataclasses.replace(selection, files=kept, excluded_runs=lost)
         return selection
 
-    def _lost_runs(self, start, end) -> frozenset:
-        """Runs of ``[start, end)`` whose stats rows cannot be read (their stats file was skipped)."""
-        stats = self._selection("stats", start, end)
+    def _warn_selection(self, selection: history_files.Selection) -> None:
+        for info in (*selection.skipped, *selection.misplaced):
+            self._warn(info)
+
+    def _lost_runs(self, start, end, days=None) -> frozenset:
+        """Runs of ``[start, end)`` (of ``days`` only, when given) whose stats rows cannot be read
+        (their stats file was skipped)."""
+        skip = frozenset() if days is None else \
+            frozenset(day for day, _ in self._day_folders("stats", start, end)) - set(days)
+        stats = self._selection("stats", start, end, skip)
         readable = set().union(*(info.run_ids for info in stats.files))
         return frozenset(set().union(*(info.run_ids for info in stats.skipped)) - readable)
 
@@ -695,7 +1104,17 @@ class HistoryStore:
         fs = self._backend
         if fs.deletes_replaced_at_once:
             return paths
-        return fs.dataset(paths, arrow_schema(table), table_folder=fs.child(fs.root, table))
+        table = table.split("@")[0]  # "stats@scope": stats files read for another purpose
+        # Rollup files live in their own folders: one dataset per folder, united.
+        folders: dict = {}
+        for path in paths:
+            parts = str(path).split("/")
+            folder = next((part for part in reversed(parts) if part in (table, *rollups.TABLES)), table)
+            folders.setdefault(folder, []).append(path)
+        datasets = [fs.dataset(files, arrow_schema(table), table_folder=fs.child(fs.root, folder))
+                    for folder, files in folders.items()] or [
+            fs.dataset([], arrow_schema(table), table_folder=fs.child(fs.root, table))]
+        return datasets[0] if len(datasets) == 1 else ds.dataset(datasets)
 
     def _aggregated(self, selections: dict, aggregate):
         """``aggregate({table: source})`` over the selected files; when DuckDB fails on a file whose
@@ -710,7 +1129,8 @@ class HistoryStore:
             return aggregate(sources({table: selection.paths for table, selection in selections.items()}))
         except (duckdb.Error, pa.ArrowInvalid, OSError):
             good = {table: [info.path for info in selection.files
-                            if self._scan_one(info, table, list(_table_dtypes(table)), None)[0] is not None]
+                            if self._scan_one(info, table.split("@")[0],
+                                              list(_table_dtypes(table.split("@")[0])), None)[0] is not None]
                     for table, selection in selections.items()}
             if sum(map(len, good.values())) == sum(len(s.files) for s in selections.values()):
                 raise
@@ -799,6 +1219,31 @@ class HistoryStore:
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
+def _duckdb_errors() -> tuple:
+    import duckdb
+
+    return (duckdb.Error,)
+
+
+def _scope_mask(frame: pd.DataFrame, filters: dict, start, end) -> np.ndarray:
+    mask = np.ones(len(frame), dtype=bool)
+    for column, values in filters.items():
+        if values is not None:
+            values = [values] if isinstance(values, str) else list(values)
+            mask &= frame[column].isin(values).to_numpy(dtype=bool, na_value=False)
+    if start is not None:
+        mask &= (frame["collected_at"] >= start).to_numpy()
+    if end is not None:
+        mask &= (frame["collected_at"] < end).to_numpy()
+    return mask
+
+
+def _runs_arrow_schema() -> pa.Schema:
+    """The Arrow schema of ``rollup_runs`` files."""
+    types = {schema.TIMESTAMP_DTYPE: pa.timestamp("us", tz="UTC"), schema.STRING_DTYPE: pa.string()}
+    return pa.schema([pa.field(name, types.get(dtype, pa.int64())) for name, dtype in rollups.RUN_DTYPES.items()])
+
 
 def _table_dtypes(table: str) -> dict[str, object]:
     try:

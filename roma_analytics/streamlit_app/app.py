@@ -39,13 +39,6 @@ PLOT_CONFIG = {"displaylogo": False}
 # mutated).  Parquet reads are cache_data; per-filter results are cache_data keyed on the filters,
 # so flipping between two selections is a cache hit.
 
-@st.cache_data(max_entries=2, show_spinner="Reading the history…")
-def read_folder(path: str, fingerprint: tuple[int, int]):
-    problems: list[str] = []  # damaged or foreign files, skipped: shown on the page
-    stats, errors = dashboard.load_history(path, problems)
-    return stats, errors, dashboard.load_scopes(path, problems), tuple(problems)
-
-
 @st.cache_data(max_entries=4, show_spinner="Reading the upload…")
 def read_files(digest: str, _files: tuple[tuple[str, bytes], ...]):
     return dashboard.read_uploads(_files)
@@ -53,7 +46,7 @@ def read_files(digest: str, _files: tuple[tuple[str, bytes], ...]):
 
 @st.cache_data(max_entries=8)
 def folder_resolution(path: str, fingerprint: tuple[int, int]) -> str:
-    return dashboard.auto_resolution(read_folder(path, fingerprint)[0])
+    return dashboard.store_resolution(dashboard.open_history(path))
 
 
 @st.cache_data(max_entries=8)
@@ -61,10 +54,11 @@ def upload_resolution(digest: str, _files) -> str:
     return dashboard.auto_resolution(read_files(digest, _files)[0])
 
 
-@st.cache_resource(max_entries=4, show_spinner="Indexing the history…")
+# A history folder is read by query (dashboard.prepare_store): the page keeps the per-bucket
+# snapshots it draws, never the raw history, so its cost follows what it shows.
+@st.cache_resource(max_entries=4, show_spinner="Reading the history…")
 def prepared_folder(path: str, fingerprint: tuple[int, int], freq: str, as_of) -> dashboard.PreparedHistory:
-    stats, errors, scopes, _ = read_folder(path, fingerprint)
-    return dashboard.prepare(stats, errors, freq, scopes=scopes, as_of=as_of)
+    return dashboard.prepare_store(dashboard.open_history(path), freq, as_of=as_of)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Indexing the upload…")
@@ -129,12 +123,10 @@ def heatmap_figure(source: tuple, filters: dashboard.Filters, _prepared):
 @st.cache_resource(max_entries=16)
 def health_views(source: tuple, filters: dashboard.Filters, _prepared):
     selection = dashboard.apply_filters(_prepared, filters)
-    stats = selection.raw_stats()
-    per_instance = analysis.instance_health(selection.errors, stats)
+    per_run, per_instance = selection.health()
     names = _prepared.snapshots.drop_duplicates("instance_id", keep="last").set_index("instance_id")["instance_name"]
     return (charts.collection_health_chart(analysis.errors_by_code(selection.errors, selection.freq),
-                                           analysis.collection_health(selection.errors, stats),
-                                           freq=selection.freq),
+                                           per_run, freq=selection.freq),
             dashboard.failed_instances(per_instance, names.dropna().to_dict()))
 
 
@@ -205,7 +197,7 @@ try:
         # minutes keep the cache key stable between reruns.
         as_of = None if source_kind == "Sample history" else pd.Timestamp.now(tz="UTC").ceil("min")
         prepared = prepared_folder(folder, stamp, freq, as_of)
-        history_problems = read_folder(folder, stamp)[3]
+        history_problems = tuple(prepared.store.problems)
         source_key = ("folder", folder, stamp, freq)
         watched_folder = (folder, stamp)
         source_text = "the bundled sample history" if source_kind == "Sample history" else f"history folder {md(folder)}"
@@ -296,7 +288,7 @@ if source_error is not None:
 if prepared is None:
     st.info("Choose a data source in the sidebar: the bundled sample history needs no credentials.")
     st.stop()
-if prepared.stats.empty:
+if prepared.empty:
     st.warning(f"{source_text} holds no task statistics yet.")
     st.stop()
 
@@ -527,14 +519,15 @@ with tabs["Abnormal tasks"]:
 with tabs["Data"]:
     if tabs["Data"].open:
         selection = dashboard.apply_filters(prepared, filters)
-        stats = selection.raw_stats()
-        st.markdown(f"**{len(stats):,}** stats rows and **{len(selection.errors):,}** errors rows match the filters.")
+        st.markdown(f"**{selection.stats_count():,}** stats rows and **{len(selection.errors):,}** errors rows match the filters.")
         columns = st.columns(4)
-        columns[0].download_button("Stats as CSV", lambda: dashboard.csv_bytes(stats), "roma-stats.csv", "text/csv")
-        columns[1].download_button("Stats as Parquet", lambda: dashboard.parquet_bytes(stats, "stats"),
+        # The rows are read only when a download is asked for.
+        columns[0].download_button("Stats as CSV", lambda: dashboard.csv_bytes(selection.raw_stats()),
+                                   "roma-stats.csv", "text/csv")
+        columns[1].download_button("Stats as Parquet", lambda: dashboard.parquet_bytes(selection.raw_stats(), "stats"),
                                    "roma-stats.parquet", "application/vnd.apache.parquet")
         columns[2].download_button("Errors as CSV", lambda: dashboard.csv_bytes(selection.errors), "roma-errors.csv", "text/csv")
         columns[3].download_button("Errors as Parquet", lambda: dashboard.parquet_bytes(selection.errors, "errors"),
                                    "roma-errors.parquet", "application/vnd.apache.parquet")
-        st.dataframe(dashboard.for_display(stats.tail(1000)), hide_index=True)
+        st.dataframe(dashboard.for_display(selection.last_stats(1000)), hide_index=True)
         st.caption("The last 1,000 rows; download for all of them.")
