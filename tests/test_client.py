@@ -1099,3 +1099,91 @@ def test_client_settings_at_their_bounds_are_accepted():
     assert isinstance(client.backoff, float) and isinstance(client.max_backoff, float)
     adapter = client.session.get_adapter("https://h/")
     assert (adapter._pool_connections, adapter._pool_maxsize) == (1, 1)
+
+
+@pytest.mark.parametrize("body, message, field", [
+    ([], "the response body is not a JSON object", None),
+    ({"total": "3", "instances": []}, "total is '3', not an integer >= 0", "total"),
+    ({"total": True, "instances": []}, "total is True, not an integer >= 0", "total"),
+    ({"total": -1, "instances": []}, "total is -1, not an integer >= 0", "total"),
+    ({"total": 1}, "instances is missing", "instances"),
+    ({"total": 1, "instances": {"id": "a"}}, "instances is not a list", "instances"),
+    ({"total": 2, "instances": [{"id": "a"}, "b"]}, "instances[1] has no string id", "instances[1].id"),
+    ({"total": 1, "instances": [{"id": 7}]}, "instances[0] has no string id", "instances[0].id"),
+    ({"total": 1, "instances": [{"id": ""}]}, "instances[0] has no string id", "instances[0].id"),
+])
+def test_list_page_problems_name_the_page_and_field(recorder, body, message, field):
+    recorder.answer = (200, body)
+    recorder.headers = {"X-Request-Id": "req-page-1"}
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(InvalidResponse) as caught:
+        client.list_instances("p1")
+    error = caught.value
+    assert error.error_msg == f"/v2/p1/instances (offset 0): {message}"
+    assert (error.field, error.instance_id, error.status, error.request_id, error.attempts) == (
+        field, None, 200, "req-page-1", 1)
+
+
+def test_list_instances_with_total_zero_stops_after_one_page(recorder):
+    recorder.answer = (200, {"total": 0, "instances": [{"id": "a"}, {"id": "b"}]})
+    with RomaClient(recorder.url, retries=0) as client:
+        assert [item["id"] for item in client.list_instances("p1")] == ["a", "b"]
+    assert len(recorder.requests) == 1
+
+
+@pytest.mark.parametrize("value, message", [
+    (5, "project_id must be a string, got int"),
+    ("x" * 65, "project_id must be 1-64 characters, got 65"),
+    ("", "project_id must be 1-64 characters, got 0"),
+    ("a/b", "project_id 'a/b' cannot be a path segment ('/', '.' or '..')"),
+    ("..", "project_id '..' cannot be a path segment ('/', '.' or '..')"),
+    ("a\tb", "project_id 'a\\tb' contains control characters"),
+])
+def test_bad_path_ids_are_named_in_the_message(recorder, value, message):
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(InvalidParameter) as caught:
+        client.list_instances(value)
+    assert (caught.value.parameter, caught.value.error_msg) == ("project_id", message)
+
+
+def test_a_working_call_warns_once_about_a_far_off_clock(caplog):
+    # The gateway's clock is 20 minutes behind: this machine looks 20 minutes ahead.
+    with Simulator(projects=1, instances=1, seed=4, gateway_clock_offset=-1200) as skewed:
+        project, instance = skewed.project_ids[0], skewed.instances(skewed.project_ids[0])[0]["id"]
+        url = skewed.base_url
+        with RomaClient(skewed.base_url, retries=0) as client, \
+                caplog.at_level(logging.WARNING, logger="roma_analytics.client"):
+            client.task_statistics(project, instance)
+            client.task_statistics(project, instance)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{url} answered, but this machine's clock is 20 min ahead of the gateway's Date header: "
+        f"signatures more than 15 minutes off are refused; synchronise the clock, e.g. with NTP"]
+
+
+def test_a_working_call_with_a_true_clock_warns_nothing(sim, caplog):
+    project, instance = first_instance(sim)
+    with fast_client(sim) as client, caplog.at_level(logging.WARNING, logger="roma_analytics.client"):
+        client.task_statistics(project, instance)
+    assert caplog.records == []
+
+
+def test_backoff_doubles_from_the_first_retry_with_jitter_and_a_cap(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "http_500")
+    with fast_client(sim, retries=3, backoff=0.01) as client, pytest.raises(RomaApiError):
+        client.task_statistics(project, instance)
+    # backoff * 2**(n-1), plus up to `backoff` of jitter.
+    for delay, base in zip(client.delays, (0.01, 0.02, 0.04), strict=True):
+        assert base <= delay <= base + 0.01
+    with fast_client(sim, retries=3, backoff=0.01, max_backoff=0.015) as client, pytest.raises(RomaApiError):
+        client.task_statistics(project, instance)
+    assert len(client.delays) == 3 and 0.01 <= client.delays[0] <= 0.015 and client.delays[1:] == [0.015, 0.015]
+
+
+def test_a_tls_failure_is_not_retried(sim):
+    # https to a plain-HTTP server: the handshake fails, and would fail again.
+    project, instance = first_instance(sim)
+    with RecordingClient(sim.base_url.replace("http://", "https://"), retries=3, backoff=0.001) as client, \
+            pytest.raises(RomaConnectionError) as caught:
+        client.task_statistics(project, instance)
+    assert caught.value.attempts == 1 and client.delays == []
+    assert ": TLS error (" in caught.value.error_msg and caught.value.error_msg.endswith(
+        "; check verify / the CA bundle (after 1 attempt); check the endpoint, network and proxy")
