@@ -1,4 +1,4 @@
-"""``python -m benchmarks [collect|analysis|dashboard|memory|soak|tasks|s3|all] [sizes] [--smoke] [--write-results]``.
+"""``python -m benchmarks [collect|analysis|dashboard|memory|soak|tasks|s3|scale|all] [sizes] [--smoke] [--write-results]``.
 
 Runs the chosen benchmarks (default: all), prints one Markdown table of figures, references,
 ratios and bars, and exits 0 when every bar held (1 when one was missed; with ``--smoke``, only
@@ -21,13 +21,15 @@ FULL = dict(instances=1000, latency_ms=50.0, workers=32, sdk_sample=100, repeats
             history_instances=1000, history_runs=5000, year_instances=4, year_days=365,
             dashboard_instances=200, dashboard_runs=2500, reruns=5,
             memory_runs=1000, memory_instances=20, soak_runs=2000, soak_instances=20, fault_rate=0.1,
-            abnormal_share=0.1, s3_instances=1000, s3_runs=500, s3_appends=20)
+            abnormal_share=0.1, s3_instances=1000, s3_runs=500, s3_appends=20,
+            history_rows=[1_000_000, 21_000_000])
 SMOKE = dict(instances=20, latency_ms=20.0, workers=8, sdk_sample=5, repeats=1,
              history_instances=10, history_runs=300, year_instances=1, year_days=5,
              dashboard_instances=5, dashboard_runs=100, reruns=2,
              memory_runs=20, memory_instances=4, soak_runs=20, soak_instances=5, fault_rate=0.3,
-             abnormal_share=0.2, s3_instances=5, s3_runs=30, s3_appends=2)
-ORDER = ("collect", "memory", "soak", "analysis", "dashboard", "tasks", "s3")
+             abnormal_share=0.2, s3_instances=5, s3_runs=30, s3_appends=2,
+             history_rows=[20_000])
+ORDER = ("collect", "memory", "soak", "analysis", "dashboard", "tasks", "s3", "scale")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     sizes.add_argument("--s3-instances", type=int, help="s3: instances per run (2 rows each)")
     sizes.add_argument("--s3-runs", type=int, help="s3: runs in the history trend() reads")
     sizes.add_argument("--s3-appends", type=int, help="s3: appends timed")
+    sizes.add_argument("--history-rows", type=int, nargs="+",
+                       help="scale: stats rows of each history (100 instances, 5-minute runs ending now)")
     return p
 
 
@@ -88,6 +92,9 @@ def run(name: str, s: dict, args) -> list[Row]:
         from benchmarks import bench_s3
         return bench_s3.run(instances=s["s3_instances"], runs=s["s3_runs"], appends=s["s3_appends"],
                             repeats=s["repeats"])
+    if name == "scale":
+        from benchmarks import bench_scale
+        return bench_scale.run(sizes=s["history_rows"], reruns=s["reruns"])
     raise ValueError(name)
 
 

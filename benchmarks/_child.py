@@ -96,6 +96,89 @@ def _one_day(history: str, day: str) -> dict:
             "days_in_result": sorted(frame["collected_at"].dt.strftime("%Y-%m-%d").unique().tolist())}
 
 
+# The Overview page's questions, hand-written against the raw Parquet files: the last two
+# snapshots of every series (KPIs, breakdown, ranking, changes), the values the filters offer,
+# and the trend per task type at the page's resolution (the charts' points).
+DUCKDB_LAST_TWO = """
+    SELECT region, project_id, instance_id, task_type,
+           max_by(struct_pack(collected_at, run_id, instance_name, running, abnormal, terminated,
+                              completed, total), struct_pack(collected_at, run_id), 2) AS last_two
+    FROM read_parquet('{glob}', hive_partitioning = true) GROUP BY ALL
+"""
+DUCKDB_BUCKET_LAST = """
+    SELECT time_bucket(INTERVAL '{freq}', collected_at) AS bucket, region, project_id, instance_id, task_type,
+           arg_max(struct_pack(running, abnormal, terminated, completed, total),
+                   struct_pack(collected_at, run_id)) AS s
+    FROM read_parquet('{glob}', hive_partitioning = true) GROUP BY ALL
+"""
+
+
+def _duckdb_page(history: str, freq: str) -> dict:
+    import duckdb
+    import pandas  # noqa: F401 - the results are DataFrames, as ours are
+
+    glob = (Path(history) / "stats" / "*" / "*.parquet").as_posix()
+    interval = {"15min": "15 minutes", "1h": "1 hour", "6h": "6 hours", "1D": "1 day"}[freq]
+    started = time.perf_counter()
+    connection = duckdb.connect()
+    connection.execute("SET TimeZone = 'UTC'")
+    latest = connection.execute(DUCKDB_LAST_TWO.format(glob=glob)).df()
+    trend = connection.execute(DUCKDB_TREND.replace("{last}", DUCKDB_BUCKET_LAST.format(
+        glob=glob, freq=interval))).df()
+    return {"seconds": time.perf_counter() - started, "series": len(latest), "buckets": len(trend)}
+
+
+def _dashboard(history: str, reruns: int) -> dict:
+    """The app's first run on ``history`` (AppTest, as bench_dashboard), then ``reruns`` re-runs,
+    each after choosing another project in the sidebar."""
+    import os
+
+    os.environ["ROMA_HISTORY"] = history
+    from streamlit.testing.v1 import AppTest
+
+    from roma_analytics.streamlit_app import APP_PATH
+
+    # Before the clock, as the reference imports duckdb and pandas before its own: the imports
+    # and Streamlit's own start-up (it scans the installed packages for components once per
+    # process -- a server does it when it starts, not per page).
+    import plotly.graph_objects  # noqa: F401
+
+    import roma_analytics.charts  # noqa: F401
+    import roma_analytics.dashboard  # noqa: F401
+    AppTest.from_string("import streamlit as st\nst.write('warm-up')").run()
+    at = AppTest.from_file(str(APP_PATH), default_timeout=900)
+    started = time.perf_counter()
+    at.run()
+    first = time.perf_counter() - started
+    if at.exception:
+        raise SystemExit(f"the dashboard failed: {at.exception[0].message}")
+    freq = next((c.value for c in at.caption if "resolution" in str(c.value)), "")
+    first_rss = _peak_rss()
+    projects = next(w for w in at.sidebar.multiselect if w.label == "Project")
+    options = list(projects.options)
+    times = []
+    for i in range(reruns):
+        projects = next(w for w in at.sidebar.multiselect if w.label == "Project")
+        projects.set_value([options[i % len(options)]] if i % 2 == 0 or len(options) < 2 else options[:2])
+        started = time.perf_counter()
+        at.run()
+        times.append(time.perf_counter() - started)
+        if at.exception:
+            raise SystemExit(f"the dashboard failed on a re-run: {at.exception[0].message}")
+    metrics = {m.label: m.value for m in at.metric}
+    return {"seconds": first, "reruns": times, "first_rss": first_rss, "caption": str(freq)[:200],
+            "metrics": metrics}
+
+
+def _command(args: list[str]) -> dict:
+    """One ``roma-analytics`` command in this fresh process, imports included (what cron pays)."""
+    from roma_analytics.cli import main as cli
+
+    started = time.perf_counter()
+    code = cli(args)
+    return {"seconds": time.perf_counter() - started, "exit": code}
+
+
 def _peak_rss() -> int:
     """This process's peak RSS in bytes: ``VmHWM`` belongs to the memory map made by ``exec``,
     whereas ``ru_maxrss`` keeps the parent's high-water mark from before the fork."""
@@ -115,6 +198,15 @@ def _rchar() -> int:
 def main(argv: list[str]) -> int:
     job, history, *rest = argv
     extra: dict = {}
+    if job == "duckdb-page":
+        print(json.dumps({**_duckdb_page(history, rest[0]), "peak_rss": _peak_rss()}))
+        return 0
+    if job == "dashboard":
+        print(json.dumps({**_dashboard(history, int(rest[0])), "peak_rss": _peak_rss()}))
+        return 0
+    if job == "command":
+        print(json.dumps({**_command(rest), "peak_rss": _peak_rss()}))
+        return 0
     if job == "one-day":
         print(json.dumps({**_one_day(history, rest[0]), "peak_rss": _peak_rss()}))
         return 0

@@ -232,6 +232,7 @@ def episodes_duckdb(stats_files, tasks_files, errors_files, listed_runs: Iterabl
     if end is not None:
         params["until"] = end.to_pydatetime()
     with duckdb.connect() as connection:
+        connection.execute("PRAGMA disable_progress_bar")  # never drawn on a terminal or a log
         connection.execute("SET TimeZone = 'UTC'")
         for name, dataset in datasets.items():
             connection.register(name, dataset)

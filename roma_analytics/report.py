@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from roma_analytics import __version__, analysis, charts, display, episodes, fleet
+from roma_analytics import __version__, analysis, charts, display, episodes, fleet, schema
 from roma_analytics._fsio import checked_target, write_output
 from roma_analytics.errors import NothingMatched
 from roma_analytics.store import HistoryStore, parse_time
@@ -87,22 +87,28 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
     horizon = as_of + tolerance + pd.Timedelta(1, "us")
     filters = dict(since=start, until=horizon if end is None else min(end, horizon), projects=projects,
                    instances=instances, regions=regions)
-    stats = store.load(table="stats", **filters)
+    # Only what the report shows is read: per-bucket snapshots (from the rollups where the
+    # resolution allows), the errors, per-run outcomes, and raw rows only of the first day
+    # (the period's first time) and of the instances that failed or had abnormal tasks.
     errors = store.load(table="errors", **filters)
-    times = pd.concat([stats["collected_at"], errors["collected_at"]], ignore_index=True)
-    if times.empty:
+    span = _span(store, filters)
+    times = [t for t in (*span, *errors["collected_at"].agg(["min", "max"]).dropna()) if t is not None]
+    if not times:
         period = f"from {start:%Y-%m-%d %H:%M} UTC" if start is not None else "in the history"
         raise NothingMatched(f"no collection run {period}{f' until {end:%Y-%m-%d %H:%M} UTC' if end is not None else ''} "
                           f"in {store.path} (with the given filters); nothing to report")
-    first, last = times.min(), times.max()
+    first, last = min(times), max(times)
     if freq is None:
         freq = choose_freq(first, last)
     analysis.bucket_step(freq)   # a clear ConfigError for a bad --freq
-    runs = int(pd.concat([stats["run_id"], errors["run_id"]]).nunique())
+    snapshots = store.snapshots(freq, **filters)
+    health = _health(store, errors, filters)
+    runs = len(health)
+    rows = store.count(**filters)
 
-    names = analysis.latest(stats).drop_duplicates("instance_id", keep="last").set_index("instance_id")["instance_name"] \
-        if len(stats) else None
-    per_type = analysis.trend(stats, freq, by=("task_type",))
+    names = analysis.latest(snapshots).drop_duplicates("instance_id", keep="last").set_index("instance_id")["instance_name"] \
+        if len(snapshots) else None
+    per_type = analysis.trend(snapshots, freq, by=("task_type",))
     sections = [
         ("Summary", charts.kpi_figure(state.kpis()), state.future_note()),
         ("Worst instances", charts.worst_instances_table(
@@ -111,17 +117,16 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
          f"{analysis.confidence_text()} Wilson interval of its abnormal ratio, so that a few tasks cannot "
          "outrank hundreds."),
         ("Abnormal ratio: common vs CDC", charts.abnormal_ratio_trend(
-            per_type, _anomalies(stats, freq, by=("task_type",))), None),
-        ("CDC share and abnormal-ratio gap", charts.cdc_share_trend(analysis.cdc_vs_common(stats, freq)), None),
+            per_type, _anomalies(snapshots, freq, by=("task_type",))), None),
+        ("CDC share and abnormal-ratio gap", charts.cdc_share_trend(analysis.cdc_vs_common(snapshots, freq)), None),
         ("Abnormal ratio per instance", charts.abnormal_heatmap(
-            analysis.trend(stats, freq, by=("instance_id",)), instance_names=names), None),
+            analysis.trend(snapshots, freq, by=("instance_id",)), instance_names=names), None),
     ]
-    instance_anomalies = _anomalies(stats, freq, by=("region", "project_id", "instance_id"))
-    health = charts.collection_health_chart(
-        analysis.errors_by_code(errors, freq), analysis.collection_health(errors, stats))
+    instance_anomalies = _anomalies(snapshots, freq, by=("region", "project_id", "instance_id"))
+    health_chart = charts.collection_health_chart(analysis.errors_by_code(errors, freq), health)
 
     body = [f"<h1>{display.html(title or 'ROMA Connect task statistics')}</h1>",
-            _period_line(first, last, start, end, runs, len(stats), freq, now)]
+            _period_line(first, last, start, end, runs, rows, freq, now)]
     for number, (heading, figure, note) in enumerate(sections):
         body.append(f"<section><h2>{html.escape(heading)}</h2>")
         if note:
@@ -132,14 +137,14 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
     body.append(_anomaly_table(instance_anomalies, names))
     body.append("</section>")
     body.append("<section><h2>Top recurring abnormal tasks</h2>")
-    body.append(_recurring_tasks(store, stats, errors, filters, names))
+    body.append(_recurring_tasks(store, errors, filters, names))
     body.append("</section>")
     body.append("<section><h2>Collection health</h2>")
-    body.append(_figure_html(health, "chart-health"))
-    body.append(_failing_instances(errors, stats))
+    body.append(_figure_html(health_chart, "chart-health"))
+    body.append(_failing_instances(errors, _instance_stats(store, errors, filters)))
     body.append("</section>")
     return _page(title or "ROMA Connect task statistics", "\n".join(body)), {
-        "runs": runs, "stats_rows": len(stats), "freq": freq}
+        "runs": runs, "stats_rows": rows, "freq": freq}
 
 
 def write_report(store_or_path, out, since=None, until=None, **options) -> ReportSummary:
@@ -212,12 +217,52 @@ def _anomaly_table(flagged: pd.DataFrame, names) -> str:
     return _table(list(text.columns), text, {"Abnormal ratio", "Usual ratio", "Robust z", "Abnormal / tasks"}) + more
 
 
-def _recurring_tasks(store: HistoryStore, stats: pd.DataFrame, errors: pd.DataFrame, filters: dict, names) -> str:
+_RUN_COLUMNS = ["collected_at", "run_id", "region", "project_id", "instance_id"]
+
+
+def _span(store: HistoryStore, filters: dict) -> tuple:
+    """The first and last ``collected_at`` of the matching stats rows, reading the daily
+    snapshots (the last time of each day) and the raw rows of the first day only."""
+    daily = store.snapshots("1D", **filters)
+    if daily.empty:
+        return ()
+    first_day = daily["collected_at"].min().floor("D")
+    start = first_day if filters["since"] is None else max(first_day, filters["since"])
+    first = store.load(**{**filters, "since": start, "until": first_day + pd.Timedelta(days=1)},
+                       columns=["collected_at"])["collected_at"].min()
+    return first, daily["collected_at"].max()
+
+
+def _health(store: HistoryStore, errors: pd.DataFrame, filters: dict) -> pd.DataFrame:
+    """``analysis.collection_health`` of the period: from the per-run rollups, unless instances
+    are chosen (a run's outcome is kept per scope): then from those instances' raw rows."""
+    if filters["instances"] is None:
+        return store.collection_health(since=filters["since"], until=filters["until"],
+                                       projects=filters["projects"], regions=filters["regions"])
+    return analysis.collection_health(errors, store.load(columns=_RUN_COLUMNS, **filters))
+
+
+def _instance_stats(store: HistoryStore, errors: pd.DataFrame, filters: dict, instances=None) -> pd.DataFrame:
+    """The raw rows (run columns, plus the stats ones for ``instances``) of the instances that
+    have an errors row (or of ``instances``): what the per-instance tables need, no more."""
+    wanted = sorted(set(errors["instance_id"].dropna()) - {fleet.DISCOVERY_INSTANCE_ID}) if instances is None \
+        else sorted(instances)
+    if filters["instances"] is not None:
+        wanted = [i for i in wanted if i in set(filters["instances"])]
+    if not wanted:
+        empty = schema.empty_stats()
+        return empty if instances is not None else empty[_RUN_COLUMNS]
+    return store.load(**{**filters, "instances": wanted}, columns=None if instances is not None else _RUN_COLUMNS)
+
+
+def _recurring_tasks(store: HistoryStore, errors: pd.DataFrame, filters: dict, names) -> str:
     """The tasks with the most abnormal episodes in the period (``episodes.failing_tasks``)."""
     tasks = store.load(table="abnormal_tasks", **filters)
     if tasks.empty:
         return ("<p class='empty'>No abnormal task was listed in the period (collect lists them unless "
                 "--no-task-list is given).</p>")
+    # Episodes need the runs of the instances that had abnormal tasks only.
+    stats = _instance_stats(store, errors, filters, instances=set(tasks["instance_id"].dropna()))
     listed = store.listed_runs(since=filters["since"], until=filters["until"])["run_id"]
     top = episodes.failing_tasks(episodes.episodes(stats, tasks, errors, listed), top=RECURRING_ROWS)
     known = {} if names is None else {key: name for key, name in names.astype(object).items() if isinstance(name, str)}

@@ -181,21 +181,27 @@ def recent_runs(source, end, recent: int, projects=None, regions=None) -> pd.Dat
     order = "struct_pack(collected_at, run_id)"
     cut = end.to_pydatetime() if end is not None else None
     # Streaming aggregates (one pass, memory per scope), not window functions over every run.
+    # One scan: per scope and side of ``end`` (a run after it is kept whole: "later" groups hold
+    # few runs, stamped in the future).
     summary = scan.fetch_params(f"""
-        SELECT count(*) AS _runs,
+        WITH source AS (SELECT * FROM {_SOURCE} WHERE {condition}),
+        tagged AS (SELECT *, (?::TIMESTAMPTZ IS NOT NULL AND collected_at >= ?) AS _later FROM source)
+        SELECT _later, count(*) AS _runs,
                max_by({row}, {order}, {int(recent)}) AS recent,
-               max_by({row}, {order}) FILTER (WHERE discovery <> 'failed') AS complete
-        FROM {_SOURCE} WHERE {condition} AND (?::TIMESTAMPTZ IS NULL OR collected_at < ?)
-        GROUP BY region, project_id""", [*params, cut, cut])
-    later = scan.fetch_params(f"""
-        SELECT {', '.join(columns)} FROM {_SOURCE}
-        WHERE {condition} AND ?::TIMESTAMPTZ IS NOT NULL AND collected_at >= ?""", [*params, cut, cut])
+               max_by({row}, {order}) FILTER (WHERE discovery <> 'failed') AS complete,
+               list({row}) FILTER (WHERE _later) AS every
+        FROM tagged GROUP BY region, project_id, _later""", [*params, cut, cut])
     parts = []
-    for runs, newest, complete in summary[["_runs", "recent", "complete"]].itertuples(index=False):
+    for later, runs, newest, complete, every in summary[["_later", "_runs", "recent", "complete", "every"]] \
+            .itertuples(index=False):
+        if later:
+            parts.append(pd.DataFrame(list(every), columns=columns).assign(_hidden_runs=0))
+            continue
         rows = list(newest) + ([complete] if isinstance(complete, dict) else [])
         kept = pd.DataFrame(rows, columns=columns).drop_duplicates("run_id")
         parts.append(kept.assign(_hidden_runs=int(runs) - len(kept)))
-    parts.append(later.assign(_hidden_runs=0))
+    if not parts:
+        return rollups.empty_runs().assign(_hidden_runs=pd.Series(dtype="int64"))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -297,6 +303,8 @@ class _Scan:
         import duckdb  # only the DuckDB paths pay its import
 
         with duckdb.connect(config=config) as connection:
+            # No progress bar: it would draw on the terminal of a command line or in a server log.
+            connection.execute("PRAGMA disable_progress_bar")
             try:
                 # Files written without a time zone must read as UTC, whatever the host's zone.
                 connection.execute("SET TimeZone = 'UTC'")

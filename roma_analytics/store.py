@@ -162,6 +162,7 @@ class HistoryStore:
         self._inspected: dict[tuple, history_files.FileInfo] = {}
         self._warned: dict[str, None] = {}
         self._keys: dict[str, str] | None = None
+        self._rollups_checked: dict = {}
 
     @property
     def problems(self) -> list[str]:
@@ -391,7 +392,12 @@ class HistoryStore:
             path = self._current_rollup(table, day, key)
             if path is None:
                 continue
-            problem = self._rollup_problem(path, table, key)
+            # A rollup file never changes (its name is its content's key): checked once per store.
+            if path not in self._rollups_checked:
+                if len(self._rollups_checked) > _INSPECTED_MAX:
+                    self._rollups_checked.clear()
+                self._rollups_checked[path] = self._rollup_problem(path, table, key)
+            problem = self._rollups_checked[path]
             if problem is not None:
                 self._issue(f"skipped the rollup file {self._backend.public(path)}: it {problem}; its day "
                             "is read raw (delete the file: `roma-analytics compact` builds it again)")
@@ -674,20 +680,22 @@ class HistoryStore:
     def time_span(self) -> tuple[pd.Timestamp, pd.Timestamp] | None:
         """``(first, last)`` ``collected_at`` of the stats table (None when it is empty); reads
         only the first and the last day."""
-        days = [day for day, _ in self._day_folders("stats", None, None)]
-        for first in days:
-            times = self.load(since=first, until=pd.Timestamp(first, tz="UTC") + pd.Timedelta(days=1),
-                              columns=["collected_at"])["collected_at"]
-            if len(times):
-                break
-        else:
+        days = [pd.Timestamp(day, tz="UTC") for day, _ in self._day_folders("stats", None, None)]
+
+        def bound(candidates, pick):
+            # The footers' column statistics say it (history_files.inspect): no row is read.
+            for day in candidates:
+                with self._reading():
+                    files = self._selection("stats", day, day + pd.Timedelta(days=1)).files
+                times = [getattr(info, pick) for info in files if getattr(info, pick) is not None]
+                if times:
+                    return min(times) if pick == "first" else max(times)
             return None
-        for last in reversed(days):
-            later = self.load(since=last, until=pd.Timestamp(last, tz="UTC") + pd.Timedelta(days=1),
-                              columns=["collected_at"])["collected_at"]
-            if len(later):
-                return times.min(), later.max()
-        return None
+
+        first, last = bound(days, "first"), bound(reversed(days), "last")
+        if first is None or last is None:
+            return None
+        return pd.Timestamp(first).tz_convert("UTC"), pd.Timestamp(last).tz_convert("UTC")
 
     def _stats_at(self, freq, since, until) -> history_files.Selection:
         """The stats files a reader of ``[since, until)`` at resolution ``freq`` reads."""
