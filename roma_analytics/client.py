@@ -297,7 +297,7 @@ class RomaClient:
         """Counts of common and CDC tasks per state on one instance (``CountTasks``)."""
         path = (f"/v2/{_path_param('project_id', project_id)}/fdi/instances/"
                 f"{_path_param('instance_id', instance_id)}/statistics/tasks")
-        reply = self._call("GET", path, instance_id=instance_id)
+        reply = self._call("GET", path)
         try:
             common, cdc = parse_task_statistics(reply.body, instance_id)
         except InvalidResponse as exc:
@@ -350,7 +350,7 @@ class RomaClient:
         offset = 0
         for _ in range(MAX_PAGES):
             page_query = canonical_query_string([*query, ("offset", str(offset)), ("limit", str(limit))])
-            reply = self._call("GET", path, page_query, instance_id=instance_id, before_request=before_request)
+            reply = self._call("GET", path, page_query, before_request=before_request)
             total, page = _parse_page(reply, items_key, id_key, path, offset, instance_id)
             if not page:
                 break
@@ -382,8 +382,7 @@ class RomaClient:
             respect_retry_after_header=True, raise_on_redirect=False, raise_on_status=False,
         )
 
-    def _call(self, method: str, path: str, query: str = "", *, instance_id: str | None = None,
-              before_request=None) -> _Reply:
+    def _call(self, method: str, path: str, query: str = "", *, before_request=None) -> _Reply:
         """Send one API call, retrying per policy; return the 2xx reply or raise a RomaError.
 
         ``before_request()`` runs before every attempt (a request budget may raise there)."""

@@ -879,3 +879,29 @@ def test_changes_of_a_scope_with_a_missing_region():
     assert out[["run_id", "previous_run_id", "instance_id", "status"]].values.tolist() == [
         ["r2", "r1", "i1", "changed"], ["q2", "q1", "j1", "unchanged"]]
     assert out["region"].isna().tolist() == [True, False]
+
+
+def test_cdc_vs_common_buckets_by_the_frequency_asked():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 1, 0, 3),
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "cdc", 0, 2, 0, 2),
+        snapshot("2024-05-01T11:00Z", "r2", "i1", "common", 0, 0, 0, 4),
+    )
+    hourly = analysis.cdc_vs_common(stats, "1h")
+    assert hourly["bucket"].tolist() == [ts("2024-05-01T10:00"), ts("2024-05-01T11:00")]
+    assert hourly[["common_total", "cdc_total", "common_abnormal", "cdc_abnormal"]].values.tolist() == [
+        [4, 4, 1, 2], [4, 0, 0, 0]]
+    assert hourly["cdc_share"].tolist()[0] == 0.5 and math.isnan(hourly["cdc_abnormal_ratio"].tolist()[1])
+    daily = analysis.cdc_vs_common(stats)
+    assert daily[["common_total", "cdc_total"]].values.tolist() == [[4, 4]]
+
+
+def test_cdc_vs_common_counts_are_whole_numbers_whatever_the_engine_summed_them_as():
+    # DuckDB (sqlagg) may hand its sums over as floats: the shared finishing step makes them int64.
+    sums = pd.DataFrame({"bucket": [0.0], "common_total": [4.0], "cdc_total": [4.0],
+                         "common_abnormal": [1.0], "cdc_abnormal": [2.0]})
+    out = analysis._finish_cdc_vs_common(sums)
+    assert out[["common_total", "cdc_total", "common_abnormal", "cdc_abnormal"]].dtypes.tolist() == ["int64"] * 4
+    assert out["bucket"].tolist() == [ts("1970-01-01")]
+    assert out[["common_abnormal_ratio", "cdc_abnormal_ratio", "abnormal_ratio_gap", "cdc_share"]].values.tolist() == [
+        [0.25, 0.5, 0.25, 0.5]]

@@ -1102,6 +1102,7 @@ def test_client_settings_at_their_bounds_are_accepted():
 
 
 @pytest.mark.parametrize("body, message, field", [
+    (b"<html>maintenance</html>", "the response body is not UTF-8 JSON", None),
     ([], "the response body is not a JSON object", None),
     ({"total": "3", "instances": []}, "total is '3', not an integer >= 0", "total"),
     ({"total": True, "instances": []}, "total is True, not an integer >= 0", "total"),
@@ -1187,3 +1188,61 @@ def test_a_tls_failure_is_not_retried(sim):
     assert caught.value.attempts == 1 and client.delays == []
     assert ": TLS error (" in caught.value.error_msg and caught.value.error_msg.endswith(
         "; check verify / the CA bundle (after 1 attempt); check the endpoint, network and proxy")
+
+
+def test_a_listing_that_shifts_between_pages_keeps_each_item_once(recorder):
+    # Every page repeats the same two items: the second page brings nothing new.
+    recorder.answer = (200, {"total": 4, "instances": [{"id": "a"}, {"id": "b"}]})
+    with RomaClient(recorder.url, retries=0) as client:
+        assert [item["id"] for item in client.list_instances("p1")] == ["a", "b"]
+    assert len(recorder.requests) == 2
+
+
+def test_a_task_list_may_page_up_to_offset_20000(recorder):
+    # Pages of 1000 reach offset 20000 exactly: still within the API's limit, one more page follows.
+    recorder.answer = (200, {"total": 21_000, "entities": [{"task_id": f"t{k}"} for k in range(1000)]})
+    with RomaClient(recorder.url, retries=0) as client:
+        assert len(client.list_tasks("p1", "i1")) == 1000
+    offsets = [dict(parse_qsl(r["path"].split("?", 1)[1]))["offset"] for r in recorder.requests]
+    assert offsets == [str(k * 1000) for k in range(21)]
+
+
+def test_a_task_list_that_never_ends_names_the_instance(recorder, monkeypatch):
+    recorder.answer = (200, {"total": 10**9, "entities": [{"task_id": "same"}]})
+    monkeypatch.setattr(client_module, "MAX_PAGES", 3)
+    with RomaClient(recorder.url, retries=0) as client, pytest.raises(InvalidResponse) as caught:
+        client.list_tasks("p1", "i1")
+    assert caught.value.error_msg == ("/v2/p1/fdi/instances/i1/tasks: still more pages after 3; the server's total "
+                                      "looks wrong")
+    assert (caught.value.instance_id, caught.value.field) == ("i1", "total")
+    assert len(recorder.requests) == 3
+
+
+def test_a_failed_task_list_page_is_retried(sim):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "http_500", times=1, api="tasks")
+    with fast_client(sim, retries=1) as client:
+        tasks = client.list_tasks(project, instance)
+    expected = sim.expected_counts(project, instance)
+    assert len(tasks) == sum(counts_of(expected[t]).total for t in ("common", "cdc")) > 0
+    assert sim.requests(f"/instances/{instance}/tasks") == 2 and len(client.delays) == 1
+
+
+def test_a_run_stopped_between_retries_counts_the_attempts_made(sim):
+    from roma_analytics.transport import Deadline
+
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "http_500", api="tasks")
+    stopped = Deadline()
+    calls = []
+
+    def before_request():
+        calls.append(1)
+        if len(calls) == 2:
+            stopped.cancel()
+
+    with fast_client(sim, retries=3) as client, stopped.applied(), pytest.raises(RomaTimeout) as caught:
+        client.list_tasks(project, instance, before_request=before_request)
+    assert (caught.value.error_code, caught.value.attempts) == ("CANCELLED", 2)
+    assert caught.value.error_msg.endswith("the run was stopped (after 2 attempts)")
+    assert sim.requests(f"/instances/{instance}/tasks") == 1
