@@ -1,6 +1,7 @@
 """HistoryStore: the Parquet layout on disk, loads with filters, compaction and concurrency."""
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import random
@@ -22,7 +23,7 @@ from unprivileged import as_unprivileged
 from roma_analytics import analysis, schema
 from roma_analytics.collect import Collection
 from roma_analytics.errors import ConfigError, HistoryWarning, RomaError
-from roma_analytics.store import CompactReport, HistoryStore
+from roma_analytics.store import STALE_TEMP_SECONDS, CompactReport, HistoryStore
 
 FORK = multiprocessing.get_context("fork")
 
@@ -548,3 +549,188 @@ def test_compact_removes_abandoned_append_temporaries_but_not_fresh_ones(history
     store.compact(before="2024-05-02")
     assert not abandoned.exists()
     assert fresh.exists()
+
+
+# ------------------------------------------------------------------------------------ the commit, step by step
+
+class FileSystemTrace:
+    """Records the history's file-system steps (fsync of a file or folder, link, rename, unlink)
+    in order, while the real calls run: what a power cut at any point would leave is decided by
+    this order, which no test can otherwise see."""
+
+    def __init__(self, monkeypatch, root: Path):
+        self.steps: list[tuple] = []
+        self.root = root
+        real = {name: getattr(os, name) for name in ("fsync", "link", "replace", "unlink")}
+
+        def fsync(fd):
+            self.steps.append(("fsync", self._short(os.readlink(f"/proc/self/fd/{fd}"))))
+            return real["fsync"](fd)
+
+        def link(src, dst, *args, **kwargs):
+            self.steps.append(("link", self._short(src), self._short(dst)))
+            return real["link"](src, dst, *args, **kwargs)
+
+        def replace(src, dst, *args, **kwargs):
+            self.steps.append(("replace", self._short(src), self._short(dst)))
+            return real["replace"](src, dst, *args, **kwargs)
+
+        def unlink(path, *args, **kwargs):
+            self.steps.append(("unlink", self._short(path)))
+            return real["unlink"](path, *args, **kwargs)
+
+        for name, function in (("fsync", fsync), ("link", link), ("replace", replace), ("unlink", unlink)):
+            monkeypatch.setattr(os, name, function)
+
+    def of(self, *tables: str) -> list[tuple]:
+        """The steps on the files and folders of ``tables`` (and on the history root)."""
+        return [step for step in self.steps if all(p == "." or p.split("/")[0] in tables for p in step[1:])]
+
+    def _short(self, path) -> str:
+        """The path below the history root, with a temporary file's random suffix cut off."""
+        text = os.path.relpath(str(path), self.root)
+        return text.split(".tmp-")[0] + ".tmp" if ".tmp-" in text else text
+
+
+def test_an_appended_file_is_fsynced_before_it_gets_its_name_and_its_folder_after(history_dir, monkeypatch):
+    store = HistoryStore(history_dir)
+    store.append(make_run("r0", "2024-05-01T09:00Z"))   # the folders exist: only the commit is traced
+    trace = FileSystemTrace(monkeypatch, history_dir)
+    store.append(make_run("r1", "2024-05-01T10:00Z", errors=[("i8", 500)]))
+    day = "date=2024-05-01"
+    steps = []
+    for table in ("errors", "stats"):   # stats last: a run is listed once its stats file exists
+        steps += [("fsync", f"{table}/{day}/.r1.parquet.tmp"),
+                  ("link", f"{table}/{day}/.r1.parquet.tmp", f"{table}/{day}/r1.parquet"),
+                  ("fsync", f"{table}/{day}"),
+                  ("unlink", f"{table}/{day}/.r1.parquet.tmp")]
+    assert trace.of("stats", "errors") == steps
+    assert files_under(history_dir / "stats") == [f"{day}/r0.parquet", f"{day}/r1.parquet"]
+
+
+def test_a_merged_file_is_committed_before_the_originals_go(history_dir, monkeypatch):
+    store = HistoryStore(history_dir)
+    store.append(make_run("r1", "2024-05-01T10:00Z"))
+    store.append(make_run("r2", "2024-05-01T11:00Z"))
+    trace = FileSystemTrace(monkeypatch, history_dir)
+    store.compact(before="2024-05-02")
+    day = "stats/date=2024-05-01"
+    merged = [name for name in files_under(history_dir / "stats")]
+    assert len(merged) == 1 and merged[0].startswith("date=2024-05-01/compacted-r1-r2-")
+    merged = f"stats/{merged[0]}"
+    temporary = f"{day}/.{merged.rsplit('/', 1)[1]}.tmp"
+    # Written and fsynced under a hidden name; linked to its name (the commit point, the folder
+    # fsynced), the originals deleted and the folder fsynced again -- all under the exclusive
+    # lock -- then the history root.
+    assert trace.of("stats") == [("fsync", temporary), ("link", temporary, merged), ("fsync", day),
+                           ("unlink", f"{day}/r1.parquet"), ("unlink", f"{day}/r2.parquet"), ("fsync", day),
+                           ("fsync", "."), ("unlink", temporary)]
+    assert len(store.load()) == 8
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK])
+def test_without_hard_links_a_file_is_renamed_into_place_and_never_over_another(history_dir, monkeypatch, code):
+    """File systems without hard links (some network and FAT mounts) refuse os.link: the
+    temporary is renamed instead, after checking that the name is free."""
+    from roma_analytics.history_backend import LocalBackend
+
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(src))
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = HistoryStore(history_dir)
+    store.append(make_run("r1", "2024-05-01T10:00Z"))
+    store.append(make_run("r2", "2024-05-01T11:00Z"))
+    assert files_under(history_dir / "stats") == ["date=2024-05-01/r1.parquet", "date=2024-05-01/r2.parquet"]
+    assert store.load()["run_id"].unique().tolist() == ["r1", "r2"]
+    taken = history_dir / "stats" / "date=2024-05-01" / "r1.parquet"
+    before = taken.read_bytes()
+    with pytest.raises(FileExistsError):
+        LocalBackend(history_dir).create(taken, lambda file: file.write(b"other"))
+    assert taken.read_bytes() == before
+    assert files_under(history_dir / "stats") == ["date=2024-05-01/r1.parquet", "date=2024-05-01/r2.parquet"]
+    store.compact(before="2024-05-02")
+    assert len(files_under(history_dir / "stats")) == 1 and len(store.load()) == 8
+
+
+def test_a_link_failing_for_another_reason_stores_nothing(history_dir, monkeypatch):
+    store = HistoryStore(history_dir)
+    store.append(make_run("r1", "2024-05-01T10:00Z"))
+    before = files_under(history_dir)
+
+    def full(src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(os, "link", full)
+    with pytest.raises(RomaError, match="No space left on device") as raised:
+        store.append(make_run("r2", "2024-05-01T11:00Z"))
+    assert not isinstance(raised.value, ConfigError)
+    assert files_under(history_dir) == before
+    monkeypatch.undo()
+    assert store.runs()["run_id"].tolist() == ["r1"]
+
+
+def test_a_write_failing_midway_leaves_no_temporary(history_dir):
+    from roma_analytics.history_backend import LocalBackend
+
+    backend = LocalBackend(history_dir)
+    target = history_dir / "stats" / "date=2024-05-01" / "r1.parquet"
+
+    def half(file):
+        file.write(b"PAR1 half")
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        backend.create(target, half)
+    assert list(target.parent.iterdir()) == []   # the day's folder was made; nothing is in it
+
+
+def test_compact_removes_an_appends_temporary_only_when_older_than_the_cutoff(history_dir, monkeypatch):
+    store = HistoryStore(history_dir)
+    build_days(store, days=1)
+    day = history_dir / "stats" / "date=2024-05-01"
+    now = 1_900_000_000
+    monkeypatch.setattr(time, "time", lambda: float(now))
+    temporaries = {age: day / f".r{age}.parquet.tmp-1-abcd" for age in (STALE_TEMP_SECONDS, STALE_TEMP_SECONDS + 1)}
+    not_ours = [day / "r-x.parquet.tmp-1-abcd", day / ".notes", day / "_r-y.tmp-1"]
+    for age, path in temporaries.items():
+        path.write_bytes(b"half")
+        os.utime(path, ns=((now - age) * 10**9,) * 2)
+    for path in not_ours:
+        path.write_bytes(b"not a temporary of an append")
+        os.utime(path, ns=((now - 3600) * 10**9,) * 2)
+    store.compact(before="2024-05-02")
+    # Exactly at the cutoff it stays ("more than 15 minutes old"); a second later it goes.
+    assert temporaries[STALE_TEMP_SECONDS].exists() and not temporaries[STALE_TEMP_SECONDS + 1].exists()
+    assert all(path.exists() for path in not_ours)
+
+
+def test_a_killed_compactions_temporary_goes_at_once_and_a_missing_file_has_no_age(history_dir):
+    from roma_analytics.history_backend import LocalBackend
+
+    store = HistoryStore(history_dir)
+    build_days(store, days=1)
+    day = history_dir / "stats" / "date=2024-05-01"
+    leftover = day / ".compacted-r1-r2-0123456789ab.parquet.tmp-1-abcd"
+    leftover.write_bytes(b"half a merge")
+    store.compact(before="2024-05-02")
+    assert not leftover.exists()
+    assert LocalBackend(history_dir).age(day / "gone.parquet", 123.0) == 0.0
+    assert LocalBackend(history_dir).age(history_dir / ".lock", os.stat(history_dir / ".lock").st_mtime + 5) == 5
+
+
+def test_the_data_files_of_a_folder(history_dir):
+    from roma_analytics.history_backend import LocalBackend
+
+    backend = LocalBackend(history_dir)
+    assert backend.data_files(history_dir / "stats" / "date=2024-05-01") == []   # no folder yet
+    folder = history_dir / "stats" / "date=2024-05-01"
+    folder.mkdir(parents=True)
+    for name in ("b.parquet", "a.parquet", ".c.parquet", "_d.parquet", "e.parquet.tmp-1-ab", "f.csv"):
+        (folder / name).write_bytes(b"")
+    assert backend.data_files(folder) == [folder / "a.parquet", folder / "b.parquet"]
+    backend.ensure_layout(("stats", "errors"))
+    assert (history_dir / "errors").is_dir() and (history_dir / ".lock").is_file()
+    backend.ensure_layout(("stats", "errors"))   # again: nothing to do, no error
+    backend.delete([folder / "a.parquet", folder / "missing.parquet"])
+    assert backend.data_files(folder) == [folder / "b.parquet"]
