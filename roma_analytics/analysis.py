@@ -232,7 +232,7 @@ def latest(stats: pd.DataFrame) -> pd.DataFrame:
     return last.sort_values(list(SERIES_KEY), kind="stable").reset_index(drop=True)
 
 
-def _gauges(stats: pd.DataFrame, freq, by: tuple[str, ...]) -> pd.DataFrame:
+def _gauges(stats: pd.DataFrame, freq) -> pd.DataFrame:
     """Per bucket, the last snapshot of each series: columns ``bucket, *SERIES_KEY, counts``."""
     step, origin = bucket_step(freq)
     _require(stats, ("collected_at", "run_id", *SERIES_KEY, *TOTAL_COLUMNS))
@@ -265,7 +265,7 @@ def trend(stats: pd.DataFrame, freq: str = "1D", by: Iterable[str] | str = ("tas
     sorted by bucket then ``by``.
     """
     by = _group_columns(by)
-    gauges = _gauges(stats, freq, by)
+    gauges = _gauges(stats, freq)
     keys = ["bucket", *by]
     sums = gauges.groupby(keys, dropna=False, sort=False)[list(TOTAL_COLUMNS)].sum().reset_index()
     return _finish_trend(sums, by)

@@ -905,3 +905,17 @@ def test_cdc_vs_common_counts_are_whole_numbers_whatever_the_engine_summed_them_
     assert out["bucket"].tolist() == [ts("1970-01-01")]
     assert out[["common_abnormal_ratio", "cdc_abnormal_ratio", "abnormal_ratio_gap", "cdc_share"]].values.tolist() == [
         [0.25, 0.5, 0.25, 0.5]]
+
+
+def test_trend_is_daily_by_default_and_its_counts_are_whole_numbers_whatever_the_engine():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 0, 1, 0, 3),
+        snapshot("2024-05-01T22:00Z", "r2", "i1", "common", 0, 2, 0, 2),
+    )
+    assert analysis.trend(stats)[["bucket", "abnormal", "total"]].values.tolist() == [[ts("2024-05-01"), 2, 4]]
+    # DuckDB (sqlagg) may hand its sums over as floats: the shared finishing step makes them int64.
+    sums = pd.DataFrame({"bucket": [0.0], "task_type": ["cdc"], "running": [1.0], "abnormal": [1.0],
+                         "terminated": [0.0], "completed": [2.0], "total": [4.0]})
+    out = analysis._finish_trend(sums, ("task_type",))
+    assert out[list(analysis.TOTAL_COLUMNS)].dtypes.tolist() == ["int64"] * 5
+    assert out.values.tolist() == [[ts("1970-01-01"), "cdc", 1, 1, 0, 2, 4, 0.25]]

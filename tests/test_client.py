@@ -11,6 +11,7 @@ import time
 from urllib.parse import parse_qsl
 from pathlib import Path
 import logging
+import re
 import math
 import socket
 import threading
@@ -1246,3 +1247,40 @@ def test_a_run_stopped_between_retries_counts_the_attempts_made(sim):
     assert (caught.value.error_code, caught.value.attempts) == ("CANCELLED", 2)
     assert caught.value.error_msg.endswith("the run was stopped (after 2 attempts)")
     assert sim.requests(f"/instances/{instance}/tasks") == 1
+
+
+def test_connection_retries_are_capped_and_spread_by_jitter():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = RecordingClient(f"http://127.0.0.1:{port}", retries=3, backoff=0.01, max_backoff=0.015)
+    with pytest.raises(RomaConnectionError):
+        client.task_statistics("p", "i")
+    assert len(client.delays) == 3 and max(client.delays) <= 0.015 and client.delays[1:] == [0.015, 0.015]
+    uncapped = RecordingClient(f"http://127.0.0.1:{port}", retries=3, backoff=0.01)
+    with pytest.raises(RomaConnectionError):
+        uncapped.task_statistics("p", "i")
+    # Up to `backoff` of random jitter on top of 0.01, 0.02, 0.04: workers do not retry in step.
+    assert all(base <= delay <= base + 0.01 for delay, base in zip(uncapped.delays, (0.01, 0.02, 0.04), strict=True))
+    assert uncapped.delays != [0.01, 0.02, 0.04]
+
+
+@pytest.mark.parametrize("body, shown", [(b"y" * 160, "y" * 160), (b"y" * 161, "y" * 159 + "\u2026")])
+def test_error_excerpts_up_to_160_characters_are_whole(body, shown):
+    from roma_analytics.client import _excerpt
+
+    assert _excerpt(body) == shown
+
+
+def test_each_attempt_is_logged_with_method_path_status_and_number(sim, caplog):
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "http_500", times=1)
+    with fast_client(sim, retries=1) as client, caplog.at_level(logging.DEBUG, logger="roma_analytics.client"):
+        client.task_statistics(project, instance)
+        client.list_instances(project)
+    lines = [r.getMessage() for r in caplog.records]
+    path = f"/v2/{project}/fdi/instances/{instance}/statistics/tasks"
+    assert [line.rsplit(", ", 1)[0] for line in lines] == [
+        f"GET {path} -> 500 (attempt 1", f"GET {path} -> 200 (attempt 2",
+        f"GET /v2/{project}/instances?limit=100&offset=0&status=RUNNING -> 200 (attempt 1"]
+    assert all(re.fullmatch(r"\d+\.\d{3}s\)", line.rsplit(", ", 1)[1]) for line in lines)
