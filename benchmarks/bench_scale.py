@@ -40,7 +40,9 @@ def history(rows: int, work: Path = WORK) -> tuple[Path, float]:
     """A compacted synthetic history of about ``rows`` stats rows ending now, and the seconds
     ``roma-analytics compact`` took to build its rollups (0 when reused)."""
     runs = max(1, rows // (2 * INSTANCES))
-    end = pd.Timestamp.now(tz="UTC").floor("D")  # the last run: yesterday 23:55, so today is empty
+    # Ending now, as a collector that runs every 5 minutes leaves it: today's runs are raw, every
+    # earlier day compacted and rolled up.  (A history ending now is rebuilt on the next run.)
+    end = pd.Timestamp.now(tz="UTC").floor("5min") + EVERY
     start = end - runs * EVERY
     path = work / f"scale-{rows}"
     marker = path / ".compacted"

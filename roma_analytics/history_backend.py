@@ -266,13 +266,19 @@ class LocalBackend:
         """``(name, size and modification time)`` of the folder's data files: what a rollup's key
         covers, so that a file changed in place (even at the same size) makes the rollup stale."""
         stamps = []
-        for path in self.data_files(folder):
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if not entry.name.endswith(".parquet") or entry.name.startswith((".", "_")):
+                continue
             try:
-                stat = path.stat()
+                stat = entry.stat()
             except FileNotFoundError:  # swapped by a compaction between listing and stat
                 continue
-            stamps.append((path.name, f"{stat.st_size}:{stat.st_mtime_ns}"))
-        return stamps
+            stamps.append((entry.name, f"{stat.st_size}:{stat.st_mtime_ns}"))
+        return sorted(stamps)
 
     def file_exists(self, path) -> bool:
         return Path(path).exists()

@@ -323,11 +323,8 @@ class HistoryStore:
     def _current_rollup(self, table: str, day: str, key: str):
         """The rollup file of ``table`` for ``day`` built from the files of ``key``, or None."""
         fs = self._backend
-        wanted = rollups.file_name(key)
-        for path in fs.data_files(fs.child(fs.root, table, f"date={day}")):
-            if fs.name(path) == wanted:
-                return path
-        return None
+        path = fs.child(fs.root, table, f"date={day}", rollups.file_name(key))
+        return path if fs.file_exists(path) else None
 
     def _roll_day(self, day: str) -> bool:
         """Build ``day``'s rollups if it lacks current ones; True when it built them."""

@@ -17,12 +17,10 @@ import streamlit as st
 
 from roma_analytics import analysis, charts, dashboard, fleet
 from roma_analytics.display import markdown as md, visible
-from roma_analytics.collect import collect
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.samples import SAMPLE_HISTORY
 from roma_analytics.settings import resolve
 from roma_analytics.store import HistoryStore
-from roma_analytics.targets import load_targets
 
 st.set_page_config(page_title="ROMA Connect task analytics", page_icon="📊", layout="wide")
 # Tables' and charts' own CSV export would write server text without export.csv_text's protection
@@ -231,6 +229,10 @@ try:
                            "`iam_*`) or the environment (`ROMA_AUTH_TOKEN`, `ROMA_AK`/`ROMA_SK`, "
                            "`ROMA_IAM_*`). They are never shown.")
         if collect_now:
+            # The HTTP stack is imported only by the page that collects: a history opens faster.
+            from roma_analytics.collect import collect
+            from roma_analytics.targets import load_targets
+
             if how == "Form":
                 auth, auth_source = dashboard.auth_from_settings(secrets(), region=region.strip() or None)
                 targets = dashboard.form_targets(endpoint, region, project_ids, instance_ids, auth,
