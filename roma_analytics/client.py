@@ -397,7 +397,7 @@ class RomaClient:
             attempts += 1
             started = time.monotonic()
             try:
-                status, headers, body = self._attempt(method, url, started)
+                status, headers, body = self._attempt(method, url)
             except RomaError as exc:  # from the auth object, e.g. IAM refused a token
                 exc.attempts = attempts
                 raise
@@ -453,7 +453,7 @@ class RomaClient:
             if self._sleep(min(delay, self.max_backoff)) is False:
                 raise error
 
-    def _attempt(self, method: str, url: str, started: float):
+    def _attempt(self, method: str, url: str):
         """One HTTP request, body included, bounded end to end: (status, headers, body)."""
         # The session re-runs the auth for each attempt: a fresh X-Sdk-Date and signature.
         return transport.attempt(self.session, method, url, timeout=self._timeout, auth=self.auth,

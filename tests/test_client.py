@@ -1284,3 +1284,34 @@ def test_each_attempt_is_logged_with_method_path_status_and_number(sim, caplog):
         f"GET {path} -> 500 (attempt 1", f"GET {path} -> 200 (attempt 2",
         f"GET /v2/{project}/instances?limit=100&offset=0&status=RUNNING -> 200 (attempt 1"]
     assert all(re.fullmatch(r"\d+\.\d{3}s\)", line.rsplit(", ", 1)[1]) for line in lines)
+
+
+def test_a_failed_attempt_is_logged_with_its_cause_and_duration(caplog):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with RecordingClient(f"http://127.0.0.1:{port}", retries=1, backoff=0.001) as client, \
+            caplog.at_level(logging.DEBUG, logger="roma_analytics.client"), pytest.raises(RomaConnectionError):
+        client.list_instances("p1")
+    took = time.monotonic() - started
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    for number, line in enumerate(lines, 1):
+        head, _, tail = line.partition(" (attempt ")
+        assert head.startswith("GET /v2/p1/instances?limit=100&offset=0&status=RUNNING -> connection failed (")
+        assert "ConnectionRefusedError" in head
+        attempt, seconds = tail.rstrip("s)").split(", ")
+        # The logged duration is the attempt's own: never more than the whole call took.
+        assert int(attempt) == number and 0 <= float(seconds) <= took + 0.001
+
+
+def test_a_passed_run_deadline_is_not_retried():
+    from roma_analytics.transport import Deadline
+
+    with Simulator(projects=1, instances=1, seed=2, latency_ms=3000) as slow:
+        project = slow.project_ids[0]
+        with RecordingClient(slow.base_url, retries=3, backoff=0.001) as client, Deadline(0.3).applied(), \
+                pytest.raises(RomaTimeout) as caught:
+            client.list_instances(project)
+    assert (caught.value.error_code, caught.value.attempts, client.delays) == ("RUN_DEADLINE", 1, [])
