@@ -544,11 +544,13 @@ class _OddPages(BaseHTTPRequestHandler):
 @pytest.fixture
 def odd_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _OddPages)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_paging_stops_on_empty_page_and_caps_pages(odd_server, monkeypatch):
@@ -1315,3 +1317,75 @@ def test_a_passed_run_deadline_is_not_retried():
                 pytest.raises(RomaTimeout) as caught:
             client.list_instances(project)
     assert (caught.value.error_code, caught.value.attempts, client.delays) == ("RUN_DEADLINE", 1, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# What the client takes from the environment, once
+
+
+@pytest.fixture
+def clean_environment(monkeypatch, tmp_path):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+def test_the_environments_proxy_is_used(recorder, clean_environment, monkeypatch):
+    recorder.answer = (200, {"total": 0, "instances": []})
+    monkeypatch.setenv("HTTP_PROXY", recorder.url)
+    with RomaClient("http://roma.example.invalid", retries=0) as client:
+        assert client.list_instances("p1") == []
+    # A proxy is sent the absolute URL.
+    assert recorder.requests[0]["path"] == "http://roma.example.invalid/v2/p1/instances?limit=100&offset=0&status=RUNNING"
+
+
+def test_netrc_credentials_are_never_attached(recorder, clean_environment, tmp_path):
+    recorder.answer = (200, {"total": 0, "instances": []})
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password netrc-password\n")
+    netrc.chmod(0o600)
+    with RomaClient(recorder.url, retries=0) as client:
+        client.list_instances("p1")
+    assert "Authorization" not in recorder.requests[0]["headers"]
+
+
+@pytest.fixture(scope="module")
+def tls_recorder(tmp_path_factory):
+    """A Recorder behind TLS with a certificate of a private CA: (https url, CA bundle path)."""
+    import ssl
+
+    from conftest import Recorder
+    from test_secrets import make_ca_and_server_cert
+
+    ca, cert, key = make_ca_and_server_cert(tmp_path_factory.mktemp("tls"))
+    server = Recorder()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
+    thread = threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.url.replace("http://", "https://"), str(ca)
+    finally:
+        server.server.shutdown()
+        server.server.server_close()
+
+
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_a_ca_bundle_named_by_the_environment_verifies_the_endpoint(tls_recorder, clean_environment, monkeypatch,
+                                                                     variable):
+    url, ca = tls_recorder
+    with RomaClient(url, retries=0) as client, pytest.raises(RomaConnectionError, match="TLS error"):
+        client.task_statistics("p1", "i1")           # the private CA is not trusted by default
+    monkeypatch.setenv(variable, ca)
+    with RomaClient(url, retries=0) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics("p1", "i1")
+    assert caught.value.status == 404                 # the handshake passed: the server's own answer
+    # An explicit verify=False stays what it says (and urllib3 warns about it).
+    from urllib3.exceptions import InsecureRequestWarning
+
+    with RomaClient(url, retries=0, verify=False) as client, pytest.raises(RomaApiError) as caught, \
+            pytest.warns(InsecureRequestWarning):
+        client.task_statistics("p1", "i1")
+    assert caught.value.status == 404
