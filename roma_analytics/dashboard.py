@@ -586,7 +586,20 @@ def prepare(stats: pd.DataFrame, errors: pd.DataFrame | None, freq: str = "1h",
                            scopes=scopes.reset_index(drop=True), as_of=as_of, future=future)
 
 
-def prepare_store(store: HistoryStore, freq: str = "1h", as_of=None) -> PreparedHistory:
+def range_resolution(since: pd.Timestamp, until: pd.Timestamp, prepared: PreparedHistory) -> str:
+    """:func:`auto_resolution` of the chosen days ``[since, until)``, clipped to the history's
+    own span (a range reaching past its last day is no longer than the history)."""
+    first = max(since, prepared.snapshots["collected_at"].iloc[0].floor("D")) if len(prepared.snapshots) else since
+    last = min(until, prepared.as_of) if prepared.as_of is not None else until
+    finer = auto_resolution(pd.DataFrame({"collected_at": [first, max(first, last)]}))
+    # Never coarser than the whole history's resolution: a range only ever zooms in.
+    order = list(RESOLUTIONS)
+    if finer in order and prepared.freq in order and order.index(finer) > order.index(prepared.freq):
+        return prepared.freq
+    return finer
+
+
+def prepare_store(store: HistoryStore, freq: str = "1h", as_of=None, since=None, until=None) -> PreparedHistory:
     """A history folder or object store ready for filtering, read by query: its cost follows
     what the page shows, not the history's length.
 
@@ -599,15 +612,16 @@ def prepare_store(store: HistoryStore, freq: str = "1h", as_of=None) -> Prepared
     step, _ = analysis.bucket_step(freq)
     if _US_PER_DAY % step:
         raise ConfigError(f"resolution {freq!r} must divide a day; use one of {', '.join(RESOLUTIONS)}")
-    until = None
+    horizon = None
     if as_of is not None:
         as_of = schema.parse_time(as_of, "as_of")
-        until = as_of + fleet.DEFAULT_TOLERANCE + pd.Timedelta(1, "us")
+        horizon = as_of + fleet.DEFAULT_TOLERANCE + pd.Timedelta(1, "us")
+    end = horizon if until is None else (until if horizon is None else min(until, horizon))
     with warnings.catch_warnings():
         # Damaged or foreign files are in store.problems, which the page shows.
         warnings.simplefilter("ignore", HistoryWarning)
-        snapshots = store.snapshots(freq, until=until)
-        errors = store.load(table="errors", until=until)
+        snapshots = store.snapshots(freq, since=since, until=end)
+        errors = store.load(table="errors", until=horizon)
     if as_of is None:
         newest = [frame["collected_at"].max() for frame in (snapshots, errors) if len(frame)]
         as_of = max(newest) if newest else pd.Timestamp.now(tz="UTC")

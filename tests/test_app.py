@@ -116,6 +116,23 @@ def test_time_range_filter(app):
     assert "2026-11-04 23:00 UTC" in app.caption[0].value
 
 
+def test_auto_resolution_follows_the_chosen_time_range(app):
+    """Grafana-style: the sample's two weeks are drawn hourly; two chosen days get 15-minute
+    buckets (the documented rule: at most 2 days -> 15min), read for that range only, and the
+    whole range again hourly."""
+    def resolution():
+        return re.search(r"resolution (\S+)", app.caption[0].value).group(1)
+
+    assert resolution() == "1h"
+    app.sidebar.date_input(key="days").set_value((pd.Timestamp("2026-11-03").date(),
+                                                  pd.Timestamp("2026-11-04").date())).run()
+    assert not app.exception
+    assert resolution() == "15min"
+    app.sidebar.date_input(key="days").set_value((pd.Timestamp("2026-11-01").date(),
+                                                  pd.Timestamp("2026-11-14").date())).run()
+    assert resolution() == "1h"
+
+
 def test_threshold_changes_the_flagged_count(app):
     def flagged():
         return next(m.value for m in app.markdown if "Wilson interval" in m.value)

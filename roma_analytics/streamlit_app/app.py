@@ -59,6 +59,11 @@ def prepared_folder(path: str, fingerprint: tuple[int, int], freq: str, as_of) -
     return dashboard.prepare_store(dashboard.open_history(path), freq, as_of=as_of)
 
 
+@st.cache_resource(max_entries=8, show_spinner="Reading the history…")
+def prepared_range(path: str, fingerprint: tuple[int, int], freq: str, as_of, since, until) -> dashboard.PreparedHistory:
+    return dashboard.prepare_store(dashboard.open_history(path), freq, as_of=as_of, since=since, until=until)
+
+
 @st.cache_resource(max_entries=4, show_spinner="Indexing the upload…")
 def prepared_upload(digest: str, freq: str, _files) -> dashboard.PreparedHistory:
     return dashboard.prepare(*read_files(digest, _files), freq)
@@ -339,6 +344,15 @@ try:
 except ConfigError as exc:
     st.error(md(exc, limit=2000))
     st.stop()
+
+# Auto resolution follows the chosen time range, as Grafana's does: a history folder narrowed to
+# a few days is read again at a finer resolution, for that range only (its snapshots are all the
+# page keeps, so the cost follows the range shown, not the history).
+if source_key and source_key[0] == "folder" and resolution == "Auto" and since is not None and until is not None:
+    finer = dashboard.range_resolution(since, until, prepared)
+    if finer != prepared.freq:
+        prepared = prepared_range(source_key[1], source_key[2], finer, prepared.as_of, since, until)
+        source_key = (*source_key[:3], finer, since, until)
 
 # ------------------------------------------------------------------------------- KPI row
 numbers = overview(source_key, filters, prepared)
