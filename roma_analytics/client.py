@@ -427,7 +427,7 @@ class RomaClient:
                     f"set the endpoint to the final URL",
                     status=status, error_code="REDIRECT", request_id=request_id, attempts=attempts,
                 )
-            error = self._api_error(status, headers, body, shown, attempts)
+            error = self._api_error(status, headers, body, attempts)
             if status == 401 and error.error_code == "APIGW.0307" and not renewed:
                 renew = getattr(self.auth, "renew", None)
                 if callable(renew):
@@ -472,7 +472,7 @@ class RomaClient:
         return RomaConnectionError(f"GET {self._endpoint}{shown}: {description} ({tries}); "
                                    f"check the endpoint, network and proxy", attempts=attempts)
 
-    def _api_error(self, status: int, headers, body: bytes, shown: str, attempts: int) -> RomaApiError:
+    def _api_error(self, status: int, headers, body: bytes, attempts: int) -> RomaApiError:
         code = message = request_id = None
         try:
             payload = _loads_strict(body) if body else None

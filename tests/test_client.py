@@ -1389,3 +1389,101 @@ def test_a_ca_bundle_named_by_the_environment_verifies_the_endpoint(tls_recorder
             pytest.warns(InsecureRequestWarning):
         client.task_statistics("p1", "i1")
     assert caught.value.status == 404
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults, endpoints, headers, redirects, renewal
+
+
+def test_client_defaults_three_retries_from_half_a_second(sim):
+    client = RecordingClient(sim.base_url)
+    assert (client.retries, client.backoff, client.max_backoff, client.verify) == (3, 0.5, 30.0, True)
+    adapter = client.session.get_adapter(sim.base_url + "/")
+    assert (adapter._pool_connections, adapter._pool_maxsize) == (10, 10)
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "http_500")
+    with client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics(project, instance)
+    assert caught.value.attempts == 4 and stats_requests(sim, instance) == 4
+    assert all(base <= delay <= base + 0.5 for delay, base in zip(client.delays, (0.5, 1.0, 2.0), strict=True))
+
+
+@pytest.mark.parametrize("endpoint, base, region", [
+    ("http://gw.internal/X/", "http://gw.internal/X", "gw.internal"),     # only trailing slashes go
+    ("https://gw.example", "https://gw.example", "gw.example"),
+    ("https://gw.example:8443//", "https://gw.example:8443", "gw.example:8443"),
+    ("https://roma.cn-south-1.myhuaweicloud.com:443", "https://roma.cn-south-1.myhuaweicloud.com:443", "cn-south-1"),
+])
+def test_endpoint_base_and_region(endpoint, base, region):
+    client = RomaClient(endpoint)
+    assert (client.endpoint, client.region) == (base, region)
+
+
+def test_every_request_asks_for_json(recorder):
+    recorder.answer = (200, {"total": 0, "instances": []})
+    with RomaClient(recorder.url, retries=0) as client:
+        client.list_instances("p1")
+    headers = {name.lower(): value for name, value in recorder.requests[0]["headers"].items()}
+    assert headers["accept"] == "application/json"
+
+
+@pytest.mark.parametrize("status", [300, 307, 399])
+def test_every_3xx_is_a_redirect_that_is_not_followed(recorder, status):
+    recorder.answer = (status, b"")
+    recorder.headers = {"X-Request-Id": "req-redirect-1"}
+    with RomaClient(recorder.url, retries=2) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics("p1", "i1")
+    error = caught.value
+    assert (error.status, error.error_code, error.request_id, error.attempts) == (
+        status, "REDIRECT", "req-redirect-1", 1)
+    assert error.error_msg == (f"/v2/p1/fdi/instances/i1/statistics/tasks answered {status} redirecting to "
+                               f"(no Location header); redirects are not followed so credentials are never sent "
+                               f"elsewhere: set the endpoint to the final URL")
+    assert len(recorder.requests) == 1
+
+
+def test_a_retry_after_beyond_30_seconds_is_kept_when_max_backoff_allows(recorder):
+    recorder.answer = (429, {"error_code": "APIGW.0308", "error_msg": "throttled"})
+    recorder.headers = {"Retry-After": "45"}
+    with RecordingClient(recorder.url, retries=1, max_backoff=60) as client, pytest.raises(ThrottledError):
+        client.task_statistics("p1", "i1")
+    assert client.delays == [45.0]
+
+
+@pytest.fixture
+def iam_in_front(recorder, secure_sim):
+    """An IamPasswordAuth whose IAM is the recorder, issuing the simulator's own static token."""
+    recorder.answer = (201, {"token": {"issued_at": "2024-05-01T10:00:00Z", "expires_at": "2024-05-01T12:00:00Z"}})
+    recorder.headers = {"X-Subject-Token": TOKEN}
+    auth = IamPasswordAuth("alice", IAM_PASSWORD, "acme", project_id=secure_sim.project_ids[0],
+                           iam_endpoint=recorder.url)
+    return auth, recorder, secure_sim
+
+
+@pytest.mark.parametrize("fault, status", [("http_404", 404), ("auth_401_signature", 401), ("http_400", 400)])
+def test_only_an_expired_token_is_renewed(iam_in_front, fault, status):
+    auth, iam, sim = iam_in_front
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, fault)
+    with fast_client(sim, auth=auth, retries=2) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics(project, instance)
+    assert (caught.value.status, caught.value.attempts) == (status, 1)
+    assert len(iam.requests) == 1 and stats_requests(sim, instance) == 1
+
+
+def test_a_renewal_is_logged_and_a_refused_one_carries_the_attempts(iam_in_front, caplog):
+    auth, iam, sim = iam_in_front
+    project, instance = first_instance(sim)
+    sim.set_fault(instance, "auth_401_token_expired", times=1)
+    with fast_client(sim, auth=auth, retries=0) as client, \
+            caplog.at_level(logging.DEBUG, logger="roma_analytics.client"):
+        assert client.task_statistics(project, instance).attempts == 2
+        assert len(iam.requests) == 2
+        assert f"GET /v2/{project}/fdi/instances/{instance}/statistics/tasks: token renewed after APIGW.0307, " \
+               f"retrying once" in [r.getMessage() for r in caplog.records]
+        sim.set_fault(instance, "auth_401_token_expired", times=1)
+        iam.answer = (401, {"error": {"code": 401, "message": "The password has been changed."}})
+        with pytest.raises(AuthenticationError) as caught:
+            client.task_statistics(project, instance)
+    assert "The password has been changed." in caught.value.error_msg
+    assert (caught.value.attempts, caught.value.status) == (1, 401)
