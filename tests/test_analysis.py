@@ -919,3 +919,16 @@ def test_trend_is_daily_by_default_and_its_counts_are_whole_numbers_whatever_the
     out = analysis._finish_trend(sums, ("task_type",))
     assert out[list(analysis.TOTAL_COLUMNS)].dtypes.tolist() == ["int64"] * 5
     assert out.values.tolist() == [[ts("1970-01-01"), "cdc", 1, 1, 0, 2, 4, 0.25]]
+
+
+def test_default_frequencies_draw_no_deprecation_warning():
+    import warnings
+
+    stats = make_stats(*_hourly([1, 2, 1, 3]))
+    errors = make_errors(("2024-05-01T10:05Z", "r2", "i2", "TIMEOUT"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # pandas 3 warns about the spellings "1H" and "1d"
+        assert len(analysis.trend(stats)) == 1
+        assert len(analysis.cdc_vs_common(stats)) == 1
+        assert analysis.errors_by_code(errors)["errors"].tolist() == [1]
+        assert len(analysis.anomalies(stats, window=2, min_periods=1)) == 4
