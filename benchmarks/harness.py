@@ -116,6 +116,8 @@ class ChildResult:
     output: dict          # the JSON the child printed on its last stdout line
     wall: float           # wall time of the whole process, seconds
     peak_rss: int         # the child's peak resident memory, bytes
+    cpu: float = 0.0      # user + system CPU seconds of the whole process (wall minus waiting
+                          # for a core on a busy machine; the two together tell load from work)
 
 
 def run_child(*args: str, timeout: float = 1800) -> ChildResult:
@@ -147,7 +149,8 @@ def run_child(*args: str, timeout: float = 1800) -> ChildResult:
     if not lines:
         raise RuntimeError(f"benchmark child {' '.join(args)} printed no result:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     output = json.loads(lines[-1])
-    return ChildResult(output, wall, output.get("peak_rss") or usage.ru_maxrss * 1024)
+    return ChildResult(output, wall, output.get("peak_rss") or usage.ru_maxrss * 1024,
+                       usage.ru_utime + usage.ru_stime)
 
 
 # ------------------------------------------------------------------------------------ simulator
