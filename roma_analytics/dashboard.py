@@ -25,7 +25,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -501,6 +501,8 @@ class PreparedHistory:
     store: HistoryStore | None = field(default=None, repr=False)
     #: The fleet's reduced rows per ``as_of`` (store-backed only; see :func:`_fleet_of`).
     _fleet_rows: dict = field(default_factory=dict, repr=False)
+    #: Warnings about damaged, foreign or misplaced files met while reading (shown on the page).
+    problems: tuple[str, ...] = ()
 
     @property
     def _times(self) -> pd.Series:
@@ -584,6 +586,47 @@ def prepare(stats: pd.DataFrame, errors: pd.DataFrame | None, freq: str = "1h",
     return PreparedHistory(stats=stats, errors=errors, freq=freq, snapshots=snapshots,
                            snapshot_bucket=bucket[rows], snapshot_series=series[rows], stats_time=micros,
                            scopes=scopes.reset_index(drop=True), as_of=as_of, future=future)
+
+
+#: A history folder whose stats files are smaller than this is loaded whole (``prepare``):
+#: DuckDB's per-query cost would then outweigh reading a few hundred thousand rows at most.
+SMALL_HISTORY_BYTES = 1 << 20
+
+
+def stats_bytes(path: str | os.PathLike) -> int | None:
+    """The size of a history folder's stats files in bytes (None for an object store)."""
+    if is_object_store_uri(path):
+        return None
+    total = 0
+    for folder in Path(path).expanduser().glob("stats/date=*"):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.endswith(".parquet") and not entry.name.startswith((".", "_")):
+                try:
+                    total += entry.stat().st_size
+                except OSError:  # swapped by a compaction meanwhile
+                    continue
+    return total
+
+
+def prepare_folder(path: str | os.PathLike, freq: str = "1h", as_of=None, since=None, until=None) -> PreparedHistory:
+    """A history folder or ``s3://`` URI ready for filtering, the cheaper way for its size: a small
+    one (stats files under :data:`SMALL_HISTORY_BYTES`) loaded whole (:func:`prepare`, any
+    ``since``/``until`` ignored: the whole history is at hand), any other read by query
+    (:func:`prepare_store`).  Both give the same views; ``problems`` lists the files skipped."""
+    store = open_history(path)
+    size = stats_bytes(path)
+    if size is not None and size < SMALL_HISTORY_BYTES:
+        problems: list[str] = []
+        stats, errors = load_history(path, problems)
+        scopes = load_scopes(path, problems)
+        prepared = prepare(stats, errors, freq, scopes=scopes, as_of=as_of)
+        return replace(prepared, problems=tuple(problems))
+    prepared = prepare_store(store, freq, as_of=as_of, since=since, until=until)
+    return replace(prepared, problems=tuple(store.problems))
 
 
 def range_resolution(since: pd.Timestamp, until: pd.Timestamp, prepared: PreparedHistory) -> str:

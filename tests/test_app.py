@@ -19,8 +19,12 @@ FIXED_CLOCK = pd.Timestamp("2026-12-01T10:00:00Z").timestamp()
 # The sample history ships inside the package: a missing one is a failure, not a reason to skip.
 
 
-@pytest.fixture
-def app(monkeypatch):
+@pytest.fixture(params=["loaded whole", "read by query"])
+def app(monkeypatch, request):
+    # A history folder is loaded whole when small (the sample is) and read by query otherwise
+    # (dashboard.prepare_folder): every test here holds for both ways.
+    if request.param == "read by query":
+        monkeypatch.setattr(dashboard, "SMALL_HISTORY_BYTES", 0)
     monkeypatch.delenv("ROMA_HISTORY", raising=False)
     for name in ("ROMA_AUTH_TOKEN", "ROMA_AK", "ROMA_SK", "ROMA_IAM_USER"):
         monkeypatch.delenv(name, raising=False)

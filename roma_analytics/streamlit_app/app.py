@@ -56,12 +56,12 @@ def upload_resolution(digest: str, _files) -> str:
 # snapshots it draws, never the raw history, so its cost follows what it shows.
 @st.cache_resource(max_entries=4, show_spinner="Reading the history…")
 def prepared_folder(path: str, fingerprint: tuple[int, int], freq: str, as_of) -> dashboard.PreparedHistory:
-    return dashboard.prepare_store(dashboard.open_history(path), freq, as_of=as_of)
+    return dashboard.prepare_folder(path, freq, as_of=as_of)
 
 
 @st.cache_resource(max_entries=8, show_spinner="Reading the history…")
 def prepared_range(path: str, fingerprint: tuple[int, int], freq: str, as_of, since, until) -> dashboard.PreparedHistory:
-    return dashboard.prepare_store(dashboard.open_history(path), freq, as_of=as_of, since=since, until=until)
+    return dashboard.prepare_folder(path, freq, as_of=as_of, since=since, until=until)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Indexing the upload…")
@@ -200,7 +200,7 @@ try:
         # minutes keep the cache key stable between reruns.
         as_of = None if source_kind == "Sample history" else pd.Timestamp.now(tz="UTC").ceil("min")
         prepared = prepared_folder(folder, stamp, freq, as_of)
-        history_problems = tuple(prepared.store.problems)
+        history_problems = prepared.problems
         source_key = ("folder", folder, stamp, freq)
         watched_folder = (folder, stamp)
         source_text = "the bundled sample history" if source_kind == "Sample history" else f"history folder {md(folder)}"
