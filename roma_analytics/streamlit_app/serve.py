@@ -20,6 +20,13 @@ def preload() -> None:
 
     from roma_analytics import analysis, charts, collect, dashboard, fleet, store, targets  # noqa: F401
 
+    try:  # a history folder of any size is read through DuckDB
+        import duckdb  # noqa: F401
+    except ImportError:  # pragma: no cover - a runtime dependency; the page says so if missing
+        pass
+    # plotly loads and validates a template at its first figure (a few tenths of a second).
+    charts.apply_layout(plotly.graph_objects.Figure(), "warm-up")
+
 
 def main(argv: list[str] | None = None) -> None:
     """Preload, then run ``streamlit run ARGV`` in this process (exits with Streamlit's status)."""
