@@ -26,12 +26,15 @@ def simulator():
 
 
 class Recorder:
-    """A loopback HTTP server that answers every request with ``answer`` (status, JSON-able body)
-    and ``headers``, and keeps each request as ``{"method", "path", "headers", "body"}`` in ``requests``."""
+    """A loopback HTTP server that answers every request with ``answer`` (status, JSON-able body;
+    the ``queue`` of answers first) and ``headers``, and keeps each request as
+    ``{"method", "path", "headers", "body"}`` in ``requests``."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.answer: tuple[int, object] = (404, {"error_code": "FDI.3081", "error_msg": "not found"})
+        #: Answers given first, one per request, before ``answer``.
+        self.queue: list[tuple[int, object]] = []
         #: Extra response headers (a ``Date`` here replaces the server's own).
         self.headers: dict[str, str] = {}
         recorder = self
@@ -41,7 +44,7 @@ class Recorder:
                 length = int(self.headers.get("Content-Length") or 0)
                 recorder.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
                                           "body": self.rfile.read(length) if length else b""})
-                status, body = recorder.answer
+                status, body = recorder.queue.pop(0) if recorder.queue else recorder.answer
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response_only(status)
                 self.send_header("Date", recorder.headers.get("Date") or self.date_time_string())

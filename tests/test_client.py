@@ -1487,3 +1487,13 @@ def test_a_renewal_is_logged_and_a_refused_one_carries_the_attempts(iam_in_front
             client.task_statistics(project, instance)
     assert "The password has been changed." in caught.value.error_msg
     assert (caught.value.attempts, caught.value.status) == (1, 401)
+
+
+def test_a_bad_page_after_a_retry_counts_both_attempts(recorder):
+    recorder.queue = [(503, {"error_code": "APIGW.0201", "error_msg": "busy"})]
+    recorder.answer = (200, {"total": "3", "instances": []})
+    with RecordingClient(recorder.url, retries=1, backoff=0.001) as client, \
+            pytest.raises(InvalidResponse) as caught:
+        client.list_instances("p1")
+    assert (caught.value.field, caught.value.status, caught.value.attempts) == ("total", 200, 2)
+    assert len(recorder.requests) == 2
