@@ -392,12 +392,10 @@ class HistoryStore:
             path = self._current_rollup(table, day, key)
             if path is None:
                 continue
-            # A rollup file never changes (its name is its content's key): checked once per store.
-            if path not in self._rollups_checked:
-                if len(self._rollups_checked) > _INSPECTED_MAX:
-                    self._rollups_checked.clear()
-                self._rollups_checked[path] = self._rollup_problem(path, table, key)
-            problem = self._rollups_checked[path]
+            # The name is a digest of the day's current files, which nothing but this store
+            # writes: the file is trusted without opening it.  One that turns out unreadable is
+            # remembered (see _aggregated) and its day read raw from then on.
+            problem = self._rollups_checked.get(path)
             if problem is not None:
                 self._issue(f"skipped the rollup file {self._backend.public(path)}: it {problem}; its day "
                             "is read raw (delete the file: `roma-analytics compact` builds it again)")
@@ -414,7 +412,8 @@ class HistoryStore:
             raise
         except (OSError, pa.ArrowException, ValueError) as exc:
             return f"is not a readable Parquet file ({history_files.short_error(exc)})"
-        if metadata.get(rollups.META_ROLLUP) != table.encode() or metadata.get(rollups.META_KEY) != key.encode():
+        if metadata.get(rollups.META_ROLLUP) is None or (table is not None and (
+                metadata.get(rollups.META_ROLLUP) != table.encode() or metadata.get(rollups.META_KEY) != key.encode())):
             return "was not written by roma-analytics as this rollup"
         try:
             version = int(metadata.get(META_SCHEMA_VERSION, b"0").decode())
@@ -596,10 +595,12 @@ class HistoryStore:
         # Under the read lock, on the exact file list: a compaction swapping a day meanwhile
         # can never make a row count twice.
         with self._reading():
-            selection = self._stats_at(freq, since, until)
-            return self._aggregated({"stats": selection}, lambda sources: sqlagg.trend(
+            def selections():
+                return {"stats": self._stats_at(freq, since, until)}
+
+            return self._aggregated(selections(), lambda sources: sqlagg.trend(
                 sources["stats"], freq=freq, by=by, since=since, until=until,
-                projects=projects, instances=instances, regions=regions))
+                projects=projects, instances=instances, regions=regions), reselect=selections)
 
     def snapshots(self, freq="1h", since=None, until=None, projects=None, instances=None, regions=None,
                   task_types=None) -> pd.DataFrame:
@@ -614,10 +615,12 @@ class HistoryStore:
 
         self._check_range(since, until)
         with self._reading():
-            selection = self._stats_at(freq, since, until)
-            frame = self._aggregated({"stats": selection}, lambda sources: sqlagg.snapshots(
+            def selections():
+                return {"stats": self._stats_at(freq, since, until)}
+
+            frame = self._aggregated(selections(), lambda sources: sqlagg.snapshots(
                 sources["stats"], freq=freq, since=since, until=until, projects=projects,
-                instances=instances, regions=regions, task_types=task_types))
+                instances=instances, regions=regions, task_types=task_types), reselect=selections)
         return schema.conform(frame, "stats")
 
     def collection_health(self, since=None, until=None, projects=None, regions=None) -> pd.DataFrame:
@@ -658,11 +661,13 @@ class HistoryStore:
         _table_dtypes(table)
         start, end = parse_time(since, "since"), parse_time(until, "until")
         with self._reading():
-            selection = self._tiered("rollup_1d", start, end)[0] if table == "stats" else \
-                self._selection(table, start, end)
-            return bool(self._aggregated({table: selection}, lambda sources: sqlagg.count(
+            def selections():
+                return {table: self._tiered("rollup_1d", start, end)[0] if table == "stats" else
+                        self._selection(table, start, end)}
+
+            return bool(self._aggregated(selections(), lambda sources: sqlagg.count(
                 sources[table], since=since, until=until, limit=1, projects=projects,
-                instances=instances, regions=regions)))
+                instances=instances, regions=regions), reselect=selections))
 
     def count(self, since=None, until=None, projects=None, instances=None, regions=None,
               task_types=None, table: str = "stats", limit: int | None = None) -> int:
@@ -731,10 +736,12 @@ class HistoryStore:
 
         self._check_range(since, until)
         with self._reading():
-            selection = self._stats_at(freq, since, until)
-            return self._aggregated({"stats": selection}, lambda sources: sqlagg.cdc_vs_common(
+            def selections():
+                return {"stats": self._stats_at(freq, since, until)}
+
+            return self._aggregated(selections(), lambda sources: sqlagg.cdc_vs_common(
                 sources["stats"], freq=freq, since=since, until=until,
-                projects=projects, instances=instances, regions=regions))
+                projects=projects, instances=instances, regions=regions), reselect=selections)
 
     def fleet_state(self, as_of=None, *, staleness=None, tolerance=None, projects=None, instances=None,
                     regions=None):
@@ -771,17 +778,23 @@ class HistoryStore:
         with self._reading():
             # Whole days before the cutoff's day are answered by their rollups: the last snapshot
             # of each series per day (rollup_1d) and the runs of each scope (rollup_runs).
-            stats, rolled = self._tiered("rollup_1d", None, end)
             run_rows, runs_rolled = self._run_rollups(None, end, recent=int(fleet.INTERVAL_RUNS) + 1,
                                                       projects=projects, regions=regions)
-            selections = {
-                "stats": stats, "errors": self._selection("errors", None, None),
-                "scopes": self._selection("scopes", None, None, skip_days=runs_rolled),
-                "stats@scope": self._selection("stats", None, None, skip_days=runs_rolled),
-                "errors@scope": self._selection("errors", None, None, skip_days=runs_rolled),
-            }
+            rolled: set[str] = set()
+
+            def selections():
+                stats, days = self._tiered("rollup_1d", None, end)
+                rolled.clear()
+                rolled.update(days)
+                return {
+                    "stats": stats, "errors": self._selection("errors", None, None),
+                    "scopes": self._selection("scopes", None, None, skip_days=runs_rolled),
+                    "stats@scope": self._selection("stats", None, None, skip_days=runs_rolled),
+                    "errors@scope": self._selection("errors", None, None, skip_days=runs_rolled),
+                }
+
             top_stats, top_errors, inferred, scopes, future = self._aggregated(
-                selections, lambda sources: sqlagg.fleet_rows(sources, cutoff, **filters))
+                selections(), lambda sources: sqlagg.fleet_rows(sources, cutoff, **filters), reselect=selections)
             top_stats = self._exact_top(top_stats, rolled, cutoff, filters)
         # Rolled days give each scope's recent runs and its last complete one, plus how many
         # runs they left out (fleet: "_hidden_runs"); the raw days give all of theirs.
@@ -1128,7 +1141,7 @@ class HistoryStore:
             fs.dataset([], arrow_schema(table), table_folder=fs.child(fs.root, table))]
         return datasets[0] if len(datasets) == 1 else ds.dataset(datasets)
 
-    def _aggregated(self, selections: dict, aggregate):
+    def _aggregated(self, selections: dict, aggregate, reselect=None):
         """``aggregate({table: source})`` over the selected files; when DuckDB fails on a file whose
         footer looked fine (a damaged data page), find the damaged files by reading them, warn,
         and aggregate without them."""
@@ -1140,6 +1153,12 @@ class HistoryStore:
         try:
             return aggregate(sources({table: selection.paths for table, selection in selections.items()}))
         except (duckdb.Error, pa.ArrowInvalid, OSError):
+            # An unreadable rollup: its day is read raw instead (the selections are made again,
+            # and _rolled skips what _rollup_unreadable remembered).
+            bad = [info for selection in selections.values() for info in selection.files
+                   if _is_rollup(info.path) and self._rollup_unreadable(info)]
+            if bad and reselect is not None:
+                return self._aggregated(reselect(), aggregate, reselect)
             good = {table: [info.path for info in selection.files
                             if self._scan_one(info, table.split("@")[0],
                                               list(_table_dtypes(table.split("@")[0])), None)[0] is not None]
@@ -1199,6 +1218,25 @@ class HistoryStore:
         arrow = arrow.select(columns)
         return (arrow if expression is None else arrow.filter(expression)), None
 
+    def _rollup_unreadable(self, info) -> bool:
+        """Whether the rollup file of ``info`` cannot be read; if so it is remembered (never read
+        again by this store) and warned about once."""
+        problem = self._rollup_problem(info.path, None, None)
+        if problem is None:
+            try:
+                with self._backend.open(info.path) as file:
+                    pq.read_table(file)
+            except FileNotFoundError:
+                raise
+            except (OSError, pa.ArrowException, ValueError) as exc:
+                problem = f"cannot be read ({history_files.short_error(exc)})"
+        if problem is None:
+            return False
+        self._rollups_checked[info.path] = problem
+        self._issue(f"skipped the rollup file {self._backend.public(info.path)}: it {problem}; its day "
+                    "is read raw (delete the file: `roma-analytics compact` builds it again)")
+        return True
+
     def _mark_damaged(self, info, exc) -> str:
         bad = history_files.damaged(info, exc)
         for key, cached in list(self._inspected.items()):
@@ -1236,6 +1274,11 @@ def _duckdb_errors() -> tuple:
     import duckdb
 
     return (duckdb.Error,)
+
+
+def _is_rollup(path) -> bool:
+    parts = str(path).replace("\\", "/").split("/")
+    return len(parts) >= 3 and parts[-3] in rollups.TABLES and parts[-1].startswith(rollups.PREFIX)
 
 
 def _scope_mask(frame: pd.DataFrame, filters: dict, start, end) -> np.ndarray:
