@@ -932,3 +932,23 @@ def test_default_frequencies_draw_no_deprecation_warning():
         assert len(analysis.cdc_vs_common(stats)) == 1
         assert analysis.errors_by_code(errors)["errors"].tolist() == [1]
         assert len(analysis.anomalies(stats, window=2, min_periods=1)) == 4
+
+
+def test_wilson_interval_of_fleet_sized_counts_does_not_overflow():
+    # Integer counts as large as the API allows (10**12 tasks): n² must not be taken in int64.
+    z = 2.5758293035489004                       # the 99 % two-sided quantile
+    low, high = analysis.wilson_interval(np.array([10**11]), np.array([10**12]))
+    half = z * math.sqrt(0.1 * 0.9 / 10**12)     # z²/n is negligible at this n
+    assert abs(low[0] - (0.1 - half)) < 1e-9 and abs(high[0] - (0.1 + half)) < 1e-9
+    low, high = analysis.wilson_interval(pd.Series([10**11]), pd.Series([10**12]))
+    assert abs(low.iloc[0] - (0.1 - half)) < 1e-9
+
+
+def test_wilson_interval_of_an_impossible_proportion_is_quietly_undefined():
+    import warnings
+
+    # More abnormal tasks than tasks (a damaged row): no interval, and no numpy warning either.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        low, high = analysis.wilson_interval(np.array([5]), np.array([2]))
+    assert np.isnan(low[0]) and np.isnan(high[0])
