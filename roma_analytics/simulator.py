@@ -375,6 +375,13 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024       # bursts of many concurrent clients queue instead of being refused
     simulator: "Simulator"
 
+    def handle_error(self, request, client_address) -> None:
+        # A client that went away (killed, timed out, closed its keep-alive connection) is
+        # normal for a server: the standard library would print a traceback for each.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return
+        super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive: clients reuse connections

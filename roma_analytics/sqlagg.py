@@ -16,6 +16,7 @@ the very functions the pandas path uses.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -299,22 +300,39 @@ class _Scan:
 
     def fetch_params(self, sql: str, params: list) -> pd.DataFrame:
         """Run ``sql`` whose first parameter is the file list, then ``params``."""
-        config = {"threads": _cores(), "preserve_insertion_order": False}
+        connection = _connection()
+        if self.dataset is None:
+            return connection.execute(sql, [self.paths, *params]).df()
+        # DuckDB scans the Arrow dataset with the filters pushed down to it.
+        connection.register(_DATASET_VIEW, self.dataset)
+        try:
+            return connection.execute(sql.replace(PARQUET_SOURCE, _DATASET_VIEW), params).df()
+        finally:
+            connection.unregister(_DATASET_VIEW)
+
+
+_LOCAL = threading.local()
+
+
+def _connection():
+    """This thread's in-memory DuckDB connection, made once (a page asks a dozen questions:
+    a new connection each time cost more than some of the answers).  DuckDB connections are not
+    shared between threads, and the dashboard runs each visitor's script in its own."""
+    connection = getattr(_LOCAL, "connection", None)
+    # A forked child makes its own: a DuckDB connection does not survive a fork.
+    if connection is None or _LOCAL.pid != os.getpid():
         import duckdb  # only the DuckDB paths pay its import
 
-        with duckdb.connect(config=config) as connection:
-            # No progress bar: it would draw on the terminal of a command line or in a server log.
-            connection.execute("PRAGMA disable_progress_bar")
-            try:
-                # Files written without a time zone must read as UTC, whatever the host's zone.
-                connection.execute("SET TimeZone = 'UTC'")
-            except duckdb.Error:
-                pass  # no ICU extension: DuckDB then knows only UTC anyway
-            if self.dataset is None:
-                return connection.execute(sql, [self.paths, *params]).df()
-            # DuckDB scans the Arrow dataset with the filters pushed down to it.
-            connection.register(_DATASET_VIEW, self.dataset)
-            return connection.execute(sql.replace(PARQUET_SOURCE, _DATASET_VIEW), params).df()
+        connection = duckdb.connect(config={"threads": _cores(), "preserve_insertion_order": False})
+        # No progress bar: it would draw on the terminal of a command line or in a server log.
+        connection.execute("PRAGMA disable_progress_bar")
+        try:
+            # Files written without a time zone must read as UTC, whatever the host's zone.
+            connection.execute("SET TimeZone = 'UTC'")
+        except duckdb.Error:
+            pass  # no ICU extension: DuckDB then knows only UTC anyway
+        _LOCAL.connection, _LOCAL.pid = connection, os.getpid()
+    return connection
 
 
 def _values(value, name: str) -> list[str] | None:

@@ -565,6 +565,22 @@ def test_reset_fault_closes_the_connection_mid_body(sim, session):
         session.get(stats_url(sim, project_id, instance["id"]), timeout=10)
 
 
+def test_a_client_that_resets_its_connection_prints_no_traceback(sim, session, capfd):
+    """A killed collector resets its keep-alive connection while the server waits for the next
+    request: normal for a server, so nothing is printed (the standard library printed a
+    traceback per connection) and the next client is served."""
+    host, port = sim.base_url.removeprefix("http://").split(":")
+    for _ in range(3):
+        client = socket.create_connection((host, int(port)), timeout=10)
+        client.sendall(b"GET /v2 HTTP/1.1\r\n")  # the server now waits for the rest
+        # Closing with a zero linger sends a RST instead of a FIN: "connection reset by peer".
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()
+    project_id, instance = first_instance(sim)
+    assert session.get(stats_url(sim, project_id, instance["id"]), timeout=10).status_code == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def _raw_get(url: str) -> tuple[socket.socket, bytes, bytes]:
     """Send a GET on a raw socket; return the socket, the response head and what followed it."""
     host, port = url.removeprefix("http://").split("/")[0].split(":")
