@@ -165,3 +165,15 @@ def test_s3_smoke_gives_the_same_trend_on_the_object_store():
     rows = bench_s3.run(instances=4, runs=20, appends=2, repeats=1)
     assert_well_formed(rows, "7 object store", 3)
     assert rows[-1].figure == "identical"
+
+
+def test_scale_smoke_runs_every_reader_on_a_compacted_history(tmp_path):
+    from benchmarks import bench_scale
+
+    rows = bench_scale.run(sizes=(4000,), reruns=1, work=tmp_path)
+    assert_well_formed(rows, "8 scale", 6)
+    # the history was compacted once (marked), and every command wrote its file
+    history = tmp_path / "scale-4000"
+    assert (history / ".compacted").exists()
+    assert (tmp_path / "scale.prom").read_text().startswith("# HELP")
+    assert (tmp_path / "scale-365.html").stat().st_size > 0
