@@ -952,3 +952,21 @@ def test_wilson_interval_of_an_impossible_proportion_is_quietly_undefined():
         warnings.simplefilter("error")
         low, high = analysis.wilson_interval(np.array([5]), np.array([2]))
     assert np.isnan(low[0]) and np.isnan(high[0])
+
+
+def test_changes_columns_and_dtypes():
+    stats = make_stats(
+        snapshot("2024-05-01T10:00Z", "r1", "i1", "common", 5, 1, 0, 4),
+        snapshot("2024-05-01T10:05Z", "r2", "i1", "common", 5, 2, 0, 3),
+    )
+    out = analysis.changes(stats)
+    counts = [f"{prefix}{name}{suffix}" for name in ("running", "abnormal", "terminated", "completed", "total")
+              for prefix, suffix in (("", ""), ("previous_", ""), ("", "_delta"))]
+    assert out.columns.tolist() == ["run_id", "collected_at", "previous_run_id", "previous_collected_at", "region",
+                                    "project_id", "instance_id", "task_type", "instance_name", "status", *counts,
+                                    "summary"]
+    texts = ["run_id", "previous_run_id", "region", "project_id", "instance_id", "task_type", "instance_name",
+             "status", "summary"]
+    assert all(out[name].dtype == "string" for name in texts)
+    assert out["collected_at"].dtype == TIMESTAMP_DTYPE and out["previous_collected_at"].dtype == TIMESTAMP_DTYPE
+    assert all(str(out[name].dtype) == "Int64" for name in counts)

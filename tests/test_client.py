@@ -1497,3 +1497,19 @@ def test_a_bad_page_after_a_retry_counts_both_attempts(recorder):
         client.list_instances("p1")
     assert (caught.value.field, caught.value.status, caught.value.attempts) == ("total", 200, 2)
     assert len(recorder.requests) == 2
+
+
+def test_a_retry_that_would_outlast_the_run_deadline_is_not_made():
+    from roma_analytics.transport import Deadline
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Refused at once; the first backoff (5 s or more) would pass the 2-second deadline: give up now.
+    with RomaClient(f"http://127.0.0.1:{port}", retries=3, backoff=5) as client, Deadline(2.0).applied(), \
+            pytest.raises(RomaConnectionError) as caught:
+        client.task_statistics("p1", "i1")
+    assert caught.value.attempts == 1
+    assert caught.value.error_msg.startswith(f"GET http://127.0.0.1:{port}/v2/p1/fdi/instances/i1/statistics/tasks: "
+                                             f"connection failed (")
+    assert caught.value.error_msg.endswith("(after 1 attempt); check the endpoint, network and proxy")
