@@ -201,8 +201,9 @@ def fleet_state(stats: pd.DataFrame, errors: pd.DataFrame | None = None, scopes:
     fixed staleness window for every scope (Timedelta or a string such as ``"15min"``); default
     ``STALENESS_FACTOR`` times each scope's usual interval.  ``tolerance``: how far past
     ``as_of`` a snapshot may be stamped and still count.  ``errors`` and ``scopes`` may be None
-    (then nothing failed, and scopes are inferred from the rows).  Raises ``ConfigError`` for a
-    frame missing a column, or a bad time or window.
+    (then nothing failed, and scopes are inferred from the rows).  Rows without ``collected_at``
+    are left out.  Raises ``ConfigError`` for a frame missing a column, a row without a
+    ``run_id``, or a bad time or window.
     """
     as_of, cutoff, staleness = _settings(as_of, staleness, tolerance)
     stats = _conformed(stats, "stats")
@@ -479,7 +480,14 @@ def _conformed(frame: pd.DataFrame, table: str) -> pd.DataFrame:
         frame = schema.conform(frame, table)
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from exc
-    return frame[frame["collected_at"].notna()]
+    frame = frame[frame["collected_at"].notna()]
+    # The run id orders snapshots of the same time and ties a series to its scope's runs: a row
+    # without one cannot be placed (it used to crash the change computation with a TypeError).
+    unnamed = int(frame["run_id"].isna().sum())
+    if unnamed:
+        raise ConfigError(f"{table} data has {unnamed} row(s) without a run_id; every row needs the id of the "
+                          "run that collected it (as in a roma-analytics history or export)")
+    return frame
 
 
 def _top(frame: pd.DataFrame, key) -> pd.DataFrame:

@@ -159,6 +159,7 @@ def test_changes_compare_the_latest_run_with_each_series_previous_snapshot(three
     assert failed["abnormal"] is pd.NA and (failed["previous_running"], failed["previous_total"]) == (2, 3)
     assert failed["summary"] == "collection failed in the latest run; last good snapshot kept"
     assert list(changes["instance_id"]) == ["i1", "i1", "i2", "i3", "i4"]
+    assert list(changes["instance_name"]) == ["name-i1", "name-i1", "name-i2", "name-i3", "name-i4"]
     assert list(changes.columns[:10]) == ["run_id", "collected_at", "previous_run_id", "previous_collected_at",
                                           "region", "project_id", "instance_id", "task_type", "instance_name",
                                           "status"]
@@ -179,6 +180,8 @@ def test_kpis_add_up_the_current_series(three_runs):
     assert (kpis["stale_series"], kpis["stale_instances"], kpis["disappeared_instances"], kpis["future_runs"]) == (
         0, 0, 1, 0)
     previous = three_runs.previous
+    assert list(previous.columns) == [*fleet.SERIES_KEY, *fleet.TOTAL_COLUMNS]
+    assert list(previous.index) == list(range(len(previous)))
     assert list(zip(previous["instance_id"], previous["task_type"], previous["abnormal"], previous["total"])) == [
         ("i1", "cdc", 1, 3), ("i1", "common", 1, 8), ("i2", "common", 2, 5), ("i4", "common", 1, 3)]
     assert isinstance(kpis["instances"], int) and isinstance(kpis["total"], int)
@@ -288,6 +291,9 @@ def test_only_a_complete_run_makes_a_series_disappear():
     assert changes["status"].tolist() == ["failed", "failed"]
     assert set(changes["summary"]) == {"not collected: the project's instance list failed"}
     assert changes["previous_abnormal"].tolist() == [0, 0]
+    # Nothing collected now: the counts are missing, still as whole numbers (Int64).
+    assert changes["abnormal"].isna().all() and changes["abnormal"].dtype == "Int64"
+    assert changes["abnormal_delta"].dtype == "Int64"
 
     result = state(stats, errors, scopes + [scope(10, "r3")], as_of=at(11))
     assert by_series(result.series, "status") == {("i1", "common"): "ok", ("i2", "common"): "disappeared"}
@@ -372,7 +378,8 @@ def test_a_scope_with_rows_without_a_time_is_judged_by_its_timed_rows():
 
 def test_staleness_is_three_usual_intervals():
     stats = [snap(5 * step, f"r{step}", "i1") for step in range(3)]     # every 5 minutes, last at 10
-    assert state(stats, as_of=at(25)).series["stale"].tolist() == [False]   # 15 minutes: not yet
+    exactly = state(stats, as_of=at(25))   # 15 minutes: not yet
+    assert exactly.series["stale"].tolist() == [False] and exactly.scopes["stale"].tolist() == [False]
     result = state(stats, as_of=at(25) + pd.Timedelta(microseconds=1))
     assert result.series["stale"].tolist() == [True] and result.series["status"].tolist() == ["stale"]
     assert result.scopes["stale"].tolist() == [True]
@@ -444,7 +451,7 @@ def test_as_of_accepts_an_iso_string_and_a_naive_time_is_utc():
     ({"tolerance": "later"}, "durations such as '15min'"),
     ({"staleness": 0}, "staleness must be positive"),
     ({"staleness": "-1min"}, "staleness must be positive"),
-    ({"tolerance": "-1s"}, "tolerance not negative"),
+    ({"tolerance": "-1s"}, "^staleness must be positive and tolerance not negative$"),
     ({"as_of": "yesterday-ish"}, "as_of="),
 ])
 def test_bad_settings_are_config_errors(options, words):
@@ -456,12 +463,47 @@ def test_bad_settings_are_config_errors(options, words):
 def test_a_zero_tolerance_and_a_timedelta_staleness_are_accepted():
     result = state([snap(0, "r1", "i1")], as_of=at(0), tolerance=pd.Timedelta(0), staleness=pd.Timedelta("1min"))
     assert result.scopes["stale_after"].tolist() == [MIN]
+    # Positive means positive: the shortest window pandas can express is accepted too.
+    assert len(state([snap(0, "r1", "i1")], as_of=at(0), staleness=pd.Timedelta(nanoseconds=1)).series) == 1
+
+
+def test_the_default_as_of_is_now_in_utc_whatever_the_machines_time_zone(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Shanghai")   # UTC+8, no daylight saving
+    time.tzset()
+    try:
+        now = state([snap(0, "r1", "i1")], as_of=None).as_of
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert abs(now - pd.Timestamp.now(tz="UTC")) < pd.Timedelta(minutes=1)
+
+
+def test_a_row_without_a_run_id_is_a_config_error():
+    """Rows from elsewhere may lack a run id; it orders snapshots of one time and ties a series to
+    its scope's runs, so such a frame is refused with a message, not a crash."""
+    stats = pd.DataFrame([snap(0, "r1", "i1"), snap(0, "r1", "i2"), snap(5, "r2", "i1")]).astype({"run_id": "string"})
+    errors = pd.DataFrame([err(0, "r2", "i1"), err(5, "r2", "i2")]).astype({"run_id": "string"})
+    with pytest.raises(ConfigError, match=r"^stats data has 1 row\(s\) without a run_id; every row needs"):
+        fleet.fleet_state(stats.assign(run_id=stats["run_id"].where(stats.index != 0)), errors, as_of=at(6))
+    with pytest.raises(ConfigError, match=r"^errors data has 2 row\(s\) without a run_id"):
+        fleet.fleet_state(stats, errors.assign(run_id=pd.NA), as_of=at(6))
+    # A row without a time is left out before: its missing run id does not matter.
+    timeless = stats.assign(run_id=stats["run_id"].where(stats.index != 0),
+                            collected_at=stats["collected_at"].where(stats.index != 0))
+    series = fleet.fleet_state(timeless, as_of=at(6)).series
+    assert series[["instance_id", "run_id"]].values.tolist() == [["i1", "r2"], ["i2", "r1"]]
 
 
 def test_frames_without_names_or_totals_are_completed_and_a_missing_column_is_named():
-    stats = pd.DataFrame([snap(0, "r1", "i1", running=2, abnormal=3)]).drop(columns=["instance_name", "total"])
+    stats = pd.DataFrame([snap(0, "r1", "i1", running=2, abnormal=3), snap(0, "r1", "i2", completed=4)]
+                         ).drop(columns=["instance_name", "total"])
     series = fleet.fleet_state(stats, as_of=at(1)).series
-    assert series["total"].tolist() == [5] and series["instance_name"].isna().all()
+    assert series["total"].tolist() == [5, 4] and series["instance_name"].isna().all()
+    # A given total is kept as it is, even when it is not the sum of the four counts.
+    given = pd.DataFrame([{**snap(0, "r1", "i1", running=2), "total": 7}])
+    assert fleet.fleet_state(given, as_of=at(1)).series["total"].tolist() == [7]
     with pytest.raises(ConfigError, match="missing column.*abnormal"):
         fleet.fleet_state(stats.drop(columns=["abnormal"]), as_of=at(1))
     with pytest.raises(ConfigError, match="errors data is missing column.*error_code"):
@@ -524,8 +566,8 @@ def test_the_future_note_counts_runs_not_scopes():
 
 
 def test_rows_without_a_region_form_their_own_scope():
-    """A history from elsewhere may have no region: its rows are still one scope, with runs."""
-    rows = [snap(0, "r1", "i1"), snap(5, "r2", "i1"), snap(5, "r2", "i2")]
+    """A history from elsewhere may have no region: its rows are still one scope, judged like any."""
+    rows = [snap(0, "r1", "i1"), snap(0, "r1", "i2"), snap(5, "r2", "i1")]
     stats = pd.DataFrame(rows).astype({"region": "string"})
     stats["region"] = pd.NA
     errors = pd.DataFrame([err(10, "r3", "*")]).astype({"region": "string"})
@@ -535,7 +577,9 @@ def test_rows_without_a_region_form_their_own_scope():
     assert len(result.scopes) == 1 and row["region"] is pd.NA
     assert (row["last_run_id"], row["last_discovery"], row["previous_run_id"], row["runs_seen"]) == (
         "r3", "failed", "r2", 3)
-    assert result.series["status"].tolist() == ["ok", "ok"]
+    assert (row["interval"], row["stale_after"]) == (5 * MIN, 15 * MIN)
+    # r2 was complete and no longer listed i2; r3's discovery failed and proves nothing.
+    assert result.series["status"].tolist() == ["ok", "disappeared"]
     assert result.series["scope_run_id"].tolist() == ["r3", "r3"]
     assert result.kpis()["failed_collections"] == 1
 
@@ -550,7 +594,8 @@ def test_reduce_history_keeps_the_last_two_of_each_and_one_row_per_run_and_scope
         fleet.schema.conform(scopes, "scopes"), at(10))
     assert top_stats[["project_id", "instance_id", "run_id"]].values.tolist() == [
         ["p1", "i1", "r1"], ["p1", "i1", "r2"], ["p2", "j1", "r2"]]
-    assert list(top_stats.index) == [0, 1, 2]
+    assert list(top_stats.index) == [0, 1, 2] and list(top_stats.columns) == list(fleet.schema.STATS_COLUMNS)
+    assert list(top_errors.columns) == list(fleet.schema.ERRORS_COLUMNS)
     assert top_errors[["instance_id", "run_id"]].values.tolist() == [["*", "r2"], ["i2", "r1"], ["i2", "r2"]]
     assert list(scope_runs.columns) == list(fleet.SCOPE_RUN_COLUMNS)
     assert dict(scope_runs.dtypes) == fleet.SCOPE_RUN_COLUMNS
@@ -592,6 +637,14 @@ def test_the_state_frames_have_their_documented_columns_and_dtypes(three_runs):
         ("region", "project_id", "last_run_id", "last_discovery", "previous_run_id"), string)
     assert scopes["last_collected_at"].dtype == stamp and scopes["previous_collected_at"].dtype == stamp
     assert scopes["stale_after"].dtype == "timedelta64[us]" and scopes["interval"].dtype == "timedelta64[us]"
-    assert scopes["runs_seen"].dtype == "int64" and scopes["collected"].dtype == "int64"
+    assert {name: scopes[name].dtype for name in ("runs_seen", "instances", "collected", "failed")} == dict.fromkeys(
+        ("runs_seen", "instances", "collected", "failed"), "int64")
     future = state([snap(0, "r1", "i1"), snap(60, "rf", "i1")], as_of=at(1)).future
     assert dict(future.dtypes) == {"run_id": string, "collected_at": stamp, "region": string, "project_id": string}
+
+
+def test_counts_moving_between_states_at_the_same_total_are_a_change():
+    stats = [snap(0, "r1", "i1", running=2, completed=1), snap(5, "r2", "i1", running=1, abnormal=1, completed=1)]
+    changes = state(stats, as_of=at(6)).changes
+    assert changes[["status", "total_delta", "summary"]].values.tolist() == [
+        ["changed", 0, "running -1, abnormal +1 since the previous run"]]
