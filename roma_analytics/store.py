@@ -438,20 +438,22 @@ class HistoryStore:
         return dataclasses.replace(raw, files=(*rolled.values(), *raw.files)), set(rolled)
 
     def _run_rollups(self, start, end, recent: int | None = None, projects=None,
-                     regions=None) -> tuple[pd.DataFrame, set[str]]:
+                     regions=None, exclude=frozenset()) -> tuple[pd.DataFrame, set[str]]:
         """``rollup_runs`` rows of the days of ``[start, end)`` that have a current one (whole
-        days only) and of the scopes asked for, and those days.
+        days only, ``exclude`` days left out) and of the scopes asked for, and those days.
 
         ``recent``: per scope only its last ``recent`` runs and its last complete one (discovery
         not failed) at or before ``end``, plus the runs after ``end``, and in ``_hidden_runs``
         how many of its runs up to ``end`` were left out (what the fleet state needs: its cost
-        then follows the number of scopes, not of runs)."""
-        rolled = self._rolled(rollups.RUNS_TABLE, start, end)
+        then follows the number of scopes, not of runs).  An unreadable rollup file is warned
+        about once and its day left to the raw runs."""
+        rolled = {day: info for day, info in self._rolled(rollups.RUNS_TABLE, start, end).items()
+                  if day not in exclude}
         if not rolled:
-            return rollups.empty_runs().assign(_hidden_runs=pd.Series(dtype="int64")), set()
+            return _empty_run_rows(), set()
         paths = [info.path for info in rolled.values()]
-        dataset = self._backend.dataset(paths, _runs_arrow_schema())
         try:
+            dataset = self._backend.dataset(paths, _runs_arrow_schema())
             if recent is not None:
                 from . import sqlagg
 
@@ -460,15 +462,32 @@ class HistoryStore:
             else:
                 frame = dataset.to_table().to_pandas(types_mapper={pa.string(): schema.STRING_DTYPE}.get)
                 frame = frame[_scope_mask(frame, {"project_id": projects, "region": regions}, None, None)]
-        except (pa.ArrowInvalid, OSError, ImportError) + _duckdb_errors() as exc:
-            self._issue(f"the per-run rollups of {self._backend.describe()} cannot be read ({exc}); "
-                        "reading the raw runs instead; `roma-analytics compact` rebuilds them")
-            return rollups.empty_runs(), set()
-        hidden = frame["_hidden_runs"].astype("int64").to_numpy() if "_hidden_runs" in frame else 0
-        frame = pd.DataFrame({name: frame[name].astype(dtype) for name, dtype in rollups.RUN_DTYPES.items()})
+            hidden = frame["_hidden_runs"].astype("int64").to_numpy() if "_hidden_runs" in frame else 0
+            frame = pd.DataFrame({name: frame[name].astype(dtype) for name, dtype in rollups.RUN_DTYPES.items()})
+        except (pa.ArrowException, OSError, ValueError, TypeError, KeyError) + _duckdb_errors():
+            # Find the unreadable files (each warned about and remembered), read again without them.
+            if any([self._rollup_unreadable(info) for info in rolled.values()]):
+                return self._run_rollups(start, end, recent, projects, regions, exclude)
+            raise
         frame["_hidden_runs"] = hidden
         return frame.reset_index(drop=True), set(rolled)
 
+    def _raw_beside(self, tables, start, end, rolled: set[str], runs=None) -> tuple[dict, set[str]]:
+        """The selections of ``tables`` over the days of ``[start, end)`` not in ``rolled``, and the
+        rolled days that may stay rolled: a raw file holding rows of a rolled day (a run copied or
+        moved into another day's folder) makes that day raw too, so the file is judged (copy or
+        misplaced) as every reader judges it.  Warnings are issued once, for the final selections."""
+        rolled = set(rolled)
+        while True:
+            selections = {table: self._selection(table, start, end, skip_days=rolled, warn=False) for table in tables}
+            touched = {day for selection in selections.values()
+                       for info in (*selection.files, *selection.skipped) for day in info.other_days} & rolled
+            if not touched:
+                break
+            rolled -= touched
+        for selection in selections.values():
+            self._warn_selection(selection)
+        return selections, rolled
 
     # ---------------------------------------------------------------------------- reading
     def load(
@@ -632,23 +651,24 @@ class HistoryStore:
 
         start, end = parse_time(since, "since"), parse_time(until, "until")
         self._check_range(since, until)
+        filters = {"project_id": projects, "region": regions}
+        columns = ["collected_at", "run_id", "region", "project_id", "instance_id"]
         with self._reading():
-            rolled_runs, rolled = self._run_rollups(start, end)
-            filters = {"project_id": projects, "region": regions}
-            parts = [rolled_runs[_scope_mask(rolled_runs, filters, start, end)]]
-            raw_days = [day for day in self._source_days(start, end) if day not in rolled]
-        if raw_days:
-            # Only the days without a rollup are read raw (normally today and yesterday).
-            first = max(pd.Timestamp(raw_days[0], tz="UTC"), start) if start is not None else pd.Timestamp(raw_days[0], tz="UTC")
-            stats = self.load(since=first, until=end, projects=projects, regions=regions,
-                              columns=["collected_at", "run_id", "region", "project_id", "instance_id"])
-            errors = self.load(since=first, until=end, projects=projects, regions=regions, table="errors")
-            stats = stats[stats["collected_at"].dt.strftime("%Y-%m-%d").isin(raw_days)]
-            errors = errors[errors["collected_at"].dt.strftime("%Y-%m-%d").isin(raw_days)]
-            health = analysis.collection_health(errors, stats)
-            both = pd.concat([rollups.collection_health(parts[0]), health], ignore_index=True)
-            return both.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
-        return rollups.collection_health(parts[0])
+            _, rolled = self._run_rollups(start, end)
+            # Only the days without a rollup are read raw (normally today).
+            raw, keep = self._raw_beside(("stats", "errors"), start, end, rolled)
+            rolled_runs, rolled = self._run_rollups(start, end, projects=projects, regions=regions,
+                                                    exclude=rolled - keep)
+            if rolled != keep:  # a rollup turned out unreadable meanwhile: read its day raw too
+                raw, _ = self._raw_beside(("stats", "errors"), start, end, rolled)
+            expression = _row_filter(start, end, filters)
+            frames = [self._scan(raw[table].files, table, columns, expression, dedup=raw[table].overlap,
+                                 excluded_runs=raw[table].excluded_runs).to_pandas(types_mapper=_PANDAS_TYPES.get)
+                      for table in ("stats", "errors")]
+        health = analysis.collection_health(frames[1], frames[0])
+        rolled_part = rollups.collection_health(rolled_runs[_scope_mask(rolled_runs, filters, start, end)])
+        both = pd.concat([rolled_part, health], ignore_index=True)
+        return both.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
 
     def has_rows(self, table: str = "stats", since=None, until=None, projects=None, instances=None,
                  regions=None) -> bool:
@@ -778,8 +798,12 @@ class HistoryStore:
         with self._reading():
             # Whole days before the cutoff's day are answered by their rollups: the last snapshot
             # of each series per day (rollup_1d) and the runs of each scope (rollup_runs).
+            _, runs_rolled = self._run_rollups(None, end)
+            raw_scope, keep = self._raw_beside(("stats", "errors", "scopes"), None, None, runs_rolled)
             run_rows, runs_rolled = self._run_rollups(None, end, recent=int(fleet.INTERVAL_RUNS) + 1,
-                                                      projects=projects, regions=regions)
+                                                      projects=projects, regions=regions, exclude=runs_rolled - keep)
+            if runs_rolled != keep:  # a rollup turned out unreadable meanwhile: read its day raw too
+                raw_scope, _ = self._raw_beside(("stats", "errors", "scopes"), None, None, runs_rolled)
             rolled: set[str] = set()
 
             def selections():
@@ -788,9 +812,8 @@ class HistoryStore:
                 rolled.update(days)
                 return {
                     "stats": stats, "errors": self._selection("errors", None, None),
-                    "scopes": self._selection("scopes", None, None, skip_days=runs_rolled),
-                    "stats@scope": self._selection("stats", None, None, skip_days=runs_rolled),
-                    "errors@scope": self._selection("errors", None, None, skip_days=runs_rolled),
+                    "scopes": raw_scope["scopes"], "stats@scope": raw_scope["stats"],
+                    "errors@scope": raw_scope["errors"],
                 }
 
             top_stats, top_errors, inferred, scopes, future = self._aggregated(
@@ -1269,6 +1292,10 @@ class HistoryStore:
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
+def _empty_run_rows() -> pd.DataFrame:
+    return rollups.empty_runs().assign(_hidden_runs=pd.Series(dtype="int64"))
+
 
 def _duckdb_errors() -> tuple:
     import duckdb

@@ -388,20 +388,9 @@ def test_a_file_rewritten_in_place_at_the_same_size_makes_the_rollup_stale(histo
     assert_readers_equal(fresh)
 
 
-#: An unreadable per-run rollup: the readers fall back to the raw runs with a frame lacking the
-#: ``_hidden_runs`` column (store.py, ``_run_rollups``'s except clause returns ``rollups.empty_runs()``).
-RUNS_ROLLUP_UNREADABLE = pytest.mark.xfail(strict=True, reason=(
-    "an unreadable rollup_runs file (truncated, another table's file, damaged data pages) breaks the readers "
-    "instead of sending them to the raw runs: fleet_state raises KeyError \"['_hidden_runs'] not in index\" "
-    "(HistoryStore._run_rollups returns rollups.empty_runs() without that column, fleet_rows selects it), and "
-    "collection_health raises IntCastingNaNError for a file lacking the rollup's columns (the dataset's nulls "
-    "are cast to int64 outside the try)"))
-
-
 @pytest.mark.parametrize("table, damage", [
     ("rollup_1d", "truncated"), ("rollup_1h", "foreign"),
-    pytest.param("rollup_runs", "truncated", marks=RUNS_ROLLUP_UNREADABLE),
-    pytest.param("rollup_runs", "foreign", marks=RUNS_ROLLUP_UNREADABLE),
+    ("rollup_runs", "truncated"), ("rollup_runs", "foreign"),
 ])
 def test_a_damaged_rollup_is_named_once_and_its_day_read_raw(histories, tmp_path, table, damage):
     store = copy_of(histories[True]["compacted"], tmp_path / "history")
@@ -437,7 +426,7 @@ def damage_data_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("table", ["rollup_1d", pytest.param("rollup_runs", marks=RUNS_ROLLUP_UNREADABLE)])
+@pytest.mark.parametrize("table", ["rollup_1d", "rollup_runs"])
 def test_a_rollup_with_damaged_data_pages_is_read_raw(histories, tmp_path, table):
     """The footer says the file is the current rollup; only reading its rows fails."""
     store = copy_of(histories[True]["compacted"], tmp_path / "history")
@@ -570,11 +559,6 @@ def test_an_edited_copy_of_a_rolled_days_runs_elsewhere_is_a_copy(tmp_path):
     assert len(told) == 1 and "already read" in told[0], told
 
 
-@pytest.mark.xfail(strict=True, reason="the fleet state and collection health read a rolled day's runs from its "
-                   "per-run rollup and the other days raw: runs of the rolled day that a copy in another day's "
-                   "folder also holds count twice in scopes.runs_seen (37 instead of 32: the copy's runs the "
-                   "reduction left out are counted as hidden and again raw, store.py fleet_rows), and the copy "
-                   "is also warned about as misplaced, contradicting the 'is a copy' warning")
 def test_runs_of_a_rolled_day_copied_elsewhere_count_once(tmp_path):
     folder = other_writer(tmp_path)
     day_file_with(folder, DAY_NAMES[1], more_running, "copied.parquet")
@@ -591,9 +575,6 @@ def one_run_moved(table):
     return one.set_column(one.schema.get_field_index("collected_at"), "collected_at", later)
 
 
-@pytest.mark.xfail(strict=True, reason="HistoryStore.collection_health drops a run of a rolled day held only "
-                   "by a file in another day's folder: the rolled day's per-run rollup lacks it and the raw "
-                   "part keeps only rows of the days without a rollup (store.py, collection_health)")
 def test_a_run_misplaced_into_another_days_folder_is_counted_by_every_reader(tmp_path):
     folder = other_writer(tmp_path)
     moved = day_file_with(folder, DAY_NAMES[1], one_run_moved, "moved.parquet")
