@@ -844,11 +844,18 @@ def _fleet_of(prepared: PreparedHistory, filters: Filters) -> fleet.FleetState:
         errors = errors[errors["collected_at"] < filters.until]
         scopes = scopes[scopes["collected_at"] < filters.until]
         as_of = min(as_of, filters.until)
-    stats = stats[_mask(stats, filters)]
-    errors = errors[_mask(errors, filters, with_task_type=False)]
+    # As for a store-backed history (HistoryStore.fleet_rows): a project's runs are judged over
+    # all of its instances, so an instance filter never makes a later run of the project look
+    # like it never happened; the series and errors are then narrowed to the selection.
     scope_filter = Filters(regions=filters.regions, projects=filters.projects)
-    scopes = scopes[_mask(scopes, scope_filter, with_task_type=False)]
-    return fleet.fleet_state(stats, errors, scopes, as_of=as_of)
+    as_of, cutoff, staleness = fleet._settings(as_of, None, fleet.DEFAULT_TOLERANCE)
+    top_stats, top_errors, scope_runs, future = fleet.reduce_history(
+        fleet._conformed(stats[_mask(stats, scope_filter, with_task_type=False)], "stats"),
+        fleet._conformed(errors[_mask(errors, scope_filter, with_task_type=False)], "errors"),
+        fleet._conformed(scopes[_mask(scopes, scope_filter, with_task_type=False)], "scopes"), cutoff)
+    return fleet.finish(top_stats[_mask(top_stats, filters)].reset_index(drop=True),
+                        top_errors[_mask(top_errors, filters, with_task_type=False)].reset_index(drop=True),
+                        scope_runs, future, as_of=as_of, staleness=staleness)
 
 
 #: Anomaly baselines per resolution, in buckets: a day at hourly and finer resolutions (the

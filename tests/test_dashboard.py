@@ -345,3 +345,26 @@ def test_tables_on_screen_show_text_visibly_and_keep_the_data():
     assert shown["error_msg"].iloc[0].startswith("bad\\x1b[2J") and len(shown["error_msg"].iloc[0]) <= 310
     assert shown["failed"].tolist() == [3, 1]
     assert frame["instance_id"].iloc[0] == "i-\u202e1"        # the data itself is unchanged
+
+
+def test_an_instance_filter_never_hides_its_projects_later_runs(tmp_path):
+    """History without a scopes table: run r1 collects i1 and i2, run r2 (same project) only i1.
+    Filtered to i2, the project's later run still counts, so i2 has disappeared -- loaded whole
+    and read by query alike (the loaded path used to judge the project by i2's rows only, and
+    called i2 merely stale)."""
+    from test_store import make_run
+
+    from roma_analytics.store import HistoryStore
+
+    store = HistoryStore(tmp_path / "history")
+    for run in (make_run("r1", "2026-03-02T10:00Z", instances=("i1", "i2")),
+                make_run("r2", "2026-03-02T10:05Z", instances=("i1",))):
+        store.append(run)
+    as_of = pd.Timestamp("2026-03-02T10:06Z")
+    only_i2 = dashboard.Filters(instances=("i2",))
+    loaded = dashboard.prepare(store.load(), store.load(table="errors"), "1h", as_of=as_of)
+    by_query = dashboard.prepare_store(store, "1h", as_of=as_of)
+    for prepared in (loaded, by_query):
+        series = dashboard.apply_filters(prepared, only_i2).fleet.series
+        assert series["instance_id"].tolist() == ["i2", "i2"]
+        assert series["status"].tolist() == ["disappeared", "disappeared"]
