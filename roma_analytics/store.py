@@ -654,7 +654,7 @@ class HistoryStore:
         filters = {"project_id": projects, "region": regions}
         columns = ["collected_at", "run_id", "region", "project_id", "instance_id"]
         with self._reading():
-            _, rolled = self._run_rollups(start, end)
+            rolled = set(self._rolled(rollups.RUNS_TABLE, start, end))
             # Only the days without a rollup are read raw (normally today).
             raw, keep = self._raw_beside(("stats", "errors"), start, end, rolled)
             rolled_runs, rolled = self._run_rollups(start, end, projects=projects, regions=regions,
@@ -798,7 +798,7 @@ class HistoryStore:
         with self._reading():
             # Whole days before the cutoff's day are answered by their rollups: the last snapshot
             # of each series per day (rollup_1d) and the runs of each scope (rollup_runs).
-            _, runs_rolled = self._run_rollups(None, end)
+            runs_rolled = set(self._rolled(rollups.RUNS_TABLE, None, end))
             raw_scope, keep = self._raw_beside(("stats", "errors", "scopes"), None, None, runs_rolled)
             run_rows, runs_rolled = self._run_rollups(None, end, recent=int(fleet.INTERVAL_RUNS) + 1,
                                                       projects=projects, regions=regions, exclude=runs_rolled - keep)
