@@ -970,3 +970,53 @@ def test_changes_columns_and_dtypes():
     assert all(out[name].dtype == "string" for name in texts)
     assert out["collected_at"].dtype == TIMESTAMP_DTYPE and out["previous_collected_at"].dtype == TIMESTAMP_DTYPE
     assert all(str(out[name].dtype) == "Int64" for name in counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Times and frequencies as users give them
+
+
+def test_unknown_group_columns_are_all_named_and_no_grouping_is_the_fleet():
+    stats = make_stats(*_hourly([1, 2]))
+    with pytest.raises(ConfigError) as caught:
+        analysis.trend(stats, by=["colour", "task_type", "size"])
+    assert str(caught.value) == ("cannot group by 'colour', 'size'; choose from region, project_id, instance_id, "
+                                 "task_type")
+    assert_frame_equal(analysis.trend(stats, by=None), analysis.trend(stats, by=()))
+
+
+def test_a_frame_of_plain_python_objects_gives_typed_results():
+    rows = [dict(collected_at="2024-05-01T10:00:00Z", run_id="r1", region="r", project_id="p", instance_id="i1",
+                 instance_name="n1", task_type="common", running=0, abnormal=1, terminated=0, completed=1, total=2)]
+    last = analysis.latest(pd.DataFrame(rows))
+    assert all(last[name].dtype == "string" for name in ("run_id", "instance_name", "region", "task_type"))
+    empty = analysis.trend(pd.DataFrame(columns=list(rows[0])))
+    assert empty.empty and empty["bucket"].dtype == TIMESTAMP_DTYPE
+
+
+def test_text_times_in_two_iso_shapes_and_their_order_are_kept():
+    times = pd.Series(["2024-05-01T10:20:00", "2024-05-01T11:30+01:00", "2024-05-01 12:45"], index=[7, 8, 9])
+    buckets = analysis.bucket_of(times, "1h")
+    assert buckets.index.tolist() == [7, 8, 9]
+    assert buckets.tolist() == [ts("2024-05-01T10:00"), ts("2024-05-01T10:00"), ts("2024-05-01T12:00")]
+    assert analysis.bucket_of(["2024-05-01T10:20Z"], "1h").tolist() == [ts("2024-05-01T10:00")]
+    assert analysis.bucket_of([], "1h").empty
+
+
+def test_steps_that_do_not_divide_a_week_count_from_the_epoch():
+    # 7 hours: buckets start at 1970-01-01 00:00 UTC + k * 7 h (weeks alone start on Monday).
+    at = pd.Timestamp("2024-05-01T10:00Z")
+    seconds = int(at.timestamp())
+    expected = pd.Timestamp(seconds // 25200 * 25200, unit="s", tz="UTC")
+    assert analysis.bucket_of([at], "7h").tolist() == [expected]
+    step, origin = analysis.bucket_step(" h ")
+    assert (step, origin) == (3_600_000_000, 0) and isinstance(step, int)
+    assert analysis.bucket_step(pd.Timedelta(hours=2)) == (7_200_000_000, 0)
+
+
+def test_a_month_frequency_is_refused_saying_why():
+    with pytest.raises(ConfigError) as caught:
+        analysis.bucket_step("1MS")
+    assert str(caught.value) == ("freq '1MS' is not a fixed-length frequency; use one such as '5min', '15min', "
+                                 "'1h', '6h', '1D' or '1W' (months and years vary in length and are not supported)")
+    assert str(caught.value.__cause__) == "calendar frequency"
