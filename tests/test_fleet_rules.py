@@ -485,7 +485,8 @@ def test_a_row_without_a_run_id_is_a_config_error():
     its scope's runs, so such a frame is refused with a message, not a crash."""
     stats = pd.DataFrame([snap(0, "r1", "i1"), snap(0, "r1", "i2"), snap(5, "r2", "i1")]).astype({"run_id": "string"})
     errors = pd.DataFrame([err(0, "r2", "i1"), err(5, "r2", "i2")]).astype({"run_id": "string"})
-    with pytest.raises(ConfigError, match=r"^stats data has 1 row\(s\) without a run_id; every row needs"):
+    with pytest.raises(ConfigError, match=r"^stats data has 1 row\(s\) without a run_id; every row needs the id of "
+                                          r"the run that collected it \(as in a roma-analytics history or export\)$"):
         fleet.fleet_state(stats.assign(run_id=stats["run_id"].where(stats.index != 0)), errors, as_of=at(6))
     with pytest.raises(ConfigError, match=r"^errors data has 2 row\(s\) without a run_id"):
         fleet.fleet_state(stats, errors.assign(run_id=pd.NA), as_of=at(6))
@@ -648,3 +649,18 @@ def test_counts_moving_between_states_at_the_same_total_are_a_change():
     changes = state(stats, as_of=at(6)).changes
     assert changes[["status", "total_delta", "summary"]].values.tolist() == [
         ["changed", 0, "running -1, abnormal +1 since the previous run"]]
+
+
+def test_a_reduction_that_left_runs_out_still_counts_them():
+    """HistoryStore's reduction (fleet_rows) may pass only a scope's recent runs, with
+    ``_hidden_runs`` saying how many older ones it left out: runs_seen counts those too."""
+    stats = fleet.schema.conform(pd.DataFrame([snap(5 * n, f"r{n}", "i1") for n in range(3)]
+                                              + [snap(1, "s1", "j1", project="p2")]), "stats")
+    top_stats, top_errors, scope_runs, future = fleet.reduce_history(
+        stats, fleet.schema.empty_errors(), fleet.schema.empty_scopes(), at(20))
+    hidden = scope_runs.assign(_hidden_runs=(scope_runs["project_id"] == "p1").map({True: 7, False: pd.NA}))
+    scopes = fleet.finish(top_stats, top_errors, hidden, future, as_of=at(20), staleness=None).scopes
+    assert scopes[["project_id", "runs_seen"]].values.tolist() == [["p1", 3 + 7], ["p2", 1]]
+    assert scopes["runs_seen"].dtype == "int64"
+    plain = fleet.finish(top_stats, top_errors, scope_runs, future, as_of=at(20), staleness=None).scopes
+    assert plain["runs_seen"].tolist() == [3, 1]
