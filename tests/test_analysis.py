@@ -1020,3 +1020,11 @@ def test_a_month_frequency_is_refused_saying_why():
     assert str(caught.value) == ("freq '1MS' is not a fixed-length frequency; use one such as '5min', '15min', "
                                  "'1h', '6h', '1D' or '1W' (months and years vary in length and are not supported)")
     assert str(caught.value.__cause__) == "calendar frequency"
+
+
+def test_a_stats_frame_missing_columns_names_them_all():
+    stats = make_stats(*_hourly([1, 2])).drop(columns=["total", "run_id"])
+    with pytest.raises(ConfigError) as caught:
+        analysis.trend(stats)
+    assert str(caught.value) == ("stats data is missing column(s) run_id, total; pass a frame in the schema of "
+                                 "roma_analytics.schema")
