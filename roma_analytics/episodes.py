@@ -232,7 +232,10 @@ def episodes_duckdb(stats_files, tasks_files, errors_files, listed_runs: Iterabl
     if end is not None:
         params["until"] = end.to_pydatetime()
     with duckdb.connect() as connection:
-        connection.execute("PRAGMA disable_progress_bar")  # never drawn on a terminal or a log
+        try:
+            connection.execute("PRAGMA disable_progress_bar")  # never drawn on a terminal or a log
+        except duckdb.Error:
+            pass  # in Jupyter without ipywidgets DuckDB refuses to touch the setting (and draws none)
         connection.execute("SET TimeZone = 'UTC'")
         for name, dataset in datasets.items():
             connection.register(name, dataset)

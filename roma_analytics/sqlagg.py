@@ -324,8 +324,11 @@ def _connection():
         import duckdb  # only the DuckDB paths pay its import
 
         connection = duckdb.connect(config={"threads": _cores(), "preserve_insertion_order": False})
-        # No progress bar: it would draw on the terminal of a command line or in a server log.
-        connection.execute("PRAGMA disable_progress_bar")
+        try:
+            # No progress bar: it would draw on the terminal of a command line or in a server log.
+            connection.execute("PRAGMA disable_progress_bar")
+        except duckdb.Error:
+            pass  # in Jupyter without ipywidgets DuckDB refuses to touch the setting (and draws none)
         try:
             # Files written without a time zone must read as UTC, whatever the host's zone.
             connection.execute("SET TimeZone = 'UTC'")
