@@ -1277,15 +1277,19 @@ def test_error_excerpts_up_to_160_characters_are_whole(body, shown):
 def test_each_attempt_is_logged_with_method_path_status_and_number(sim, caplog):
     project, instance = first_instance(sim)
     sim.set_fault(instance, "http_500", times=1)
+    started = time.monotonic()
     with fast_client(sim, retries=1) as client, caplog.at_level(logging.DEBUG, logger="roma_analytics.client"):
         client.task_statistics(project, instance)
         client.list_instances(project)
+    took = time.monotonic() - started
     lines = [r.getMessage() for r in caplog.records]
     path = f"/v2/{project}/fdi/instances/{instance}/statistics/tasks"
     assert [line.rsplit(", ", 1)[0] for line in lines] == [
         f"GET {path} -> 500 (attempt 1", f"GET {path} -> 200 (attempt 2",
         f"GET /v2/{project}/instances?limit=100&offset=0&status=RUNNING -> 200 (attempt 1"]
     assert all(re.fullmatch(r"\d+\.\d{3}s\)", line.rsplit(", ", 1)[1]) for line in lines)
+    # Each logged duration is the attempt's own: never more than the whole test took.
+    assert all(float(line.rsplit(", ", 1)[1][:-2]) <= took + 0.001 for line in lines)
 
 
 def test_a_failed_attempt_is_logged_with_its_cause_and_duration(caplog):
@@ -1513,3 +1517,36 @@ def test_a_retry_that_would_outlast_the_run_deadline_is_not_made():
     assert caught.value.error_msg.startswith(f"GET http://127.0.0.1:{port}/v2/p1/fdi/instances/i1/statistics/tasks: "
                                              f"connection failed (")
     assert caught.value.error_msg.endswith("(after 1 attempt); check the endpoint, network and proxy")
+
+
+def test_closing_the_client_closes_its_connections(sim):
+    import psutil
+
+    port = int(sim.base_url.rsplit(":", 1)[1])
+
+    def open_connections() -> int:
+        return sum(1 for c in psutil.Process().net_connections(kind="tcp")
+                   if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+    client = RomaClient(sim.base_url, retries=0)
+    client.list_instances(sim.project_ids[0])
+    assert open_connections() == 1          # kept alive for the next call
+    client.close()
+    assert open_connections() == 0
+
+
+def test_a_redirect_after_a_retry_counts_both_attempts(recorder):
+    recorder.queue = [(503, {"error_code": "APIGW.0201", "error_msg": "busy"})]
+    recorder.answer = (302, b"")
+    with RecordingClient(recorder.url, retries=2, backoff=0.001) as client, pytest.raises(RomaApiError) as caught:
+        client.task_statistics("p1", "i1")
+    assert (caught.value.error_code, caught.value.attempts) == ("REDIRECT", 2)
+
+
+@pytest.mark.parametrize("auth", [None, AkSkAuth(AK, SK)], ids=["no auth", "aksk"])
+def test_an_expired_token_answer_without_a_renewable_auth_is_final(recorder, auth):
+    recorder.answer = (401, {"error_code": "APIGW.0307", "error_msg": "The token must be updated."})
+    with RomaClient(recorder.url, retries=2, auth=auth) as client, pytest.raises(AuthenticationError) as caught:
+        client.task_statistics("p1", "i1")
+    assert (caught.value.error_code, caught.value.attempts) == ("APIGW.0307", 1)
+    assert len(recorder.requests) == 1
