@@ -935,13 +935,13 @@ def test_default_frequencies_draw_no_deprecation_warning():
 
 
 def test_wilson_interval_of_fleet_sized_counts_does_not_overflow():
-    # Integer counts as large as the API allows (10**12 tasks): n² must not be taken in int64.
+    # Integer counts of a large fleet (2**31 tasks): 4n² taken in int64 would wrap around to 0.
+    n = 2**31
     z = 2.5758293035489004                       # the 99 % two-sided quantile
-    low, high = analysis.wilson_interval(np.array([10**11]), np.array([10**12]))
-    half = z * math.sqrt(0.1 * 0.9 / 10**12)     # z²/n is negligible at this n
-    assert abs(low[0] - (0.1 - half)) < 1e-9 and abs(high[0] - (0.1 + half)) < 1e-9
-    low, high = analysis.wilson_interval(pd.Series([10**11]), pd.Series([10**12]))
-    assert abs(low.iloc[0] - (0.1 - half)) < 1e-9
+    half = z * math.sqrt(0.25 / n)               # z²/n is negligible at this n
+    for successes, trials in ((np.array([n // 2]), np.array([n])), (pd.Series([n // 2]), pd.Series([n]))):
+        low, high = analysis.wilson_interval(successes, trials)
+        assert abs(np.asarray(low)[0] - (0.5 - half)) < 1e-9 and abs(np.asarray(high)[0] - (0.5 + half)) < 1e-9
 
 
 def test_wilson_interval_of_an_impossible_proportion_is_quietly_undefined():
@@ -989,7 +989,9 @@ def test_a_frame_of_plain_python_objects_gives_typed_results():
     rows = [dict(collected_at="2024-05-01T10:00:00Z", run_id="r1", region="r", project_id="p", instance_id="i1",
                  instance_name="n1", task_type="common", running=0, abnormal=1, terminated=0, completed=1, total=2)]
     last = analysis.latest(pd.DataFrame(rows))
-    assert all(last[name].dtype == "string" for name in ("run_id", "instance_name", "region", "task_type"))
+    # The schema's string dtype (missing values are pd.NA), not pandas' default "str" (missing values NaN).
+    assert all(last[name].dtype == analysis.STRING_DTYPE
+               for name in ("run_id", "instance_name", "region", "task_type"))
     empty = analysis.trend(pd.DataFrame(columns=list(rows[0])))
     assert empty.empty and empty["bucket"].dtype == TIMESTAMP_DTYPE
 
