@@ -281,7 +281,7 @@ class LocalBackend:
         return sorted(stamps)
 
     def file_exists(self, path) -> bool:
-        return Path(path).exists()
+        return os.path.exists(path)
 
     def modified_ns(self, folder) -> list[int]:
         """The modification times (ns) of the folder's data files."""

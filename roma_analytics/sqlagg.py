@@ -221,7 +221,7 @@ class _Scan:
             self.dataset, self.paths = source, None
             has_files = bool(getattr(source, "files", True))
         elif isinstance(source, (list, tuple)):
-            self.paths = [Path(path).as_posix() for path in source]
+            self.paths = [path if isinstance(path, str) else Path(path).as_posix() for path in source]
             has_files = bool(self.paths)
         else:
             root = Path(source)

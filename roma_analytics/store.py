@@ -166,6 +166,7 @@ class HistoryStore:
         self._warned: dict[str, None] = {}
         self._keys: dict[str, str] | None = None
         self._rollups_checked: dict = {}
+        self._root_text: str | None = None
 
     @property
     def problems(self) -> list[str]:
@@ -309,7 +310,7 @@ class HistoryStore:
         fs = self._backend
         key = rollups.source_key(
             (table, name, stamp) for table in rollups.SOURCE_TABLES
-            for name, stamp in fs.file_stamps(fs.child(fs.root, table, f"date={day}")))
+            for name, stamp in fs.file_stamps(self._day_path(table, day)))
         if self._keys is not None:
             self._keys[day] = key
         return key
@@ -318,13 +319,24 @@ class HistoryStore:
         fs = self._backend
         return rollups.source_key(
             (table, name, stamp) for table in rollups.SOURCE_TABLES
-            for name, stamp in fs.file_stamps(fs.child(fs.root, table, f"date={day}")))
+            for name, stamp in fs.file_stamps(self._day_path(table, day)))
 
     def _current_rollup(self, table: str, day: str, key: str):
         """The rollup file of ``table`` for ``day`` built from the files of ``key``, or None."""
         fs = self._backend
-        path = fs.child(fs.root, table, f"date={day}", rollups.file_name(key))
+        path = self._day_path(table, day, rollups.file_name(key))
         return path if fs.file_exists(path) else None
+
+    def _day_path(self, table: str, day: str, name: str | None = None):
+        """``HISTORY/<table>/date=<day>[/<name>]``: a plain string for a folder (the rollup
+        lookups make thousands of these per read of a year; pathlib would cost more than the
+        file-system calls), the backend's own path otherwise."""
+        parts = (table, f"date={day}", *((name,) if name else ()))
+        if isinstance(self._backend.root, Path):
+            if self._root_text is None:
+                self._root_text = str(self._backend.root)
+            return os.path.join(self._root_text, *parts)
+        return self._backend.child(self._backend.root, *parts)
 
     def _roll_day(self, day: str) -> bool:
         """Build ``day``'s rollups if it lacks current ones; True when it built them."""
