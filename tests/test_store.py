@@ -645,8 +645,10 @@ def test_without_hard_links_a_file_is_renamed_into_place_and_never_over_another(
     assert store.load()["run_id"].unique().tolist() == ["r1", "r2"]
     taken = history_dir / "stats" / "date=2024-05-01" / "r1.parquet"
     before = taken.read_bytes()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError) as raised:
         LocalBackend(history_dir).create(taken, lambda file: file.write(b"other"))
+    assert (raised.value.errno, raised.value.strerror, raised.value.filename) == (
+        errno.EEXIST, "file exists", str(taken))
     assert taken.read_bytes() == before
     assert files_under(history_dir / "stats") == ["date=2024-05-01/r1.parquet", "date=2024-05-01/r2.parquet"]
     store.compact(before="2024-05-02")
@@ -734,3 +736,78 @@ def test_the_data_files_of_a_folder(history_dir):
     backend.ensure_layout(("stats", "errors"))   # again: nothing to do, no error
     backend.delete([folder / "a.parquet", folder / "missing.parquet"])
     assert backend.data_files(folder) == [folder / "b.parquet"]
+
+
+def test_history_files_get_the_usual_permissions(history_dir):
+    """Readable by everyone the umask allows, executable by no one (like any file a program creates)."""
+    import stat as stat_module
+
+    old = os.umask(0o022)
+    try:
+        HistoryStore(history_dir).append(make_run("r1", "2024-05-01T10:00Z"))
+    finally:
+        os.umask(old)
+    stored = history_dir / "stats" / "date=2024-05-01" / "r1.parquet"
+    assert stat_module.S_IMODE(stored.stat().st_mode) == 0o644
+
+
+def test_a_failed_write_reports_its_own_error_even_if_its_temporary_is_gone(history_dir):
+    """A write stalled past the 15-minute cutoff may see its temporary removed by a compaction;
+    when it then fails, its own error is what the caller gets."""
+    from roma_analytics.history_backend import LocalBackend
+
+    target = history_dir / "stats" / "date=2024-05-01" / "r1.parquet"
+
+    def stalled_then_failing(file):
+        for leftover in target.parent.glob(".r1.parquet.tmp-*"):
+            leftover.unlink()          # what the compaction did meanwhile
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        LocalBackend(history_dir).create(target, stalled_then_failing)
+    assert raised.value.errno == errno.EIO
+    assert list(target.parent.iterdir()) == []
+
+
+def test_two_first_appends_at_once_both_create_the_lock_file(history_dir, monkeypatch):
+    """Two writers of a new history may both find the lock file missing and both create it."""
+    from roma_analytics.history_backend import LocalBackend
+
+    lock = history_dir / ".lock"
+    real_exists = Path.exists
+
+    def created_meanwhile(path, *args, **kwargs):
+        if path == lock:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            lock.touch()               # the other writer, between the check and the touch
+            return False
+        return real_exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", created_meanwhile)
+    LocalBackend(history_dir).ensure_layout(("stats", "errors"))
+    monkeypatch.undo()
+    assert lock.is_file() and (history_dir / "stats").is_dir()
+
+
+def test_a_temporary_removed_while_compaction_cleans_up_is_no_error(history_dir, monkeypatch):
+    """An abandoned temporary can vanish between compaction listing it and removing it (its
+    writer finished after all): compaction goes on."""
+    from roma_analytics.history_backend import LocalBackend
+
+    store = HistoryStore(history_dir)
+    build_days(store, days=1)
+    day = history_dir / "stats" / "date=2024-05-01"
+    stale = day / ".r9.parquet.tmp-1-abcd"
+    stale.write_bytes(b"half")
+    real_age = LocalBackend.age
+
+    def finished_meanwhile(self, path, now):
+        age = real_age(self, path, now)
+        if Path(path) == stale:
+            stale.unlink()             # its writer removed it right after the check
+            return STALE_TEMP_SECONDS + 60
+        return age
+
+    monkeypatch.setattr(LocalBackend, "age", finished_meanwhile)
+    report = store.compact(before="2024-05-02")
+    assert report.files_merged > 0 and not stale.exists()
