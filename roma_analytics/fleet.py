@@ -273,7 +273,8 @@ def finish(top_stats, top_errors, scope_runs, future, *, as_of: pd.Timestamp, st
     attempt_run = series["_error_run"].where(failed, series["run_id"])
     series["last_attempt_at"] = attempt_at.astype(TIMESTAMP_DTYPE)
     series["disappeared"] = _later(series["_complete_at"], series["_complete_run"], attempt_at, attempt_run)
-    series["age"] = as_of - series["collected_at"]
+    # microseconds whatever the unit of as_of (pandas 2 keeps a nanosecond Timestamp's unit)
+    series["age"] = (as_of - series["collected_at"]).astype("timedelta64[us]")
     series["stale"] = ~series["disappeared"] & (series["age"] > series["stale_after"])
     series["failed"] = series["failed"] & ~series["disappeared"]
     series["status"] = pd.array(np.select([series["disappeared"], series["stale"], series["failed"]],
