@@ -325,7 +325,11 @@ def _scope_table(scope_runs, top_stats, top_errors, as_of, staleness) -> pd.Data
     table["runs_seen"] = seen.reindex(table.index).astype("int64")
     recent = grouped.tail(INTERVAL_RUNS + 1)
     gaps = recent.groupby(list(SCOPE_KEY), sort=True, dropna=False)["collected_at"].diff()
-    interval = gaps.groupby([recent[c] for c in SCOPE_KEY], sort=True, dropna=False).median()
+    # The first run of each scope has no gap (NaT): left out before the median, which pandas 2.2
+    # computes wrongly for timedeltas with NaT in a group (the median of 5 x 60 min and 5 x 2 min
+    # came out as 2 min).
+    known = gaps.notna()
+    interval = gaps[known].groupby([recent.loc[known, c] for c in SCOPE_KEY], sort=True, dropna=False).median()
     table["interval"] = interval.reindex(table.index).astype("timedelta64[us]")
     if staleness is not None:
         table["stale_after"] = pd.Series(staleness, index=table.index).astype("timedelta64[us]")
