@@ -811,3 +811,27 @@ def test_a_temporary_removed_while_compaction_cleans_up_is_no_error(history_dir,
     monkeypatch.setattr(LocalBackend, "age", finished_meanwhile)
     report = store.compact(before="2024-05-02")
     assert report.files_merged > 0 and not stale.exists()
+
+
+# UTC+14 and UTC-11: at any hour, one of them is on another calendar day than UTC.
+@pytest.mark.parametrize("zone", ["Pacific/Kiritimati", "Pacific/Pago_Pago"])
+def test_compact_default_leaves_todays_utc_day_alone_in_any_time_zone(history_dir, monkeypatch, zone):
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        store = HistoryStore(history_dir)
+        today = pd.Timestamp.now(tz="UTC").floor("D")
+        yesterday = today - pd.Timedelta(days=1)
+        for run, at in (("y1", yesterday), ("y2", yesterday + pd.Timedelta(hours=1)),
+                        ("t1", today), ("t2", today + pd.Timedelta(seconds=1))):
+            store.append(make_run(run, at))
+        assert store.compact().files_merged == 2   # yesterday's two files; today's stay apart
+        assert len(files_under(history_dir / "stats" / f"date={today:%Y-%m-%d}")) == 2
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_compact_names_a_bad_before(history_dir):
+    with pytest.raises(ConfigError, match=r"^before='soon' is not a date or time"):
+        HistoryStore(history_dir).compact(before="soon")
