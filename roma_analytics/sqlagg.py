@@ -312,15 +312,36 @@ class _Scan:
 
 
 _LOCAL = threading.local()
+#: Every cached connection, of every thread, and a counter of forks: DuckDB does not survive a
+#: fork (a child that touches DuckDB after its parent used a connection hangs), so every
+#: connection is closed just before the process forks and made again when next needed.
+_OPEN: list = []
+_OPEN_LOCK = threading.Lock()
+_FORKS = [0]
+
+
+def _close_before_fork() -> None:
+    with _OPEN_LOCK:
+        for connection in _OPEN:
+            try:
+                connection.close()
+            except Exception:  # noqa: BLE001 - a connection that cannot close is dropped anyway
+                pass
+        _OPEN.clear()
+        _FORKS[0] += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_close_before_fork)
 
 
 def _connection():
     """This thread's in-memory DuckDB connection, made once (a page asks a dozen questions:
     a new connection each time cost more than some of the answers).  DuckDB connections are not
-    shared between threads, and the dashboard runs each visitor's script in its own."""
+    shared between threads, and the dashboard runs each visitor's script in its own; they are
+    closed before any fork (see ``_OPEN``)."""
     connection = getattr(_LOCAL, "connection", None)
-    # A forked child makes its own: a DuckDB connection does not survive a fork.
-    if connection is None or _LOCAL.pid != os.getpid():
+    if connection is None or _LOCAL.forks != _FORKS[0]:
         import duckdb  # only the DuckDB paths pay its import
 
         connection = duckdb.connect(config={"threads": _cores(), "preserve_insertion_order": False})
@@ -334,7 +355,9 @@ def _connection():
             connection.execute("SET TimeZone = 'UTC'")
         except duckdb.Error:
             pass  # no ICU extension: DuckDB then knows only UTC anyway
-        _LOCAL.connection, _LOCAL.pid = connection, os.getpid()
+        with _OPEN_LOCK:
+            _OPEN.append(connection)
+            _LOCAL.connection, _LOCAL.forks = connection, _FORKS[0]
     return connection
 
 

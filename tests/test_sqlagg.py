@@ -16,6 +16,7 @@ from pandas.testing import assert_frame_equal
 from roma_analytics import analysis, sqlagg
 from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.schema import empty_stats
+from roma_analytics.store import HistoryStore
 
 from test_analysis import make_stats, snapshot, stats_frames
 
@@ -189,3 +190,30 @@ def test_generated_histories_agree(stats, freq, by, per_day, since_minutes):
         expected_rows = select(stats, since=since)
         assert_frame_equal(sqlagg.trend(source, freq, by=by, since=since), analysis.trend(expected_rows, freq, by=by))
         assert_frame_equal(sqlagg.cdc_vs_common(source, freq, since=since), analysis.cdc_vs_common(expected_rows, freq))
+
+
+def _trend_rows(path, queue):
+    queue.put(len(HistoryStore(path).trend("1h")))
+
+
+def test_a_forked_child_can_aggregate_after_its_parent_did(tmp_path):
+    """DuckDB does not survive a fork: a child that aggregates after its parent did (the
+    multiprocessing default on Linux) hung forever while the parent's cached connection was open."""
+    import multiprocessing
+
+    from test_store import make_run
+
+    store = HistoryStore(tmp_path / "history")
+    store.append(make_run("r1", "2026-03-02T10:00Z"))
+    expected = len(store.trend("1h"))  # the parent's connection is now open
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_trend_rows, args=(store.path, queue))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+        child.join()
+    assert not hung, "the forked child hung in DuckDB"
+    assert queue.get(timeout=5) == expected
