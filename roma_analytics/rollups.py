@@ -96,14 +96,10 @@ def last_per_bucket(stats: pd.DataFrame, step: int) -> pd.DataFrame:
     ``stats`` (a stats frame) in ``analysis.GAUGE_ORDER``: real stats rows, sorted by time and series."""
     if stats.empty:
         return schema.conform(stats, "stats")
-    ordered = stats.sort_values(list(analysis.GAUGE_ORDER), kind="stable")
-    micros = ordered["collected_at"].dt.tz_convert("UTC").dt.tz_localize(None) \
+    micros = stats["collected_at"].dt.tz_convert("UTC").dt.tz_localize(None) \
         .to_numpy(dtype="datetime64[us]").view("int64")
-    bucket = pd.Series(micros - micros % step, index=ordered.index, name="_bucket")
-    keep = ~pd.concat([bucket, ordered[list(schema.SERIES_KEY)]], axis=1) \
-        .duplicated(keep="last").to_numpy()
-    out = ordered[keep]
-    out = out.sort_values(["collected_at", *schema.SERIES_KEY, "run_id"], kind="stable")
+    last = analysis._last_snapshots(stats.assign(_bucket=micros - micros % step), ["_bucket", *schema.SERIES_KEY])
+    out = last.drop(columns="_bucket").sort_values(["collected_at", *schema.SERIES_KEY, "run_id"], kind="stable")
     return schema.conform(out.reset_index(drop=True), "stats")
 
 

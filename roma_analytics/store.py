@@ -304,22 +304,17 @@ class HistoryStore:
         """The days (``YYYY-MM-DD``) of ``[start, end)`` with a folder in a table rollups come from."""
         return sorted({day for table in rollups.SOURCE_TABLES for day, _ in self._day_folders(table, start, end)})
 
-    def _day_key(self, day: str) -> str:
-        if self._keys is not None and day in self._keys:
+    def _day_key(self, day: str, cached: bool = True) -> str:
+        """The rollup key of ``day``'s raw files; ``cached``: as listed once per read (see
+        :meth:`_reading`), else listed now (what a rollup's writer checks)."""
+        if cached and self._keys is not None and day in self._keys:
             return self._keys[day]
-        fs = self._backend
         key = rollups.source_key(
             (table, name, stamp) for table in rollups.SOURCE_TABLES
-            for name, stamp in fs.file_stamps(self._day_path(table, day)))
-        if self._keys is not None:
+            for name, stamp in self._backend.file_stamps(self._day_path(table, day)))
+        if cached and self._keys is not None:
             self._keys[day] = key
         return key
-
-    def _day_key_uncached(self, day: str) -> str:
-        fs = self._backend
-        return rollups.source_key(
-            (table, name, stamp) for table in rollups.SOURCE_TABLES
-            for name, stamp in fs.file_stamps(self._day_path(table, day)))
 
     def _current_rollup(self, table: str, day: str, key: str):
         """The rollup file of ``table`` for ``day`` built from the files of ``key``, or None."""
@@ -341,7 +336,7 @@ class HistoryStore:
     def _roll_day(self, day: str) -> bool:
         """Build ``day``'s rollups if it lacks current ones; True when it built them."""
         fs = self._backend
-        key = self._day_key_uncached(day)
+        key = self._day_key(day, cached=False)
         if all(self._current_rollup(table, day, key) is not None for table in rollups.TABLES):
             return False
         start = pd.Timestamp(day, tz="UTC")
@@ -358,7 +353,7 @@ class HistoryStore:
                 arrow = self._scan(selection.files, table, list(_table_dtypes(table)), None,
                                    dedup=selection.overlap, excluded_runs=selection.excluded_runs)
                 frames[table] = _conform(arrow.to_pandas(), table)
-        if self._day_key_uncached(day) != key:
+        if self._day_key(day, cached=False) != key:
             return False  # a run arrived (or a compaction swapped the day) meanwhile: next time
         hourly = rollups.last_per_bucket(frames["stats"], rollups.step_us("rollup_1h"))
         outputs = {
@@ -415,18 +410,17 @@ class HistoryStore:
             rolled[day] = history_files.FileInfo(path=path, table="stats")
         return rolled
 
-    def _rollup_problem(self, path, table: str, key: str) -> str | None:
-        """What is wrong with the rollup file ``path`` (None: it is ours, current and readable
-        by this version).  Reads its footer's metadata only."""
+    def _rollup_problem(self, path) -> str | None:
+        """What is wrong with the rollup file ``path`` (None: a rollup this version can read).
+        Reads its footer's metadata only."""
         try:
             metadata = self._backend.schema_metadata(path)
         except FileNotFoundError:
             raise
         except (OSError, pa.ArrowException, ValueError) as exc:
             return f"is not a readable Parquet file ({history_files.short_error(exc)})"
-        if metadata.get(rollups.META_ROLLUP) is None or (table is not None and (
-                metadata.get(rollups.META_ROLLUP) != table.encode() or metadata.get(rollups.META_KEY) != key.encode())):
-            return "was not written by roma-analytics as this rollup"
+        if metadata.get(rollups.META_ROLLUP) is None:
+            return "was not written by roma-analytics as a rollup"
         try:
             version = int(metadata.get(META_SCHEMA_VERSION, b"0").decode())
         except (UnicodeDecodeError, ValueError):
@@ -1256,7 +1250,7 @@ class HistoryStore:
     def _rollup_unreadable(self, info) -> bool:
         """Whether the rollup file of ``info`` cannot be read; if so it is remembered (never read
         again by this store) and warned about once."""
-        problem = self._rollup_problem(info.path, None, None)
+        problem = self._rollup_problem(info.path)
         if problem is None:
             try:
                 with self._backend.open(info.path) as file:
