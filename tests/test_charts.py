@@ -262,6 +262,20 @@ def test_missing_columns_raise_naming_them(builder, make, needed):
 
 
 @pytest.mark.parametrize(("builder", "make", "needed"), CASES, ids=IDS)
+def test_every_trace_drawn_gets_the_plotly_white_defaults(builder, make, needed):
+    # The figures carry a trimmed plotly_white (only the trace types drawn here): a builder that
+    # starts drawing another type must have that type's defaults too, or its look would change.
+    fig = builder(make())
+    white = pio.templates["plotly_white"]
+    template = fig.layout.template
+    assert template.layout.to_plotly_json() == white.layout.to_plotly_json()
+    for trace in fig.data:
+        expected = getattr(white.data, trace.type, ())
+        assert [t.to_plotly_json() for t in getattr(template.data, trace.type, ())] == \
+            [t.to_plotly_json() for t in expected], trace.type
+
+
+@pytest.mark.parametrize(("builder", "make", "needed"), CASES, ids=IDS)
 def test_figures_serialise(builder, make, needed):
     fig = builder(make())
     assert isinstance(fig, go.Figure)
