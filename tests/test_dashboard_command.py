@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import requests
 from roma_analytics import cli, dashboard
 from roma_analytics.collect import collect
 from roma_analytics.errors import ConfigError
+from roma_analytics.samples import SAMPLE_HISTORY
 from roma_analytics.store import HistoryStore
 from roma_analytics.targets import Target
 
@@ -128,3 +130,44 @@ def test_the_app_script_is_found_outside_the_repository_folder(tmp_path, monkeyp
     path = dashboard.app_path()
     assert path.is_file() and path.name == "app.py"
     assert "st.set_page_config" in path.read_text()
+
+
+# The page's libraries, and the modules of theirs a first page run would otherwise import late.
+_PAGE_MODULES = ("duckdb", "pandas", "plotly", "pyarrow", "orjson", "roma_analytics", "streamlit.emojis")
+
+
+def test_the_server_has_imported_and_warmed_everything_the_first_page_needs(tmp_path):
+    # `roma-analytics dashboard` preloads (serve.preload) before it serves; the first visitor's
+    # run must then import none of the page's libraries, on the sample or on a folder read by query.
+    big = tmp_path / "history"
+    shutil.copytree(SAMPLE_HISTORY, big)
+    script = f"""
+import os, sys
+from streamlit.testing.v1 import AppTest
+from roma_analytics.streamlit_app import APP_PATH, serve
+serve.preload()
+from roma_analytics import dashboard
+dashboard.SMALL_HISTORY_BYTES = 0  # the folder is read by query, as a big one is
+os.environ["ROMA_HISTORY"] = {str(big)!r}
+before = set(sys.modules)
+app = AppTest.from_file(str(APP_PATH), default_timeout=300)
+app.run()
+assert not app.exception, app.exception
+late = sorted(name for name in set(sys.modules) - before if name.startswith({_PAGE_MODULES!r}))
+print("LATE", late)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    late = [line for line in done.stdout.splitlines() if line.startswith("LATE ")]
+    assert late == ["LATE []"], late
+
+
+def test_warm_up_renders_every_view_of_a_history_both_ways(tmp_path):
+    from roma_analytics.streamlit_app import views
+
+    history = tmp_path / "history"
+    shutil.copytree(SAMPLE_HISTORY, history)
+    views.warm_up(history)
+    # A history the views cannot read is an error, not a silent no-op.
+    with pytest.raises(ConfigError):
+        views.warm_up(tmp_path / "nothing here")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 
 import pandas as pd
 import streamlit as st
@@ -21,6 +20,7 @@ from roma_analytics.errors import ConfigError, RomaError
 from roma_analytics.samples import SAMPLE_HISTORY
 from roma_analytics.settings import resolve
 from roma_analytics.store import HistoryStore
+from roma_analytics.streamlit_app import views
 
 st.set_page_config(page_title="ROMA Connect task analytics", page_icon="📊", layout="wide")
 # Tables' and charts' own CSV export would write server text without export.csv_text's protection
@@ -76,69 +76,35 @@ def prepared_live(run_ids: tuple[str, ...], freq: str, _stats, _errors, _scopes)
 
 @st.cache_data(max_entries=64)
 def overview(source: tuple, filters: dashboard.Filters, _prepared):
-    selection = dashboard.apply_filters(_prepared, filters)
-    state = selection.fleet
-    return {
-        "kpis": state.kpis(),
-        # Scopes with a single run have no changes (fleet.py): then there is no previous run.
-        "has_previous_run": len(state.changes) > 0,
-        "instances_with_tasks": dashboard.instances_with_tasks(selection.latest),
-        "single_bucket": dashboard.single_bucket_note(selection.snapshots, selection.freq),
-        "latest": selection.latest,
-        "ranking": analysis.abnormal_ranking(selection.latest, n=None),
-        "changes": state.changes,
-        "scopes": state.scopes,
-        "future_note": state.future_note() or fleet.future_note(_prepared.future, _prepared.as_of),
-    }
+    return views.overview(_prepared, filters)
 
 
 # Building a plotly figure costs about 0.1 s whatever its size (template and validation), so the
 # figures themselves are kept per selection too; Streamlit only reads them (to_dict).
 @st.cache_resource(max_entries=64)
 def overview_figures(source: tuple, filters: dashboard.Filters, threshold: float, _prepared):
-    numbers = overview(source, filters, _prepared)
-    return (charts.state_breakdown(numbers["latest"]),
-            charts.worst_instances_table(numbers["ranking"], threshold, top=20),
-            charts.changes_table(numbers["changes"], top=20))
+    return views.overview_figures(overview(source, filters, _prepared), threshold)
 
 
 @st.cache_resource(max_entries=32)
 def trend_figures(source: tuple, filters: dashboard.Filters, _prepared):
-    selection = dashboard.apply_filters(_prepared, filters)
-    freq = selection.freq
-    window = dashboard.anomaly_window(freq)
-    flagged = analysis.anomalies(selection.snapshots, freq, window=window, by="task_type")
-    # The CDC share compares the two task types: with one of them filtered out it says nothing.
-    both_types = not filters.task_types or set(filters.task_types) >= {"common", "cdc"}
-    return (charts.abnormal_ratio_trend(analysis.trend(selection.snapshots, freq), flagged),
-            charts.cdc_share_trend(analysis.cdc_vs_common(selection.snapshots, freq)) if both_types else None,
-            dashboard.anomaly_note(flagged, freq, window))
+    return views.trend_figures(_prepared, filters)
 
 
 @st.cache_resource(max_entries=32)
 def heatmap_figure(source: tuple, filters: dashboard.Filters, _prepared):
-    selection = dashboard.apply_filters(_prepared, filters)
-    names = selection.latest.drop_duplicates("instance_id", keep="last").set_index("instance_id")["instance_name"]
-    return charts.abnormal_heatmap(analysis.trend(selection.snapshots, selection.freq, by=("instance_id",)),
-                                   instance_names=names)
+    return views.heatmap_figure(_prepared, filters)
 
 
 @st.cache_resource(max_entries=16)
 def health_views(source: tuple, filters: dashboard.Filters, _prepared):
-    selection = dashboard.apply_filters(_prepared, filters)
-    per_run, per_instance = selection.health()
-    names = _prepared.snapshots.drop_duplicates("instance_id", keep="last").set_index("instance_id")["instance_name"]
-    return (charts.collection_health_chart(analysis.errors_by_code(selection.errors, selection.freq),
-                                           per_run, freq=selection.freq),
-            dashboard.failed_instances(per_instance, names.dropna().to_dict()))
+    return views.health_views(_prepared, filters)
 
 
 @st.cache_data(max_entries=8)
 def choices(source: tuple, _prepared) -> dict[str, object]:
     """The values the filters offer (scanning the snapshots for them is too slow per rerun)."""
-    return {"region": _prepared.values("region"), "project_id": _prepared.values("project_id"),
-            "instance": dashboard.instance_options(_prepared.snapshots.drop_duplicates("instance_id", keep="last")),
-            "scopes": dashboard.instance_scopes(_prepared.snapshots)}
+    return views.filter_choices(_prepared)
 
 
 @st.cache_data(ttl=dt.timedelta(minutes=1))
