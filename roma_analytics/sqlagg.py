@@ -329,54 +329,67 @@ def _to_pandas(table) -> pd.DataFrame:
     return frame
 
 
-_LOCAL = threading.local()
-#: Every cached connection, of every thread, and a counter of forks: DuckDB does not survive a
-#: fork (a child that touches DuckDB after its parent used a connection hangs), so every
-#: connection is closed just before the process forks and made again when next needed.
-_OPEN: list = []
+#: One in-memory DuckDB database per process, and a cursor on it per thread that asked: a
+#: cursor costs a tenth of a millisecond, a database tens of milliseconds and a few MiB, and the
+#: dashboard runs every rerun of every visitor in a new thread.  Cursors of finished threads are
+#: closed when the next thread asks.  DuckDB does not survive a fork (a child that touches DuckDB
+#: after its parent used it hangs), so everything is closed just before the process forks and
+#: made again when next needed.
+_DATABASE: list = []
+_CURSORS: dict = {}
 _OPEN_LOCK = threading.Lock()
-_FORKS = [0]
 
 
-def _close_before_fork() -> None:
+def _close_all() -> None:
     with _OPEN_LOCK:
-        for connection in _OPEN:
+        for connection in [*_CURSORS.values(), *_DATABASE]:
             try:
                 connection.close()
             except Exception:  # noqa: BLE001 - a connection that cannot close is dropped anyway
                 pass
-        _OPEN.clear()
-        _FORKS[0] += 1
+        _CURSORS.clear()
+        _DATABASE.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_close_before_fork)
+    os.register_at_fork(before=_close_all)
 
 
-def _connection():
-    """This thread's in-memory DuckDB connection, made once (a page asks a dozen questions:
-    a new connection each time cost more than some of the answers).  DuckDB connections are not
-    shared between threads, and the dashboard runs each visitor's script in its own; they are
-    closed before any fork (see ``_OPEN``)."""
-    connection = getattr(_LOCAL, "connection", None)
-    if connection is None or _LOCAL.forks != _FORKS[0]:
+def _database():
+    """The process's DuckDB database (a connection to it), made once; call with _OPEN_LOCK held."""
+    if not _DATABASE:
         import duckdb  # only the DuckDB paths pay its import
 
-        connection = duckdb.connect(config={"threads": _cores(), "preserve_insertion_order": False})
+        database = duckdb.connect(config={"threads": _cores(), "preserve_insertion_order": False})
         try:
             # No progress bar: it would draw on the terminal of a command line or in a server log.
-            connection.execute("PRAGMA disable_progress_bar")
+            database.execute("SET GLOBAL enable_progress_bar = false")
         except duckdb.Error:
             pass  # in Jupyter without ipywidgets DuckDB refuses to touch the setting (and draws none)
         try:
             # Files written without a time zone must read as UTC, whatever the host's zone.
-            connection.execute("SET TimeZone = 'UTC'")
+            database.execute("SET GLOBAL TimeZone = 'UTC'")
         except duckdb.Error:
             pass  # no ICU extension: DuckDB then knows only UTC anyway
-        with _OPEN_LOCK:
-            _OPEN.append(connection)
-            _LOCAL.connection, _LOCAL.forks = connection, _FORKS[0]
-    return connection
+        _DATABASE.append(database)
+    return _DATABASE[0]
+
+
+def _connection():
+    """This thread's cursor on the process's DuckDB database (see ``_DATABASE``).  A page asks a
+    dozen questions: a new database each time cost more than some of the answers, and one kept
+    per thread grew the dashboard's memory by a few MiB a rerun."""
+    thread = threading.current_thread()
+    with _OPEN_LOCK:
+        cursor = _CURSORS.get(thread)
+        if cursor is None:
+            for finished in [other for other in _CURSORS if not other.is_alive()]:
+                try:
+                    _CURSORS.pop(finished).close()
+                except Exception:  # noqa: BLE001 - closing only frees memory early
+                    pass
+            cursor = _CURSORS[thread] = _database().cursor()
+    return cursor
 
 
 def _values(value, name: str) -> list[str] | None:

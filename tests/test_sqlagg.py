@@ -217,3 +217,38 @@ def test_a_forked_child_can_aggregate_after_its_parent_did(tmp_path):
         child.join()
     assert not hung, "the forked child hung in DuckDB"
     assert queue.get(timeout=5) == expected
+
+
+def test_a_thread_per_query_does_not_grow_memory(tmp_path):
+    """The dashboard runs every rerun in a new thread: a DuckDB database made per thread (and kept
+    for the thread's cursor) grew a long-running server by about 5 MiB a rerun."""
+    import threading
+
+    import psutil
+
+    from test_store import make_run
+
+    store = HistoryStore(tmp_path / "history")
+    store.append(make_run("r1", "2026-03-02T10:00Z"))
+    expected = store.trend("1h")
+    process = psutil.Process()
+    answers = []
+
+    def one_rerun():
+        answers.append(store.trend("1h"))
+
+    for _ in range(5):  # the first threads may allocate what every later one reuses
+        thread = threading.Thread(target=one_rerun)
+        thread.start()
+        thread.join()
+    before = process.memory_info().rss
+    for _ in range(40):
+        thread = threading.Thread(target=one_rerun)
+        thread.start()
+        thread.join()
+    grown = process.memory_info().rss - before
+    assert len(answers) == 45
+    for answer in answers:
+        assert_frame_equal(answer, expected)
+    # 40 databases were about 200 MiB; 40 cursors on one database are next to nothing.
+    assert grown < 60 * 2**20, f"memory grew by {grown / 2**20:.0f} MiB over 40 threads"
