@@ -479,7 +479,7 @@ class PreparedHistory:
 
     ``stats``/``errors``: the full tables, stats sorted by ``analysis.GAUGE_ORDER``;
     ``snapshots``: per ``freq`` bucket and series the last snapshot (real stats rows), sorted by
-    bucket; ``snapshot_bucket`` its bucket (int64 µs) and ``snapshot_series`` a series code.
+    bucket; ``snapshot_bucket`` its bucket (int64 µs).
     """
 
     stats: pd.DataFrame
@@ -487,7 +487,6 @@ class PreparedHistory:
     freq: str
     snapshots: pd.DataFrame
     snapshot_bucket: np.ndarray
-    snapshot_series: np.ndarray
     stats_time: np.ndarray = field(repr=False)
     #: What the runs covered (``scopes`` table; empty: inferred from the rows).
     scopes: pd.DataFrame = field(default_factory=schema.empty_scopes, repr=False)
@@ -584,7 +583,7 @@ def prepare(stats: pd.DataFrame, errors: pd.DataFrame | None, freq: str = "1h",
     snapshots = stats.take(rows).reset_index(drop=True)
     errors = errors.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
     return PreparedHistory(stats=stats, errors=errors, freq=freq, snapshots=snapshots,
-                           snapshot_bucket=bucket[rows], snapshot_series=series[rows], stats_time=micros,
+                           snapshot_bucket=bucket[rows], stats_time=micros,
                            scopes=scopes.reset_index(drop=True), as_of=as_of, future=future)
 
 
@@ -671,10 +670,9 @@ def prepare_store(store: HistoryStore, freq: str = "1h", as_of=None, since=None,
     # snapshots arrive sorted by time and series: the bucket order prepare() gives.
     micros = _micros(snapshots["collected_at"])
     bucket = micros - micros % step
-    series = snapshots.groupby(list(schema.SERIES_KEY), sort=False, dropna=False).ngroup().to_numpy(dtype="int64")
     errors = errors.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
     return PreparedHistory(stats=schema.empty_stats(), errors=errors, freq=freq, snapshots=snapshots,
-                           snapshot_bucket=bucket, snapshot_series=series, stats_time=np.empty(0, dtype="int64"),
+                           snapshot_bucket=bucket, stats_time=np.empty(0, dtype="int64"),
                            as_of=as_of, store=store)
 
 
@@ -790,17 +788,9 @@ class FilteredHistory:
 def apply_filters(prepared: PreparedHistory, filters: Filters) -> FilteredHistory:
     """Select ``filters`` from ``prepared``; costs a pass over the bucket snapshots, not the history."""
     window = _time_range(prepared.snapshot_bucket, filters)
-    bucket = prepared.snapshot_bucket[window]
     snapshots_all = prepared.snapshots.iloc[window]
     keep = _mask(snapshots_all, filters)
     snapshots = snapshots_all[keep].reset_index(drop=True)
-    bucket, series = bucket[keep], prepared.snapshot_series[window][keep]
-
-    # The last row of each series among the snapshots is its latest snapshot overall.
-    reverse = series[::-1]
-    _, first_from_end = np.unique(reverse, return_index=True)
-    latest_rows = np.sort(len(series) - 1 - first_from_end)
-    latest = snapshots.take(latest_rows).reset_index(drop=True)
 
     state = _fleet_of(prepared, filters)
     latest = state.latest_stats()
