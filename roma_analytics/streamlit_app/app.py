@@ -1,8 +1,8 @@
 """roma-analytics dashboard: `streamlit run app.py`.
 
-Widgets and calls only: the data comes from roma_analytics.dashboard (sources, filters, downloads)
-and roma_analytics.analysis, the figures from roma_analytics.charts.  Caching lives here, not in
-the package.  With the environment variable ROMA_HISTORY set, it opens that history folder
+Widgets and calls only: what each view shows comes from streamlit_app/views.py (plain functions
+over roma_analytics.dashboard, analysis and charts), the sources, filters and downloads from
+roma_analytics.dashboard.  Caching lives here, not in the package.  With the environment variable ROMA_HISTORY set, it opens that history folder
 instead of the bundled sample.  The server listens on localhost only (.streamlit/config.toml); see the sidebar's
 "About" for how to share it safely.
 """
