@@ -239,7 +239,7 @@ class HistoryStore:
             fs.ensure_layout(TABLE_NAMES)
             # stats last: a run is listed once its stats file exists, and by then its other
             # tables are complete (a writer killed earlier leaves an unlisted, unacknowledged run).
-            for table in sorted(frames, key=lambda t: t == "stats"):
+            for table in (*(t for t in frames if t != "stats"), "stats"):
                 if table not in _ALWAYS_WRITTEN and frames[table].empty:
                     continue
                 arrow = to_arrow(frames[table], table, {META_RUNS: runs_meta})
@@ -882,13 +882,18 @@ class HistoryStore:
     def compact(self, before=None, *, grace: float | None = None) -> CompactReport:
         """Merge each day strictly before ``before`` (default: today UTC) into one file per table.
 
-        A merged file is named ``compacted-<first>-<last>-<hash>.parquet`` and its own metadata
-        lists the runs it holds (``roma_analytics.runs``) and every file it replaces
-        (``roma_analytics.replaces``, transitively: a merge of merged files names their originals
-        too), so there is no separate journal to lose.  Readers never read a file that a visible
-        merged file replaces, and of several files holding the same run id they read one (the
-        merged file holding the most runs, then the first by name).  Hence at any instant, and
-        after a crash anywhere, every row is read exactly once.
+        A merged file is named ``compacted-<first>-<last>-<hash>.parquet``: ``<first>`` and
+        ``<last>`` are its first and last run ids by time (the first and last file names, without
+        ``.parquet``, for files that list no runs), each cut to 40 characters to keep the name
+        within file-system limits; ``<hash>`` is the first 12 hex digits of the SHA-256 of the
+        sorted names of the files it replaces, joined by newlines, so two compactors that saw the
+        same files choose the same name.  Its own metadata lists the runs it holds
+        (``roma_analytics.runs``) and every file it replaces (``roma_analytics.replaces``,
+        transitively: a merge of merged files names their originals too), so there is no separate
+        journal to lose.  Readers never read a file that a visible merged file replaces, and of
+        several files holding the same run id they read one (the merged file holding the most
+        runs, then the first by name).  Hence at any instant, and after a crash anywhere, every row
+        is read exactly once.
 
         **Folder**: under ``.compact.lock`` (one compactor at a time) the day's files are merged
         into a dot-named temporary file, fsynced; readers ignore it, and a crash there leaves the
@@ -935,13 +940,13 @@ class HistoryStore:
                             continue
                         merged_files, merged_rows, left_here = self._compact_day(folder, table, grace)
                         left.extend(left_here)
+                        files_merged += merged_files
+                        rows += merged_rows
                         if merged_files:
                             days.add(day)
-                            files_merged += merged_files
-                            rows += merged_rows
             # After the merge: a merged day has new file names, hence a new rollup key.
             with fs.compacting():
-                rolled = self._rollup(pd.Timestamp(cutoff, tz="UTC"), clean=True)
+                rolled = self._rollup(cutoff, clean=True)
         return CompactReport(days=len(days), files_merged=files_merged, rows=rows, left_in_place=tuple(left),
                              rollups=rolled)
 
