@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import multiprocessing
 import os
 import random
@@ -14,16 +15,17 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from unprivileged import as_unprivileged
 
-from roma_analytics import analysis, schema
+from roma_analytics import analysis, rollups, schema
 from roma_analytics.collect import Collection
 from roma_analytics.errors import ConfigError, HistoryWarning, RomaError
-from roma_analytics.store import STALE_TEMP_SECONDS, CompactReport, HistoryStore
+from roma_analytics.store import STALE_TEMP_SECONDS, CompactReport, HistoryStore, arrow_schema
 
 FORK = multiprocessing.get_context("fork")
 
@@ -307,6 +309,10 @@ def test_read_only_location_is_a_clear_error():
         assert as_unprivileged(lambda: HistoryStore(history).load()) == (None, "")
         error, message = as_unprivileged(lambda: HistoryStore(history).append(make_run("r2", "2024-05-01T11:00Z")))
         assert error == "ConfigError" and "writable" in message, message
+        assert message.startswith(f"cannot write to the history folder {history}: Permission denied"), message
+        error, message = as_unprivileged(lambda: HistoryStore(history).compact(before="2024-05-02"))
+        assert error == "ConfigError" and "writable" in message, message
+        assert message.startswith(f"cannot compact the history folder {history}: Permission denied"), message
         assert [p.name for p in (history / "stats" / "date=2024-05-01").iterdir()] == ["r1.parquet"]
     finally:
         locked.chmod(0o755)
@@ -317,7 +323,7 @@ def test_unwritable_location_is_a_clear_error_even_for_root(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be")
     # The history folder itself is fine; its parent path goes through a file.
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=f"^cannot write to the history folder {blocker / 'history'}: Not a directory"):
         HistoryStore(blocker / "history").append(make_run("r1", "2024-05-01T10:00Z"))
 
 
@@ -835,3 +841,323 @@ def test_compact_default_leaves_todays_utc_day_alone_in_any_time_zone(history_di
 def test_compact_names_a_bad_before(history_dir):
     with pytest.raises(ConfigError, match=r"^before='soon' is not a date or time"):
         HistoryStore(history_dir).compact(before="soon")
+
+
+# ------------------------------------------------------------------------------------ append: every table
+
+DAY = "date=2024-05-01"
+
+
+def scope_rows(run_id, at, projects=("p1",)):
+    return schema.conform(pd.DataFrame([{
+        "collected_at": pd.Timestamp(at), "run_id": run_id, "region": "cn-north-4", "project_id": project,
+        "discovery": "listed", "instances": 2, "collected": 2, "failed": 0} for project in projects]), "scopes")
+
+
+def task_rows(run_id, at, tasks=("t1",)):
+    return schema.conform(pd.DataFrame([{
+        "collected_at": pd.Timestamp(at), "run_id": run_id, "region": "cn-north-4", "project_id": "p1",
+        "instance_id": "i1", "task_type": "cdc", "task_id": task, "task_name": f"job {task}",
+        "api_task_type": "REALTIME", "execute_status": "ERROR", "status": 3, "task_tag": None,
+        "created_date": pd.Timestamp("2024-04-01T00:00Z"), "last_modified_time": pd.Timestamp(at)}
+        for task in tasks], columns=list(schema.ABNORMAL_TASKS_DTYPES)), "abnormal_tasks")
+
+
+def test_a_runs_scopes_and_abnormal_tasks_are_stored_and_read_back(history_dir):
+    store = HistoryStore(history_dir)
+    at = "2024-05-01T10:00Z"
+    run = make_run("r1", at)
+    run.scopes = scope_rows("r1", at, projects=("p1", "p2"))
+    run.abnormal_tasks = task_rows("r1", at, tasks=("t1", "t2"))
+    written = store.append(run)
+    assert [p.relative_to(history_dir).as_posix() for p in written] == [
+        f"{table}/{DAY}/r1.parquet" for table in ("stats", "scopes", "abnormal_tasks")]
+    pd.testing.assert_frame_equal(store.load(table="scopes"), run.scopes)
+    pd.testing.assert_frame_equal(store.load(table="abnormal_tasks"), run.abnormal_tasks)
+    # A run that listed tasks and found none still gets its (empty) file: it looked.
+    looked = make_run("r2", "2024-05-01T11:00Z")
+    looked.abnormal_tasks = schema.empty_abnormal_tasks()
+    assert store.append(looked)[-1] == history_dir / "abnormal_tasks" / DAY / "r2.parquet"
+    assert pq.read_metadata(history_dir / "abnormal_tasks" / DAY / "r2.parquet").num_rows == 0
+    assert store.listed_runs()["run_id"].tolist() == ["r1", "r2"]
+
+
+def test_a_collection_without_scopes_or_tasks_is_stored(history_dir):
+    """Any object with stats, errors, run_id and collected_at is a collection (scopes and
+    abnormal_tasks are optional)."""
+    import types
+
+    run = make_run("r1", "2024-05-01T10:00Z")
+    bare = types.SimpleNamespace(stats=run.stats, errors=run.errors, run_id="r1", collected_at=run.collected_at)
+    written = HistoryStore(history_dir).append(bare)
+    assert written == [history_dir / "stats" / DAY / "r1.parquet"]
+    assert files_under(history_dir / "scopes") == [] and files_under(history_dir / "abnormal_tasks") == []
+    pd.testing.assert_frame_equal(HistoryStore(history_dir).load(), sorted_rows(run.stats))
+
+
+@pytest.mark.parametrize("table", ["errors", "scopes", "abnormal_tasks"])
+def test_rows_of_every_table_must_belong_to_the_run_and_its_day(history_dir, table):
+    def run_with(rows_run_id, rows_at):
+        run = make_run("r1", "2024-05-01T10:00Z")
+        if table == "errors":
+            run.errors = make_run(rows_run_id, rows_at, errors=[("i9", 500)]).errors
+        elif table == "scopes":
+            run.scopes = scope_rows(rows_run_id, rows_at)
+        else:
+            run.abnormal_tasks = task_rows(rows_run_id, rows_at)
+        return run
+
+    store = HistoryStore(history_dir)
+    with pytest.raises(ConfigError, match=f"^cannot store run r1: its {table} rows carry another run_id"):
+        store.append(run_with("r2", "2024-05-01T10:00Z"))
+    with pytest.raises(ConfigError, match=(
+            f"^cannot store run r1: {table} rows have collected_at outside 2024-05-01, "
+            "the UTC day of the run's collected_at")):
+        store.append(run_with("r1", "2024-05-02T10:00Z"))
+    assert [f for f in files_under(history_dir) if f.endswith(".parquet")] == []   # nothing half-stored
+    store.append(run_with("r1", "2024-05-01T10:00Z"))   # the same rows of the right run and day are fine
+    assert store.load(table=table)["run_id"].tolist() == ["r1"]
+
+
+def test_a_bad_collected_at_is_named(history_dir):
+    run = make_run("r1", "2024-05-01T10:00Z")
+    run.collected_at = "not a time"
+    with pytest.raises(ConfigError, match=r"^collected_at='not a time' is not a date or time"):
+        HistoryStore(history_dir).append(run)
+
+
+def test_appending_to_a_compacted_day_checks_every_merged_file_and_says_nothing(history_dir):
+    store = HistoryStore(history_dir)
+    store.append(make_run("r1", "2024-05-01T10:00Z"))
+    store.append(make_run("r2", "2024-05-01T11:00Z"))
+    store.compact(before="2024-05-02")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a healthy history: not one warning
+        store.append(make_run("r3", "2024-05-01T12:00:00.1234567Z"))
+        assert HistoryStore(history_dir).load()["run_id"].unique().tolist() == ["r1", "r2", "r3"]
+        with pytest.raises(ConfigError, match="^run r1 of 2024-05-01 is already in the stats history"):
+            HistoryStore(history_dir).append(make_run("r1", "2024-05-01T10:00Z"))
+
+
+def test_appending_beside_a_damaged_merged_file_says_so_and_stores_the_run(history_dir):
+    store = HistoryStore(history_dir)
+    store.append(make_run("r1", "2024-05-01T10:00Z"))
+    damaged = history_dir / "stats" / DAY / "compacted-r7-r8-0123456789ab.parquet"
+    damaged.write_bytes(b"PAR1 not really")
+    with pytest.warns(HistoryWarning, match=f"skipped the history file {damaged}"):
+        store.append(make_run("r2", "2024-05-01T11:00Z"))
+    assert (history_dir / "stats" / DAY / "r2.parquet").exists()
+
+
+def test_a_run_id_taken_between_the_check_and_the_write_is_refused(history_dir, monkeypatch):
+    """Two writers of one run id at once: the second finds the name free, then the first links
+    its file; the second's link fails and nothing is overwritten."""
+    from roma_analytics.history_backend import LocalBackend
+
+    target = history_dir / "stats" / DAY / "r1.parquet"
+    real_exists = LocalBackend.file_exists
+    other = HistoryStore(history_dir)
+    raced = []
+
+    def first_writer_wins(self, path):
+        found = real_exists(self, path)
+        if Path(path) == target and not raced:
+            raced.append(path)
+            other.append(make_run("r1", "2024-05-01T10:00Z", instances=("i7",)))   # just after the check
+        return found
+
+    HistoryStore(history_dir).append(make_run("r0", "2024-05-01T09:00Z"))
+    monkeypatch.setattr(LocalBackend, "file_exists", first_writer_wins)
+    with pytest.raises(ConfigError) as raised:
+        HistoryStore(history_dir).append(make_run("r1", "2024-05-01T10:00Z"))
+    assert str(raised.value) == (f"run r1 is already in the stats history ({target}); "
+                                 "run ids must be unique, refusing to overwrite")
+    monkeypatch.undo()
+    assert set(HistoryStore(history_dir).load(instances=["i7"])["run_id"]) == {"r1"}   # the first writer's
+    assert HistoryStore(history_dir).load(instances=["i1"])["run_id"].unique().tolist() == ["r0"]
+
+
+# ------------------------------------------------------------------------------------ compact: what is merged, what is left
+
+def run_with_rows(run_id, at, rows):
+    """make_run's run with only its first ``rows`` stats rows (0 to 4)."""
+    run = make_run(run_id, at)
+    run.stats = run.stats.iloc[:rows].reset_index(drop=True)
+    return run
+
+
+def merge_aside(store, history_dir, runs, aside):
+    """Append ``runs`` (of 2024-05-01), compact the day and move its merged stats file into the
+    folder ``aside``; return the moved file's path."""
+    for run in runs:
+        store.append(run)
+    store.compact(before="2024-05-02")
+    (merged,) = (history_dir / "stats" / DAY).glob("compacted-*.parquet")
+    aside.mkdir(exist_ok=True)
+    return Path(shutil.move(merged, aside / merged.name))
+
+
+@pytest.mark.parametrize("sizes", [(4, 4, 4), (0, 1, 0)])
+def test_merged_files_sharing_a_run_merge_into_one_with_its_rows_once(history_dir, tmp_path, sizes):
+    """Two merged files of one day that share a run (r2), as compactions that listed the day at
+    different moments leave them on an object store: appends check both, and the next
+    compaction writes each row once."""
+    store = HistoryStore(history_dir)
+    runs = [run_with_rows(f"r{n}", f"2024-05-01T1{n}:00Z", rows) for n, rows in enumerate(sizes, start=1)]
+    merged = [merge_aside(store, history_dir, runs[:2], tmp_path / "aside"),
+              merge_aside(store, history_dir, runs[1:], tmp_path / "aside")]
+    day = history_dir / "stats" / DAY
+    for path in merged:
+        shutil.move(path, day / path.name)
+    with pytest.raises(ConfigError, match="^run r1 of 2024-05-01 is already"):   # in the first file only
+        store.append(runs[0])
+    expected = sorted_rows(pd.concat([run.stats for run in runs], ignore_index=True))
+    report = store.compact(before="2024-05-02")
+    assert (report.days, report.files_merged, report.rows, report.left_in_place) == (1, 2, sum(sizes), ())
+    (merged,) = day.iterdir()
+    on_disk = schema.conform(pq.read_table(merged).to_pandas(), "stats")
+    pd.testing.assert_frame_equal(sorted_rows(on_disk), expected)
+    pd.testing.assert_frame_equal(store.load(), expected)
+    assert store.runs()["run_id"].tolist() == ["r1", "r2", "r3"]
+
+
+def test_a_row_held_twice_by_one_run_stays_twice_through_compaction(history_dir):
+    """Only copies of a run read from two files count once; compaction never drops a row of a
+    single file (what the run stored is what is read, before and after)."""
+    store = HistoryStore(history_dir)
+    twice = make_run("r1", "2024-05-01T10:00Z")
+    twice.stats = pd.concat([twice.stats, twice.stats.iloc[:1]], ignore_index=True)
+    store.append(twice)
+    store.append(make_run("r2", "2024-05-01T11:00Z"))
+    before = store.load()
+    assert len(before) == 5 + 4
+    assert store.compact(before="2024-05-02").rows == 5 + 4
+    pd.testing.assert_frame_equal(store.load(), before)
+
+
+def test_two_merged_files_with_the_same_runs_become_one(history_dir):
+    """Two compactions of one day at once (object store) leave two merged files holding the same
+    runs; the next compaction replaces both by one, without a row twice."""
+    store = HistoryStore(history_dir)
+    store.append(make_run("r1", "2024-05-01T10:00Z"))
+    store.append(make_run("r2", "2024-05-01T11:00Z"))
+    store.compact(before="2024-05-02")
+    day = history_dir / "stats" / DAY
+    (merged,) = day.iterdir()
+    shutil.copy(merged, day / "compacted-copy.parquet")
+    before = store.load()
+    report = store.compact(before="2024-05-02")
+    assert (report.days, report.files_merged, report.rows, report.left_in_place) == (1, 2, 8, ())
+    assert len(list(day.iterdir())) == 1
+    pd.testing.assert_frame_equal(store.load(), before)
+
+
+def write_nanosecond_file(path, run_id, at):
+    """make_run's stats rows as another writer may store them: times in nanoseconds (789 ns past
+    ``at``), finer than the microseconds of the contract."""
+    rows = make_run(run_id, at).stats
+    arrow = pa.Table.from_pandas(rows, preserve_index=False)
+    stamp = (pd.Timestamp(at) + pd.Timedelta(nanoseconds=789)).value
+    arrow = arrow.set_column(0, "collected_at", pa.array([stamp] * len(rows), pa.timestamp("ns", tz="UTC")))
+    pq.write_table(arrow, path, version="2.6")
+
+
+def test_compact_leaves_files_it_cannot_merge_without_loss_and_names_them(history_dir):
+    store = HistoryStore(history_dir)
+    days = {n: history_dir / "stats" / f"date=2024-05-0{n}" for n in (1, 2, 3)}
+    # 05-01: a file with nanosecond times (the first by name) beside two runs that merge
+    for n in (1, 2):
+        store.append(make_run(f"r{n}", f"2024-05-01T1{n}:00Z"))
+    write_nanosecond_file(days[1] / "r0.parquet", "r0", "2024-05-01T09:00Z")
+    # 05-02: one run and a file with nanosecond times: nothing to merge the run with
+    store.append(make_run("r3", "2024-05-02T10:00Z"))
+    write_nanosecond_file(days[2] / "r4.parquet", "r4", "2024-05-02T11:00Z")
+    # 05-03: a damaged file and one with nanosecond times: nothing to merge the second one with
+    days[3].mkdir()
+    (days[3] / "r5.parquet").write_bytes(b"not a parquet file")
+    write_nanosecond_file(days[3] / "r6.parquet", "r6", "2024-05-03T10:00Z")
+    kept = {path: path.read_bytes() for path in (days[1] / "r0.parquet", *days[2].iterdir(), *days[3].iterdir())}
+    with pytest.warns(HistoryWarning):
+        report = store.compact(before="2024-05-04")
+    assert (report.days, report.files_merged, report.rows) == (1, 2, 8)
+    named = {path.name: [m for m in report.left_in_place if str(path) in m] for path in kept}
+    assert [len(named[name]) for name in ("r0.parquet", "r3.parquet", "r4.parquet", "r5.parquet", "r6.parquet")] \
+        == [1, 0, 1, 1, 0]
+    for name in ("r0.parquet", "r4.parquet"):
+        assert "not merged" in named[name][0] and "cannot be merged without loss" in named[name][0]
+    assert "not a readable Parquet file" in named["r5.parquet"][0]
+    assert len(report.left_in_place) == 3
+    assert {path: path.read_bytes() for path in kept} == kept   # each left exactly as it was
+    assert [p.name.startswith("compacted-r1-r2-") for p in sorted(days[1].iterdir())] == [True, False]
+
+
+def test_compact_leaves_files_holding_another_days_rows_and_names_them(history_dir):
+    store = HistoryStore(history_dir)
+    for n in (1, 2):
+        store.append(make_run(f"r{n}", f"2024-05-01T1{n}:00Z"))
+    store.append(make_run("r8", "2024-05-04T10:00Z"))
+    store.append(make_run("r9", "2024-05-02T10:00Z"))
+    stats = history_dir / "stats"
+    (stats / "date=2024-05-03").mkdir()
+    # Moved by hand into the wrong day's folder: one among other files, one alone (their own
+    # folders are left empty).
+    among = Path(shutil.move(stats / "date=2024-05-02" / "r9.parquet", stats / DAY / "r9.parquet"))
+    alone = Path(shutil.move(stats / "date=2024-05-04" / "r8.parquet", stats / "date=2024-05-03" / "r8.parquet"))
+    with pytest.warns(HistoryWarning):
+        report = store.compact(before="2024-05-05")
+    assert (report.days, report.files_merged, report.rows) == (1, 2, 8)
+    assert len(report.left_in_place) == 2
+    for path, day in ((among, "2024-05-02"), (alone, "2024-05-04")):
+        (message,) = [m for m in report.left_in_place if str(path) in m]
+        assert "not merged" in message and f"holds rows of {day}, not of its folder's day" in message
+        assert path.exists()
+
+
+def test_a_merged_files_name_gives_its_first_and_last_run_and_a_hash_of_what_it_replaces(history_dir):
+    """compacted-<first>-<last>-<hash>.parquet (HistoryStore.compact): run ids cut to 40
+    characters, the hash the first 12 hex digits of the SHA-256 of the replaced files' names."""
+    store = HistoryStore(history_dir)
+    longest = ["20240501T100000Z-" + "a" * 111, "20240501T110000Z-" + "b" * 111]   # 128 characters, the most
+    for run_id, at in ((longest[1], "2024-05-01T11:00Z"), ("r-mid", "2024-05-01T10:30Z"),
+                       (longest[0], "2024-05-01T10:00Z")):
+        store.append(make_run(run_id, at))
+    store.compact(before="2024-05-02")
+    replaced = "\n".join(sorted(f"{run_id}.parquet" for run_id in (*longest, "r-mid")))
+    digest = hashlib.sha256(replaced.encode()).hexdigest()[:12]
+    assert [p.name for p in (history_dir / "stats" / DAY).iterdir()] == [
+        f"compacted-{longest[0][:40]}-{longest[1][:40]}-{digest}.parquet"]
+    assert store.runs()["run_id"].tolist() == [longest[0], "r-mid", longest[1]]
+
+
+def test_files_listing_no_runs_are_merged_under_their_file_names(history_dir):
+    """Files another tool wrote into a day (Spark's part files, say) list no runs in their
+    metadata: the merged file is named after the first and last of their names."""
+    store = HistoryStore(history_dir)
+    store.append(make_run("r-other-day", "2024-05-02T10:00Z"))
+    day = history_dir / "stats" / DAY
+    day.mkdir()
+    names = [f"part-0000{n}-5f2b7a0e-1c2d-4e5f-8a9b-0c1d2e3f4a5b-c000.snappy.parquet" for n in range(3)]
+    runs = [make_run(f"r{n}", f"2024-05-01T1{n}:00Z") for n in range(3)]
+    for name, run in zip(names, runs):
+        pq.write_table(pa.Table.from_pandas(run.stats, schema=arrow_schema("stats"), preserve_index=False),
+                       day / name)
+    report = store.compact(before="2024-05-02")
+    assert (report.files_merged, report.rows) == (3, 12)
+    stems = [name[: -len(".parquet")] for name in names]
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    assert [p.name for p in day.iterdir()] == [f"compacted-{stems[0][:40]}-{stems[2][:40]}-{digest}.parquet"]
+    pd.testing.assert_frame_equal(store.load(until="2024-05-02"),
+                                  sorted_rows(pd.concat([run.stats for run in runs], ignore_index=True)))
+
+
+def test_compact_removes_the_temporaries_of_killed_rollup_writers(history_dir):
+    store = HistoryStore(history_dir)
+    build_days(store, days=1)
+    leftovers = []
+    for table in rollups.TABLES:
+        folder = history_dir / table / DAY
+        folder.mkdir(parents=True, exist_ok=True)
+        leftovers.append(folder / f".{rollups.PREFIX}0123456789ab.parquet.tmp-1-abcd")
+        leftovers[-1].write_bytes(b"half a rollup")
+    store.compact(before="2024-05-02")
+    assert [path.exists() for path in leftovers] == [False] * len(leftovers)
