@@ -139,6 +139,26 @@ def test_compaction_keeps_replaced_objects_for_the_grace_period(s3_bucket, s3_se
     pd.testing.assert_frame_equal(store.runs(), HistoryStore(f"s3://{s3_bucket}/h").runs())
 
 
+def test_replaced_objects_go_once_the_merged_object_is_grace_seconds_old(s3_bucket, s3_server, monkeypatch):
+    """The originals stay while the merged object is younger than ``grace`` (default
+    REPLACED_GRACE_SECONDS) and go from the second it is that old, by the store's clock."""
+    import types
+
+    import roma_analytics.store as store_module
+    from roma_analytics.history_backend import REPLACED_GRACE_SECONDS
+
+    store = HistoryStore(f"s3://{s3_bucket}/h")
+    fill(store, days=1, runs_per_day=2)
+    store.compact(before="2024-05-02")
+    prefix = "h/stats/date=2024-05-01/"
+    (merged,) = [key for key in object_keys(s3_server, s3_bucket, prefix) if "compacted-" in key]
+    made = s3_client(s3_server).head_object(Bucket=s3_bucket, Key=merged)["LastModified"].timestamp()
+    for age, grace, left in ((REPLACED_GRACE_SECONDS - 1, None, 3), (99, 100, 3), (100, 100, 1)):
+        monkeypatch.setattr(store_module, "time", types.SimpleNamespace(time=lambda age=age: made + age))
+        assert store.compact(before="2024-05-02", grace=grace).files_merged == 0
+        assert len(object_keys(s3_server, s3_bucket, prefix)) == left, (age, grace)
+    assert object_keys(s3_server, s3_bucket, prefix) == [merged]
+
 def test_late_run_and_two_compactors_are_counted_once(s3_bucket):
     store = HistoryStore(f"s3://{s3_bucket}/h")
     fill(store, days=1, runs_per_day=2)
