@@ -20,6 +20,7 @@ rows for 5-minute collection at hourly resolution, and without re-sorting string
 """
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import os
 import re
@@ -659,6 +660,16 @@ def prepare_store(store: HistoryStore, freq: str = "1h", as_of=None, since=None,
         as_of = schema.parse_time(as_of, "as_of")
         horizon = as_of + fleet.DEFAULT_TOLERANCE + pd.Timedelta(1, "us")
     end = horizon if until is None else (until if horizon is None else min(until, horizon))
+    fleet_rows = {}
+    if as_of is not None and not is_object_store_uri(str(store.path)):
+        # The fleet state the first view shows (its rows as of as_of, see _fleet_of) is read
+        # while the snapshots are: two DuckDB queries at once, through a second store object on
+        # the folder (a HistoryStore is not shared between threads).
+        # A pool per call, shut down at once: its one thread ends with the task (nothing is left
+        # behind to break in a forked child).
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="roma-fleet-rows")
+        fleet_rows[(as_of, False)] = pool.submit(_quiet_fleet_rows, HistoryStore(store.path), as_of)
+        pool.shutdown(wait=False)
     with warnings.catch_warnings():
         # Damaged or foreign files are in store.problems, which the page shows.
         warnings.simplefilter("ignore", HistoryWarning)
@@ -673,7 +684,13 @@ def prepare_store(store: HistoryStore, freq: str = "1h", as_of=None, since=None,
     errors = errors.sort_values(["collected_at", "run_id"], kind="stable").reset_index(drop=True)
     return PreparedHistory(stats=schema.empty_stats(), errors=errors, freq=freq, snapshots=snapshots,
                            snapshot_bucket=bucket, stats_time=np.empty(0, dtype="int64"),
-                           as_of=as_of, store=store)
+                           as_of=as_of, store=store, _fleet_rows=fleet_rows)
+
+
+def _quiet_fleet_rows(store: HistoryStore, as_of) -> tuple:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HistoryWarning)  # the same files' problems are on the page
+        return store.fleet_rows(as_of=as_of)
 
 
 def _micros(times: pd.Series) -> np.ndarray:
@@ -819,7 +836,10 @@ def _fleet_of(prepared: PreparedHistory, filters: Filters) -> fleet.FleetState:
             prepared._fleet_rows[(as_of, cut)] = (
                 prepared.store.fleet_rows(as_of=filters.until - pd.Timedelta(1, "us"), tolerance=pd.Timedelta(0))
                 if cut else prepared.store.fleet_rows(as_of=as_of))
-        top_stats, top_errors, scope_runs, future, staleness = prepared._fleet_rows[(as_of, cut)]
+        rows = prepared._fleet_rows[(as_of, cut)]
+        if isinstance(rows, concurrent.futures.Future):  # read beside the snapshots (prepare_store)
+            rows = prepared._fleet_rows[(as_of, cut)] = rows.result()
+        top_stats, top_errors, scope_runs, future, staleness = rows
         if cut:  # rows after the range are not in the future: they are outside the selection
             future = future.iloc[:0]
         scope_filter = Filters(regions=filters.regions, projects=filters.projects)
