@@ -144,6 +144,13 @@ def _dashboard(history: str, reruns: int) -> dict:
     # components once, when the server starts.  AppTest would scan again in every new AppTest's
     # first run (about 0.4 s), so the measured app reuses the warm-up's scan.
     serve.preload()
+    from streamlit import config
+
+    from roma_analytics.cli import DASHBOARD_STREAMLIT_SETTINGS
+
+    # The dashboard command's setting that AppTest would otherwise not have (the page is compiled
+    # without Streamlit's "magic" rewriting).
+    config.set_option("runner.magicEnabled", DASHBOARD_STREAMLIT_SETTINGS["runner.magicEnabled"] == "true")
     warm = AppTest.from_string("import streamlit as st\nst.write('warm-up')")
     warm.run()
     at = AppTest.from_file(str(APP_PATH), default_timeout=900)

@@ -932,6 +932,7 @@ DASHBOARD_STREAMLIT_SETTINGS = {
     "client.toolbarMode": "viewer",      # no "Deploy" button: this dashboard is never deployed publicly
     "client.disableDataExport": "true",  # CSV only through export.csv_text (formula-safe downloads)
     "server.fileWatcherType": "none",    # an installed app does not change under it
+    "runner.magicEnabled": "false",      # the page writes nothing by magic: compiling it is quicker
     "global.developmentMode": "false",
     "theme.base": "light",
     "theme.primaryColor": "#2563eb",
