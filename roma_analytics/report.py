@@ -87,6 +87,10 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
     horizon = as_of + tolerance + pd.Timedelta(1, "us")
     filters = dict(since=start, until=horizon if end is None else min(end, horizon), projects=projects,
                    instances=instances, regions=regions)
+    if start is not None and start >= filters["until"]:
+        # A period starting after now holds no run yet (the period ends at now, not at --until).
+        raise NothingMatched(f"no collection run from {start:%Y-%m-%d %H:%M} UTC in {store.path}: that is after "
+                             f"now ({present:%Y-%m-%d %H:%M} UTC); nothing to report")
     # Only what the report shows is read: per-bucket snapshots (from the rollups where the
     # resolution allows), the errors, per-run outcomes, and raw rows only of the first day
     # (the period's first time) and of the instances that failed or had abnormal tasks.

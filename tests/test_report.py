@@ -83,6 +83,13 @@ def test_cli_report_and_its_errors(history, tmp_path, capsys):
 
     code = main(["report", "--history", str(history["store"].path), "--since", "2024-06-01", "--out", str(out)])
     assert code == 6 and "nothing to report" in capsys.readouterr().err  # a period without runs: its own status
+    # A period starting after now: nothing to report yet (it said "until (now + 5 min) is before
+    # since", quoting an --until nobody gave), with or without an --until.
+    for until in ([], ["--until", "2999-02-01"]):
+        code = main(["report", "--history", str(history["store"].path), "--since", "2999-01-01", *until,
+                     "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 6 and "2999-01-01 00:00 UTC" in err and "after now" in err and "until (" not in err, err
     code = main(["report", "--history", str(history["store"].path), "--since", "2024-05-01", "--freq", "1M",
                  "--out", str(out)])
     assert code == 2 and "fixed-length" in capsys.readouterr().err
