@@ -150,8 +150,7 @@ def episodes_duckdb(stats_files, tasks_files, errors_files, listed_runs: Iterabl
     """
     import pyarrow.dataset as ds
 
-    import duckdb
-
+    from roma_analytics import sqlagg
     from roma_analytics.schema import parse_time
 
     def empty(source) -> bool:
@@ -231,15 +230,15 @@ def episodes_duckdb(stats_files, tasks_files, errors_files, listed_runs: Iterabl
         params["since"] = start.to_pydatetime()
     if end is not None:
         params["until"] = end.to_pydatetime()
-    with duckdb.connect() as connection:
-        try:
-            connection.execute("PRAGMA disable_progress_bar")  # never drawn on a terminal or a log
-        except duckdb.Error:
-            pass  # in Jupyter without ipywidgets DuckDB refuses to touch the setting (and draws none)
-        connection.execute("SET TimeZone = 'UTC'")
-        for name, dataset in datasets.items():
-            connection.register(name, dataset)
+    # The process's shared DuckDB database (sqlagg: UTC, no progress bar, closed before a fork).
+    connection = sqlagg._connection()
+    for name, dataset in datasets.items():
+        connection.register(name, dataset)
+    try:
         found = connection.execute(sql, params).df()
+    finally:
+        for name in datasets:
+            connection.unregister(name)
     if found.empty:
         return _empty_episodes()
     return _finish(found)
