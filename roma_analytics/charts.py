@@ -20,6 +20,7 @@ browsers often lack).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -50,8 +51,11 @@ __all__ = [
     "abnormal_ratio_trend",
     "cdc_share_trend",
     "abnormal_heatmap",
+    "Table",
     "worst_instances_table",
+    "worst_instances_rows",
     "changes_table",
+    "changes_rows",
     "collection_health_chart",
     "instance_history",
     "kpi_figure",
@@ -685,6 +689,14 @@ def _colour_scale_top(values: np.ndarray) -> float:
 def worst_instances_table(
     ranking: pd.DataFrame | None, threshold: float | None = None, top: int = 50
 ) -> go.Figure:
+    """:func:`worst_instances_rows` drawn as a plotly table (``go.Table``), for notebooks and the
+    report; the arguments, columns read and errors raised are those of :func:`worst_instances_rows`."""
+    return worst_instances_rows(ranking, threshold, top).figure()
+
+
+def worst_instances_rows(
+    ranking: pd.DataFrame | None, threshold: float | None = None, top: int = 50
+) -> Table:
     """A table of the worst groups with their Wilson intervals; rows over ``threshold`` shaded.
 
     Input: ``analysis.abnormal_ranking(stats, n, by=...)``, in its order (the first ``top``
@@ -695,6 +707,11 @@ def worst_instances_table(
     ``threshold`` is a fraction (0.05 = 5 %).  A row whose whole interval is above it
     (``wilson_low > threshold``) gets ``HIGHLIGHT_COLORS["above"]``; a row whose ratio is above
     it but whose interval reaches below (could be chance on few tasks) gets ``"maybe"``.
+
+    Returns a :class:`Table` (cells as formatted text: counts with thousands separators, ratios
+    as percentages); no rows (or ``None``) gives a table with no rows and
+    :data:`EMPTY_MESSAGE`.  Raises ``ValueError`` for missing columns, no group column or a
+    ``threshold`` outside 0..1.
     """
     builder = "worst_instances_table"
     title = "Highest abnormal ratios"
@@ -703,7 +720,7 @@ def worst_instances_table(
         builder, "analysis.abnormal_ranking(stats)",
     )
     if frame is None:
-        return empty_figure(title=title)
+        return Table(title, {}, [], range(0), EMPTY_MESSAGE)
     groups = [c for c in GROUP_COLUMNS if c in frame.columns]
     if not groups:
         raise ValueError(
@@ -735,9 +752,7 @@ def worst_instances_table(
         fill = fill.mask(ratio > threshold, HIGHLIGHT_COLORS["maybe"])
         fill = fill.mask(low > threshold, HIGHLIGHT_COLORS["above"])
         title += f" (shaded: above {threshold:.1%})"
-    fig = _table(columns, fill.tolist(), numeric_from=first_numeric)
-    _table_layout(fig, title, len(frame))
-    return fig
+    return Table(title, columns, fill.tolist(), range(first_numeric, len(columns)))
 
 
 def changes_table(
@@ -748,6 +763,20 @@ def changes_table(
     include_unchanged: bool = False,
     deltas: Sequence[str] | None = ("abnormal",),
 ) -> go.Figure:
+    """:func:`changes_rows` drawn as a plotly table (``go.Table``), for notebooks and the report;
+    the arguments, columns read and errors raised are those of :func:`changes_rows`."""
+    return changes_rows(changes, top, latest_run_only=latest_run_only,
+                        include_unchanged=include_unchanged, deltas=deltas).figure()
+
+
+def changes_rows(
+    changes: pd.DataFrame | None,
+    top: int = 100,
+    *,
+    latest_run_only: bool = True,
+    include_unchanged: bool = False,
+    deltas: Sequence[str] | None = ("abnormal",),
+) -> Table:
     """What changed between the last run and the one before, biggest abnormal increase first.
 
     Input: ``analysis.changes(stats)``.  Columns read: ``instance_id, status, summary`` (e.g.
@@ -760,13 +789,16 @@ def changes_table(
     (largest rise first) when present, else in the given order; the first ``top`` rows shown.
     With ``abnormal_delta``, rows where the abnormal count rose are shaded
     ``HIGHLIGHT_COLORS["worse"]``, rows where it fell ``"better"``.
+
+    Returns a :class:`Table`; with nothing to show, a table with no rows saying "No changes
+    since the previous run".  Raises ``ValueError`` for missing columns.
     """
     builder = "changes_table"
     title = "Changes since the previous run"
     no_changes = "No changes since the previous run"
     frame = _checked(changes, ("instance_id", "status", "summary"), builder, "analysis.changes(stats)")
     if frame is None:
-        return empty_figure(no_changes, title=title)
+        return Table(title, {}, [], range(0), no_changes)
     if latest_run_only and "collected_at" in frame.columns:
         # changes() covers every run of the history; the table answers "what just happened".
         times = _utc_naive(frame["collected_at"])
@@ -778,7 +810,7 @@ def changes_table(
     if not include_unchanged:
         frame = frame[frame["status"].astype("string").fillna("") != "unchanged"]
     if len(frame) == 0:
-        return empty_figure(no_changes, title=title)
+        return Table(title, {}, [], range(0), no_changes)
     if "abnormal_delta" in frame.columns:
         frame = frame.assign(_rise=_floats(frame["abnormal_delta"]))
         frame = frame.sort_values("_rise", ascending=False, kind="stable", na_position="last")
@@ -810,13 +842,78 @@ def changes_table(
     if "abnormal_delta" in frame.columns:
         rise = _floats(frame["abnormal_delta"])
         fill = fill.mask(rise > 0, HIGHLIGHT_COLORS["worse"]).mask(rise < 0, HIGHLIGHT_COLORS["better"])
-    fig = _table(columns, fill.tolist(), numeric_from=first_numeric, numeric_until=first_numeric + len(shown))
-    _table_layout(fig, title, len(frame))
-    return fig
+    return Table(title, columns, fill.tolist(), range(first_numeric, first_numeric + len(shown)))
 
 
 #: Table text: near-black on white (Streamlit's chart theme would otherwise grey it out).
 TABLE_TEXT_COLOR = "#1F2933"
+#: The lines between rows of an HTML table.
+TABLE_RULE_COLOR = "#D5D9E0"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Table:
+    """The rows of a table the builders compute once and draw two ways: :meth:`figure` (a plotly
+    ``go.Table``, for notebooks and the report) and :meth:`html` (a plain HTML table, for the
+    dashboard, where a browser lays it out at once and plotly's table trace would cost its
+    drawing time and a fixed-height frame).
+
+    ``title``: the table's title.  ``columns``: header -> cells, already formatted as text, one
+    per row.  ``fills``: one background colour per row (:data:`HIGHLIGHT_COLORS`).  ``numeric``:
+    the positions of the columns aligned right (counts, ratios, deltas).  ``empty``: what to say
+    when there are no rows.
+    """
+
+    title: str
+    columns: Mapping[str, pd.Series]
+    fills: Sequence[str]
+    numeric: range
+    empty: str | None = None
+
+    def __len__(self) -> int:
+        """The number of rows."""
+        return len(self.fills)
+
+    def figure(self) -> go.Figure:
+        """A ``go.Table`` with a height that has room for every row (nothing scrolls inside it);
+        with no rows, :func:`empty_figure` saying :attr:`empty`."""
+        if not len(self):
+            return empty_figure(self.empty or EMPTY_MESSAGE, title=self.title)
+        fig = _table(self.columns, list(self.fills), numeric_from=self.numeric.start, numeric_until=self.numeric.stop)
+        _table_layout(fig, self.title, len(self))
+        return fig
+
+    def html(self) -> str:
+        """The table as one self-contained HTML fragment (inline styles only, no script), every
+        cell and the title escaped (``display.html``), so a name is shown as the text it is.
+
+        Every row is shown, in :data:`TABLE_TEXT_COLOR` on its row's fill; text wraps at spaces
+        and an unbreakable id is never cut: a table wider than the page scrolls sideways in its
+        own frame.  With no rows: the title and :attr:`empty`.
+        """
+        title = (f'<div style="font-weight:600;font-size:1rem;margin:0 0 0.5rem 0;color:{TABLE_TEXT_COLOR}">'
+                 f"{display.html(self.title, limit=None)}</div>")
+        if not len(self):
+            message = display.html(self.empty or EMPTY_MESSAGE, limit=None)
+            return f'<div class="roma-table">{title}<p style="color:{TABLE_TEXT_COLOR}">{message}</p></div>'
+        cell = f"padding:0.3rem 0.6rem;border-bottom:1px solid {TABLE_RULE_COLOR};vertical-align:top;"
+        aligns = ["right" if i in self.numeric else "left" for i in range(len(self.columns))]
+        # Numbers keep one line and line up digit under digit.
+        number = "white-space:nowrap;font-variant-numeric:tabular-nums;"
+        styles = [f'{cell}text-align:{align};{number if align == "right" else ""}' for align in aligns]
+        head = "".join(
+            f'<th style="{style}font-weight:600;background:{HIGHLIGHT_COLORS["header"]}">{display.html(name, limit=None)}</th>'
+            for name, style in zip(self.columns, styles))
+        texts = [[display.html(value, limit=None) for value in series.astype(object)] for series in self.columns.values()]
+        body = "".join(
+            f'<tr style="background:{fill}">'
+            + "".join(f'<td style="{styles[c]}">{texts[c][row]}</td>' for c in range(len(texts)))
+            + "</tr>"
+            for row, fill in enumerate(self.fills))
+        return (f'<div class="roma-table">{title}<div style="overflow-x:auto">'
+                f'<table style="border-collapse:collapse;width:100%;font-size:0.875rem;color:{TABLE_TEXT_COLOR}">'
+                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div></div>")
+
 _TABLE_CELL_HEIGHT = 26
 _TABLE_LINE_HEIGHT = 18
 #: The narrowest plot area a table is laid out for (a 1280 px window beside the sidebar).

@@ -65,7 +65,14 @@ def test_default_run_shows_the_sample_kpis(app):
     points = round(kpis["abnormal_ratio_delta"] * 100, 1)
     assert ratio.delta == (f"{points:+.1f} pts".replace("-", "\u2212") if points else "±0.0 pts")
     assert "UTC" in app.caption[0].value
-    assert len(app.get("plotly_chart")) == 3
+    # The state breakdown is a chart; the worst instances and the changes are HTML tables.
+    assert len(app.get("plotly_chart")) == 1
+    tables = [element.proto.body for element in app.get("html")]
+    assert len(tables) == 2
+    assert "Instances with the highest abnormal ratio" in tables[0] and "Changes since the previous run" in tables[1]
+    # Every ranked instance up to 20, each in its own row.
+    instances = store.load().drop_duplicates("instance_id")["instance_id"].nunique()
+    assert tables[0].count("<tr style=") == min(instances, 20)
 
 
 @pytest.mark.parametrize("view, charts", [("Trends", 2), ("Heatmap", 1), ("Collection health", 1), ("Data", 0)])

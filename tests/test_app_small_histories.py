@@ -106,8 +106,10 @@ def test_one_run_drill_down_says_what_a_trend_needs(monkeypatch, one_run):
 def test_one_run_has_no_previous_run_to_compare_with(monkeypatch, one_run):
     at = open_app(monkeypatch, one_run)
     assert any("No previous run to compare with" in info.value for info in at.info)
-    # The changes table ("No changes since the previous run") is not shown: 2 charts, not 3.
-    assert len(at.get("plotly_chart")) == 2
+    # The changes table ("No changes since the previous run") is not shown: the worst instances only.
+    assert len(at.get("plotly_chart")) == 1
+    assert [("highest abnormal ratio" in t.proto.body, "Changes since" in t.proto.body) for t in at.get("html")] \
+        == [(True, False)]
     assert next(m for m in at.metric if m.label == "Abnormal ratio").delta in (None, "")
 
 
@@ -115,7 +117,8 @@ def test_two_runs_show_their_changes(monkeypatch, one_run, sim):
     append_run(one_run, sim, FIRST_RUN + pd.Timedelta(hours=1))
     at = open_app(monkeypatch, one_run)
     assert not any("No previous run" in info.value for info in at.info)
-    assert len(at.get("plotly_chart")) == 3
+    assert len(at.get("plotly_chart")) == 1
+    assert ["Changes since the previous run" in t.proto.body for t in at.get("html")] == [False, True]
 
 
 def test_anomaly_caption_says_why_nothing_could_be_judged(monkeypatch, one_run):

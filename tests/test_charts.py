@@ -7,7 +7,9 @@ Expected values are read off the hand-written inputs, never off the charts' own 
 from __future__ import annotations
 
 import base64
+import html
 import json
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pandas as pd
@@ -605,6 +607,73 @@ def test_changes_table_empty_says_no_changes():
     assert_empty_state(charts.changes_table(changes_frame().iloc[0:0]), "No changes since the previous run")
     only_unchanged = changes_frame().assign(status="unchanged")
     assert_empty_state(charts.changes_table(only_unchanged), "No changes since the previous run")
+
+
+# --- the tables as HTML (the dashboard's Overview) ---------------------------------------------
+def html_table(markup: str) -> dict:
+    """What a browser builds from ``Table.html()``: the title, the header cells, and per row its
+    background and its cells' text and alignment.  ElementTree refuses markup that is not well
+    formed, so an unescaped ``<`` in a name fails here too."""
+    root = ET.fromstring(markup)
+    table = root.find(".//table")
+    styles = lambda element: dict(part.split(":", 1) for part in element.get("style", "").split(";") if part)
+    rows = [] if table is None else table.findall("./tbody/tr")
+    return {
+        "root": root,
+        "title": "".join(root[0].itertext()),
+        "headers": [] if table is None else ["".join(th.itertext()) for th in table.findall("./thead/tr/th")],
+        "align": [] if table is None else [styles(th)["text-align"] for th in table.findall("./thead/tr/th")],
+        "fills": [styles(tr)["background"] for tr in rows],
+        "cells": [["".join(td.itertext()) for td in tr.findall("td")] for tr in rows],
+        "cell_align": [[styles(td)["text-align"] for td in tr.findall("td")] for tr in rows],
+        "table_style": {} if table is None else styles(table),
+    }
+
+
+@pytest.mark.parametrize("rows, figure", [
+    (lambda: charts.worst_instances_rows(ranking_frame(), threshold=0.1),
+     lambda: charts.worst_instances_table(ranking_frame(), threshold=0.1)),
+    (lambda: charts.changes_rows(changes_frame(), deltas=None), lambda: charts.changes_table(changes_frame(), deltas=None)),
+], ids=["worst instances", "changes"])
+def test_a_table_as_html_shows_what_its_figure_shows(rows, figure):
+    shown, drawn = html_table(rows().html()), figure()
+    table = drawn.data[0]
+    assert shown["title"] == html.unescape(drawn.layout.title.text)
+    assert shown["headers"] == [h.removeprefix("<b>").removesuffix("</b>") for h in table.header.values]
+    assert shown["cells"] == [[html.unescape(column[row]) for column in table.cells.values]
+                              for row in range(len(table.cells.values[0]))]
+    assert shown["fills"] == list(table.cells.fill.color[0])
+    assert shown["align"] == list(table.header.align)
+    assert all(row == list(table.cells.align) for row in shown["cell_align"])
+    # Dark text, as the figure's: never Streamlit's light grey.
+    assert shown["table_style"]["color"] == charts.TABLE_TEXT_COLOR == table.cells.font.color
+
+
+def test_a_table_as_html_has_every_row_whole_ids_and_names_as_text():
+    ids = [f"{n:08x}-7d2a-4c1e-9b3f-5a6e7d8c9b0a" for n in range(20)]   # 36 characters, no space
+    names = [None] * 19 + ["<img src=x onerror=alert(1)>&amp;"]   # no name: the id is the label
+    ratio = np.linspace(0.2, 0.01, 20)
+    ranking = pd.DataFrame({"instance_id": ids, "instance_name": names, "abnormal": (ratio * 100).round(),
+                            "total": 100, "abnormal_ratio": ratio, "wilson_low": ratio / 2, "wilson_high": ratio * 2})
+    shown = html_table(charts.worst_instances_rows(ranking, 0.05, top=20).html())
+    assert len(shown["cells"]) == 20
+    # Every id whole in its row; the name with markup shown as the characters it is, no element made.
+    labels = [cells[0] for cells in shown["cells"]]
+    assert labels[:19] == ids[:19]
+    assert "<img src=x onerror=alert(1)>&amp;" in " ".join(labels)
+    assert shown["root"].find(".//img") is None
+    # Nothing caps the height: no row is hidden behind a scroll.
+    markup = charts.worst_instances_rows(ranking, 0.05, top=20).html()
+    assert "max-height" not in markup and "overflow-y" not in markup and "height:" not in markup
+
+
+def test_an_empty_table_as_html_says_why():
+    for rows, message in ((charts.changes_rows(changes_frame().iloc[0:0]), "No changes since the previous run"),
+                          (charts.changes_rows(changes_frame().assign(status="unchanged")), "No changes since the previous run"),
+                          (charts.worst_instances_rows(None), EMPTY_MESSAGE)):
+        shown = html_table(rows.html())
+        assert len(rows) == 0 and shown["cells"] == [] and shown["root"].find(".//table") is None
+        assert "".join(shown["root"].itertext()).endswith(message)
 
 
 # --- collection_health_chart ------------------------------------------------------------------

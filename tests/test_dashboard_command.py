@@ -17,6 +17,7 @@ from roma_analytics.collect import collect
 from roma_analytics.errors import ConfigError
 from roma_analytics.samples import SAMPLE_HISTORY
 from roma_analytics.store import HistoryStore
+from roma_analytics.streamlit_app import serve
 from roma_analytics.targets import Target
 
 # A project folder whose Streamlit config would expose the dashboard, send usage statistics and
@@ -104,8 +105,17 @@ def test_dashboard_listens_on_loopback_only_from_a_foreign_folder(foreign_folder
                      if c.status == psutil.CONN_LISTEN]
         assert listening, "the server listens on no socket"
         assert {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening
-        # The page itself is served (the app, not an error page).
-        assert "<title>" in requests.get(url, timeout=10).text
+        # The page itself is served (the app, not an error page), with Streamlit's plotly code
+        # loaded by its head (serve.EarlyPlotlyChunk), and that script is there to fetch.
+        page = requests.get(url, timeout=10)
+        assert "<title>" in page.text
+        chunk = serve.plotly_chunk()
+        assert chunk is not None, "Streamlit's frontend has no PlotlyChart chunk: see serve.EarlyPlotlyChunk"
+        head = page.text.split("</head>")[0]
+        assert head.count(f'src="./static/js/{chunk}"') == 1
+        assert int(page.headers["Content-Length"]) == len(page.content)
+        script = requests.get(f"{url}/static/js/{chunk}", timeout=10)
+        assert script.ok and "javascript" in script.headers["Content-Type"]
     finally:
         stop(process)
     # Streamlit runs the installed app, not a script of the caller's folder, and is stopped by SIGTERM.
@@ -171,3 +181,66 @@ def test_warm_up_renders_every_view_of_a_history_both_ways(tmp_path):
     # A history the views cannot read is an error, not a silent no-op.
     with pytest.raises(ConfigError):
         views.warm_up(tmp_path / "nothing here")
+
+
+# ------------------------------------------------------------------ serve.EarlyPlotlyChunk, over ASGI
+
+def asgi_response(app, method: str = "GET") -> tuple[dict, bytes, list[dict]]:
+    """Call the ASGI ``app`` once; returns the response's start message, its body and every message."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": method, "path": "/", "headers": []}, receive, send))
+    return sent[0], b"".join(m.get("body", b"") for m in sent[1:]), sent
+
+
+def page_app(status: int, kind: bytes, parts: list[bytes]):
+    """An ASGI app answering every request with ``parts`` as the body, sent in that many messages."""
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", kind), (b"content-length", str(sum(map(len, parts))).encode()),
+                                (b"etag", b'"abc"')]})
+        for number, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part, "more_body": number < len(parts) - 1})
+    return app
+
+
+def test_the_plotly_script_joins_the_page_head_once_whatever_the_body_split():
+    tag = b'<script type="module" crossorigin src="./static/js/PlotlyChart.X.js"></script>'
+    page = b"<html><head><title>t</title></head><body>x</body></html>"
+    for parts in ([page], [page[:20], page[20:30], page[30:]], [page[:-10], page[-10:], b""]):
+        start, body, _ = asgi_response(serve.EarlyPlotlyChunk(page_app(200, b"text/html; charset=utf-8", parts),
+                                                              chunk="PlotlyChart.X.js"))
+        assert body == page.replace(b"</head>", tag + b"\n</head>")
+        headers = dict(start["headers"])
+        # The length says what is sent; the file's ETag would describe the page as stored.
+        assert headers[b"content-length"] == str(len(body)).encode() and b"etag" not in headers
+    # A page that already has it (or has no head) is sent as it is.
+    already = page.replace(b"</head>", tag + b"</head>")
+    assert asgi_response(serve.EarlyPlotlyChunk(page_app(200, b"text/html", [already]), chunk="PlotlyChart.X.js"))[1] == already
+
+
+@pytest.mark.parametrize("status, kind, method", [(200, b"text/javascript", "GET"), (304, b"text/html", "GET"),
+                                                  (404, b"text/html", "GET"), (200, b"text/html", "HEAD")])
+def test_everything_but_a_served_page_passes_untouched(status, kind, method):
+    parts = [b"<head></head>", b"rest"]
+    inner = page_app(status, kind, parts)
+    _, _, untouched = asgi_response(inner, method)
+    _, _, passed = asgi_response(serve.EarlyPlotlyChunk(inner, chunk="PlotlyChart.X.js"), method)
+    assert passed == untouched
+
+
+def test_the_middleware_is_added_to_the_app_streamlit_builds(monkeypatch):
+    from streamlit.web.server.starlette import starlette_app
+
+    monkeypatch.setattr(starlette_app, "create_streamlit_middleware", starlette_app.create_streamlit_middleware)
+    assert serve.install_early_plotly()
+    added = [m for m in starlette_app.create_streamlit_middleware() if m.cls is serve.EarlyPlotlyChunk]
+    assert [m.kwargs for m in added] == [{"chunk": serve.plotly_chunk()}]

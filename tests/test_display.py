@@ -288,6 +288,14 @@ def test_charts_never_carry_markup_or_hidden_characters_from_names(hostile_histo
         assert_no_hidden(shown)
         assert "<a href" not in shown and LONG[:1000] not in shown
         assert "&lt;a href" in shown or figure is figures[-1]
+    # The dashboard's tables are HTML (charts.Table.html): names as text there too.
+    changes = analysis.changes(stats)
+    for table in (charts.worst_instances_rows(analysis.abnormal_ranking(stats, n=None), 0.05),
+                  charts.changes_rows(changes, latest_run_only=False, include_unchanged=True)):
+        shown = table.html()
+        assert len(table) > 0
+        assert_no_hidden(shown)
+        assert "<a href" not in shown and LONG[:1000] not in shown and "&lt;a href" in shown
 
 
 if __name__ == "__main__":

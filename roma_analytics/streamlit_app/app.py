@@ -405,12 +405,12 @@ with tabs["Overview"]:
         st.markdown(f"**{flagged:,}** instance(s) are above {charts.percent_text(threshold)} even at the low end "
                     f"of their {analysis.confidence_text()} Wilson interval.")
         # Full width: the tables' instance labels and change summaries are long.
-        st.plotly_chart(worst, config=PLOT_CONFIG)
+        st.html(worst)
         if not numbers["has_previous_run"]:
             st.info("No previous run to compare with: the changes since the previous run appear after the "
                     "next collection.")
         else:
-            st.plotly_chart(changed, config=PLOT_CONFIG)
+            st.html(changed)
 
 with tabs["Trends"]:
     if tabs["Trends"].open:

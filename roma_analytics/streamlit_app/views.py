@@ -33,11 +33,13 @@ def overview(prepared: dashboard.PreparedHistory, filters: dashboard.Filters) ->
 
 
 def overview_figures(numbers: dict, threshold: float) -> tuple:
-    """The Overview tab's figures from :func:`overview`'s ``numbers``: the state breakdown, the
-    worst instances (shaded above ``threshold``, a fraction) and the changes since the previous run."""
+    """The Overview tab from :func:`overview`'s ``numbers``: the state breakdown (a figure), then
+    the worst instances (shaded above ``threshold``, a fraction) and the changes since the
+    previous run as HTML tables (``charts.Table.html``): the browser lays them out at once,
+    where plotly's table traces held back the page's first chart by half a second or more."""
     return (charts.state_breakdown(numbers["latest"]),
-            charts.worst_instances_table(numbers["ranking"], threshold, top=20),
-            charts.changes_table(numbers["changes"], top=20))
+            charts.worst_instances_rows(numbers["ranking"], threshold, top=20).html(),
+            charts.changes_rows(numbers["changes"], top=20).html())
 
 
 def trend_figures(prepared: dashboard.PreparedHistory, filters: dashboard.Filters) -> tuple:
@@ -98,7 +100,8 @@ def warm_up(path=None) -> None:
                                        until=prepared.last_day + pd.Timedelta(days=1))
         filter_choices(prepared)
         numbers = overview(prepared, everything)
-        figures = [*overview_figures(numbers, 0.05), *trend_figures(prepared, everything)[:2],
+        breakdown, _, _ = overview_figures(numbers, 0.05)
+        figures = [breakdown, *trend_figures(prepared, everything)[:2],
                    heatmap_figure(prepared, everything), health_views(prepared, everything)[0]]
         latest = numbers["latest"]
         if len(latest):
