@@ -1009,7 +1009,11 @@ def collection_health_chart(
 
     ``freq``: the bucket width of ``errors_by_code``; each bar is 80 % of it wide (without it, of
     the smallest gap between buckets, else one hour), so a lone bar on a long or one-run axis is
-    still visible.
+    still visible.  With ``freq`` and more runs than buckets, the line has one point per bucket,
+    at the bucket's start like its bars: the ratio of the bucket's worst run (so a run that
+    missed 3 of 100 instances still shows as a dip to 97 %), hovered with the pooled ratio of
+    all its runs (``collected / attempted`` when ``health`` has those columns).  A year of
+    5-minute runs is then 365 daily points, not 105,000 that a browser takes seconds to draw.
     """
     builder = "collection_health_chart"
     title = "Collection errors by code"
@@ -1052,16 +1056,19 @@ def collection_health_chart(
             )
     if runs is not None:
         runs = runs.assign(collected_at=_utc_naive(runs["collected_at"])).sort_values("collected_at", kind="stable")
+        line = _success_line(runs, freq)
         fig.add_trace(
             go.Scatter(
-                x=runs["collected_at"],
-                y=_floats(runs["success_ratio"]),
-                mode="lines+markers",
-                name="Success ratio",
+                x=line["x"],
+                y=line["y"],
+                customdata=line.get("customdata"),
+                # Markers where they can be told apart; a long line is drawn as a line.
+                mode="lines+markers" if len(line["y"]) <= _MARKER_LIMIT else "lines",
+                name=line["name"],
                 yaxis="y2",
                 line={"color": STATE_COLORS["running"], "width": 2},
                 marker={"color": STATE_COLORS["running"], "size": 5},
-                hovertemplate=f"Success ratio: %{{y:{PERCENT_HOVER}}}<extra></extra>",
+                hovertemplate=line["hover"],
             )
         )
         fig.update_layout(
@@ -1069,7 +1076,7 @@ def collection_health_chart(
                 "title": {"text": "Success ratio"},
                 "overlaying": "y",
                 "side": "right",
-                "range": _success_range(_floats(runs["success_ratio"])),
+                "range": _success_range(line["y"]),
                 # Plotly syncs an overlaying axis's ticks to the counts axis (0 %, 48.5 %, 96.9 %).
                 "tickmode": "auto",
                 "nticks": 6,
@@ -1097,6 +1104,40 @@ def _bar_width_ms(buckets: pd.Index, freq) -> float:
         gaps = gaps[gaps > pd.Timedelta(0)]
         step = gaps.min() if len(gaps) else pd.Timedelta(hours=1)
     return 0.8 * step / pd.Timedelta(milliseconds=1)
+
+
+#: Points of a line beyond which it is drawn without markers.
+_MARKER_LIMIT = 400
+
+
+def _success_line(runs: pd.DataFrame, freq) -> dict:
+    """The success-ratio line of :func:`collection_health_chart`: per run, or per bucket of
+    ``freq`` (its worst run, hovered with the pooled ratio of its runs) when there are more runs
+    than buckets.  Keys ``x``, ``y`` (float array), ``name``, ``hover`` and, per bucket,
+    ``customdata`` (pooled ratio, runs)."""
+    ratios = _floats(runs["success_ratio"])
+    per_run = {"x": runs["collected_at"], "y": ratios, "name": "Success ratio",
+               "hover": f"Success ratio: %{{y:{PERCENT_HOVER}}}<extra></extra>"}
+    if freq is None or len(runs) < 2:
+        return per_run
+    buckets = analysis.bucket_of(runs["collected_at"], freq)
+    if buckets.nunique() >= len(runs):
+        return per_run
+    frame = pd.DataFrame({"bucket": _utc_naive(buckets).to_numpy(), "ratio": ratios})
+    if {"collected", "attempted"} <= set(runs.columns):
+        frame["collected"] = _floats(runs["collected"])
+        frame["attempted"] = _floats(runs["attempted"])
+    else:   # without the counts, every run weighs the same
+        frame["collected"], frame["attempted"] = ratios, np.where(np.isfinite(ratios), 1.0, np.nan)
+    grouped = frame.groupby("bucket", sort=True)
+    worst = grouped["ratio"].min()
+    sums = grouped[["collected", "attempted"]].sum(min_count=1)
+    pooled = (sums["collected"] / sums["attempted"]).to_numpy(dtype="float64")
+    return {"x": list(worst.index), "y": worst.to_numpy(dtype="float64"),
+            "customdata": np.column_stack([pooled, grouped.size().to_numpy()]),
+            "name": "Success ratio (worst run per bucket)",
+            "hover": (f"Worst run: %{{y:{PERCENT_HOVER}}}<br>All %{{customdata[1]:,}} runs: "
+                      f"%{{customdata[0]:{PERCENT_HOVER}}}<extra></extra>")}
 
 
 def _success_range(ratios: np.ndarray) -> list[float]:

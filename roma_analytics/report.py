@@ -127,7 +127,7 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
             analysis.trend(snapshots, freq, by=("instance_id",)), instance_names=names), None),
     ]
     instance_anomalies = _anomalies(snapshots, freq, by=("region", "project_id", "instance_id"))
-    health_chart = charts.collection_health_chart(analysis.errors_by_code(errors, freq), health)
+    health_chart = charts.collection_health_chart(analysis.errors_by_code(errors, freq), health, freq=freq)
 
     body = [f"<h1>{display.html(title or 'ROMA Connect task statistics')}</h1>",
             _period_line(first, last, start, end, runs, rows, freq, now)]

@@ -722,6 +722,41 @@ def test_collection_health_chart_with_success_ratio():
     assert [t.name for t in alone.data] == ["Success ratio"]
 
 
+def test_collection_health_line_has_one_point_per_bucket_the_worst_run():
+    # Five runs in two hours: 10:00 has a run that missed 3 of 100 instances, 11:00 none.
+    times = pd.to_datetime(["2024-03-01 10:00", "2024-03-01 10:20", "2024-03-01 10:40",
+                            "2024-03-01 11:00", "2024-03-01 11:30"], utc=True)
+    attempted = np.array([100, 100, 100, 50, 50])
+    collected = np.array([100, 97, 100, 50, 50])
+    health = pd.DataFrame({"run_id": [f"r{n}" for n in range(5)], "collected_at": times, "attempted": attempted,
+                           "collected": collected, "failed": attempted - collected,
+                           "success_ratio": collected / attempted})
+    line = charts.collection_health_chart(None, health, freq="1h").data[-1]
+    assert xs(line) == naive(pd.Timestamp("2024-03-01 10:00", tz="UTC"), pd.Timestamp("2024-03-01 11:00", tz="UTC"))
+    # The dip survives (97 %, the worst run), the hover pools every run: 297 of 300, 100 of 100.
+    assert floats(line.y) == [0.97, 1.0]
+    assert [list(row) for row in line.customdata] == [[297 / 300, 3], [1.0, 2]]
+    assert "worst run" in line.name and "customdata[0]" in line.hovertemplate
+    assert fig_range(charts.collection_health_chart(None, health, freq="1h"))[0] < 0.97
+    # One run per bucket, or no freq: a point per run as before.
+    assert floats(charts.collection_health_chart(None, health).data[-1].y) == list(collected / attempted)
+    assert len(charts.collection_health_chart(None, health, freq="10min").data[-1].y) == 5
+
+
+def test_a_long_success_line_is_drawn_without_markers():
+    times = pd.date_range("2024-01-01", periods=1000, freq="5min", tz="UTC")
+    health = pd.DataFrame({"collected_at": times, "success_ratio": np.linspace(0.9, 1.0, 1000)})
+    assert charts.collection_health_chart(None, health).data[-1].mode == "lines"
+    assert charts.collection_health_chart(None, health.head(50)).data[-1].mode == "lines+markers"
+    # At a day's resolution it is four points (the worst run of each day), with markers.
+    daily = charts.collection_health_chart(None, health, freq="1D").data[-1]
+    assert daily.mode == "lines+markers" and len(daily.y) == 4 and floats(daily.y)[0] == 0.9
+
+
+def fig_range(fig) -> list[float]:
+    return list(fig.layout.yaxis2.range)
+
+
 def test_collection_health_chart_empty_message():
     assert_empty_state(
         charts.collection_health_chart(errors_by_code_frame().iloc[0:0]),

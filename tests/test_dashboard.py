@@ -368,3 +368,22 @@ def test_an_instance_filter_never_hides_its_projects_later_runs(tmp_path):
         series = dashboard.apply_filters(prepared, only_i2).fleet.series
         assert series["instance_id"].tolist() == ["i2", "i2"]
         assert series["status"].tolist() == ["disappeared", "disappeared"]
+
+
+@pytest.mark.parametrize("read", ["loaded whole", "read by query"])
+def test_the_health_line_of_a_long_range_has_a_point_per_bucket_not_per_run(read):
+    # The sample's 336 hourly runs at a day's resolution: 14 points, each day's worst run.
+    from roma_analytics.samples import SAMPLE_HISTORY
+    from roma_analytics.store import HistoryStore
+    from roma_analytics.streamlit_app import views
+
+    prepared = (dashboard.prepare_folder(SAMPLE_HISTORY, "1D") if read == "loaded whole"
+                else dashboard.prepare_store(dashboard.open_history(SAMPLE_HISTORY), "1D"))
+    everything = dashboard.Filters(since=prepared.first_day, until=prepared.last_day + pd.Timedelta(days=1))
+    line = views.health_views(prepared, everything)[0].data[-1]
+    store = HistoryStore(SAMPLE_HISTORY)
+    runs = analysis.collection_health(store.load(table="errors"), store.load())
+    worst = runs.groupby(runs["collected_at"].dt.floor("1D"))["success_ratio"].min()
+    assert len(runs) > len(worst)
+    assert len(line.y) == len(worst)
+    assert np.allclose(np.asarray(line.y, dtype=float), worst.to_numpy(dtype=float))

@@ -71,6 +71,15 @@ def test_report_is_self_contained_and_escapes_names(history):
     assert history["ids"][-1] in failing and "<td class='num'>3</td><td class='num'>5</td>" in failing
 
 
+def test_the_health_line_has_a_point_per_bucket_at_the_report_resolution(history):
+    # Eight runs 15 minutes apart: at 1 h, two buckets, each drawn as its worst run (a year of
+    # 5-minute runs is 365 daily points, not 105,000); at 5 min, one run per bucket, a point each.
+    hourly, _ = build_report(history["store"], since="2024-05-01", freq="1h")
+    assert hourly.count("Success ratio (worst run per bucket)") >= 1
+    fine, _ = build_report(history["store"], since="2024-05-01", freq="5min")
+    assert "worst run per bucket" not in fine and '"Success ratio"' in fine
+
+
 def test_cli_report_and_its_errors(history, tmp_path, capsys):
     out = tmp_path / "report.html"
     code = main(["report", "--history", str(history["store"].path), "--since", "2024-05-01", "--until", "2024-05-02",
