@@ -196,20 +196,27 @@ def _check_something_matches(store: HistoryStore, filters: dict, target: Path) -
     # Cheap on any history: DuckDB stops at the first matching row.
     if any(store.has_rows(table, **filters) for table in ("stats", "errors")):
         return
-    wanted = [f"{name} {', '.join(map(str, [values] if isinstance(values, str) else values))}"
-              for name, values in (("project", filters["projects"]), ("instance", filters["instances"]),
-                                   ("region", filters["regions"])) if values is not None]
-    period = "".join(f" {word} {parse_time(filters[key], key).isoformat()}"
-                     for word, key in (("since", "since"), ("until", "until")) if filters[key] is not None)
-    # What the period holds, from the daily snapshots (one row per series and day).
-    held = store.snapshots("1D", since=filters["since"], until=filters["until"])
-    if held.empty:
-        what = f"the history {store.path} has no row{period}"
-        hint = "Check --since/--until, and that collection still runs"
-    else:
-        what = f"no row of the history {store.path} matches {' and '.join(wanted)}{period}"
-        projects = sorted(held["project_id"].unique())
-        hint = (f"{'In that period the' if period else 'The'} history holds {held['instance_id'].nunique()} "
-                f"instance(s) of project(s) {', '.join(projects[:10])}{' ...' if len(projects) > 10 else ''}; "
-                "check the ids")
+    what, hint = no_match(store, filters)
     raise NothingMatched(f"{what}: {target} was not written. {hint}")
+
+
+def no_match(store: HistoryStore, filters: dict) -> tuple[str, str]:
+    """``(what, hint)`` for a selection of ``store`` that matches no row: what was asked for
+    (the projects, instances and regions of ``filters``, and its ``since``/``until``) and what the
+    history holds instead (its instances and projects in that period, from the daily snapshots),
+    for the message of a :class:`NothingMatched` that ``export`` and ``report`` raise."""
+    wanted = [f"{name} {', '.join(map(str, [values] if isinstance(values, str) else values))}"
+              for name, values in (("project", filters.get("projects")), ("instance", filters.get("instances")),
+                                   ("region", filters.get("regions"))) if values is not None]
+    period = "".join(f" {word} {parse_time(filters[key], key).isoformat()}"
+                     for word, key in (("since", "since"), ("until", "until")) if filters.get(key) is not None)
+    # What the period holds, from the daily snapshots (one row per series and day).
+    held = store.snapshots("1D", since=filters.get("since"), until=filters.get("until"))
+    if held.empty or not wanted:
+        return (f"the history {store.path} has no row{period}",
+                "Check --since/--until, and that collection still runs")
+    projects = sorted(held["project_id"].unique())
+    return (f"no row of the history {store.path} matches {' and '.join(wanted)}{period}",
+            f"{'In that period the' if period else 'The'} history holds {held['instance_id'].nunique()} "
+            f"instance(s) of project(s) {', '.join(projects[:10])}{' ...' if len(projects) > 10 else ''}; "
+            "check the ids")

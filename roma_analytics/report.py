@@ -31,6 +31,7 @@ import pandas as pd
 from roma_analytics import __version__, analysis, charts, display, episodes, fleet, schema
 from roma_analytics._fsio import checked_target, write_output
 from roma_analytics.errors import NothingMatched
+from roma_analytics.export import no_match
 from roma_analytics.store import HistoryStore, parse_time
 
 __all__ = ["build_report", "write_report", "choose_freq", "ReportSummary", "FREQ_CANDIDATES"]
@@ -99,8 +100,12 @@ def build_report(store_or_path, since=None, until=None, *, freq: str | None = No
     times = [t for t in (*span, *errors["collected_at"].agg(["min", "max"]).dropna()) if t is not None]
     if not times:
         period = f"from {start:%Y-%m-%d %H:%M} UTC" if start is not None else "in the history"
-        raise NothingMatched(f"no collection run {period}{f' until {end:%Y-%m-%d %H:%M} UTC' if end is not None else ''} "
-                          f"in {store.path} (with the given filters); nothing to report")
+        period += f" until {end:%Y-%m-%d %H:%M} UTC" if end is not None else ""
+        if projects is None and instances is None and regions is None:
+            raise NothingMatched(f"no collection run {period} in {store.path}; nothing to report")
+        # As export says it: which ids were asked for, and which the period holds instead.
+        what, hint = no_match(store, dict(filters, until=end))
+        raise NothingMatched(f"{what}; nothing to report. {hint}")
     first, last = min(times), max(times)
     if freq is None:
         freq = choose_freq(first, last)

@@ -99,6 +99,13 @@ def test_cli_report_and_its_errors(history, tmp_path, capsys):
                      "--out", str(out)])
         err = capsys.readouterr().err
         assert code == 6 and "2999-01-01 00:00 UTC" in err and "after now" in err and "until (" not in err, err
+    # A mistyped id: named, with the projects the period does hold (as export says it).
+    project = history["store"].load()["project_id"].iloc[0]
+    for flag, wrong in (("--project-id", project[:-1] + "x"), ("--instance-id", "no-such-instance")):
+        code = main(["report", "--history", str(history["store"].path), "--since", "2024-05-01", flag, wrong,
+                     "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 6 and wrong in err and project in err and "check the ids" in err, err
     code = main(["report", "--history", str(history["store"].path), "--since", "2024-05-01", "--freq", "1M",
                  "--out", str(out)])
     assert code == 2 and "fixed-length" in capsys.readouterr().err
