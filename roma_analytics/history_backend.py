@@ -370,7 +370,22 @@ class LocalBackend:
         """Turn permission/read-only/space errors into messages that say what to do."""
         try:
             yield
-        except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        except NotADirectoryError as exc:
+            # A file stands where the history keeps a folder (say a stray file named rollup_1h):
+            # the folder is writable, the file is in the way.
+            blocking = _file_in_the_way(exc.filename)
+            if blocking is None:
+                raise ConfigError(f"{what}: {exc.strerror or exc} ({exc.filename}); a file stands where a folder "
+                                  "belongs: move it away or choose another folder") from exc
+            if blocking == self.root or self.root in blocking.parents:
+                raise ConfigError(f"{what}: {blocking} is a file where the history keeps a folder; move that file "
+                                  "out of the history folder and run the command again") from exc
+            raise ConfigError(f"{what}: Not a directory: {blocking} is a file, not a folder; choose another "
+                              "history folder") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"{what}: {exc.filename} is a folder where the history writes a file; move that "
+                              "folder out of the history folder and run the command again") from exc
+        except PermissionError as exc:
             raise ConfigError(f"{what}: {exc.strerror or exc} ({exc.filename}); choose a writable folder") from exc
         except OSError as exc:
             if exc.errno == errno.EROFS:
@@ -378,6 +393,16 @@ class LocalBackend:
             if isinstance(exc, FileExistsError):
                 raise
             raise RomaError(f"{what}: {exc.strerror or exc} ({exc.filename})") from exc
+
+
+def _file_in_the_way(filename) -> Path | None:
+    """The nearest existing ancestor of ``filename`` (or itself) that is not a folder, if any."""
+    if not filename:
+        return None
+    for path in (Path(filename), *Path(filename).parents):
+        if path.exists() or path.is_symlink():
+            return None if path.is_dir() else path
+    return None
 
 
 _DATE_PARTITIONING = ds.partitioning(pa.schema([("date", pa.date32())]), flavor="hive")

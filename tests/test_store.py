@@ -328,6 +328,23 @@ def test_unwritable_location_is_a_clear_error_even_for_root(tmp_path):
         HistoryStore(blocker / "history").append(make_run("r1", "2024-05-01T10:00Z"))
 
 
+def test_a_stray_file_where_the_history_keeps_a_folder_is_named_with_what_to_do(tmp_path):
+    # A file named like one of the history's folders: a table's (append) or a rollup's (compact).
+    # The folder is writable: "choose a writable folder" would send the user the wrong way.
+    history = tmp_path / "history"
+    HistoryStore(history).append(make_run("r1", "2024-05-01T10:00Z"))
+    (history / "stats" / "date=2024-05-02").write_text("not a folder")
+    (history / "rollup_1h").write_text("not a folder")
+    for action, stray in ((lambda: HistoryStore(history).append(make_run("r2", "2024-05-02T10:00Z")),
+                           "stats/date=2024-05-02"),
+                          (lambda: HistoryStore(history).compact(), "rollup_1h")):
+        with pytest.raises(ConfigError) as raised:
+            action()
+        message = str(raised.value)
+        assert f"{history / stray} is a file where the history keeps a folder" in message, message
+        assert "move that file out of the history folder" in message and "writable" not in message
+
+
 # ------------------------------------------------------------------------------------ compact
 
 def build_days(store, days=3, runs_per_day=3):
