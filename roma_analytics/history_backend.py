@@ -486,6 +486,10 @@ def _fsync_dir(folder: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # object store
 
+#: The resolution of an object's Last-Modified time as a HEAD request gives it (an HTTP date).
+LAST_MODIFIED_RESOLUTION_SECONDS = 1.0
+
+
 class ObjectStoreBackend:
     """A history under ``s3://bucket/prefix``.  Paths are ``bucket/key`` strings (no scheme)."""
 
@@ -647,11 +651,14 @@ class ObjectStoreBackend:
                 pass  # deleted meanwhile by another compactor: what we wanted
 
     def age(self, path, now: float) -> float:
+        """Seconds since the object at ``path`` was written, never more: its Last-Modified (a
+        HEAD request) is in whole seconds, rounded down, so up to a second is taken off; a
+        replaced object must not go a second before its grace period is over."""
         try:
             modified = self.fs.info(str(path), refresh=True)["LastModified"]
         except FileNotFoundError:
             return 0.0
-        return now - modified.timestamp()
+        return now - modified.timestamp() - LAST_MODIFIED_RESOLUTION_SECONDS
 
     def remove_abandoned_temporaries(self, folder, now: float, merged_prefix: str) -> None:
         return  # an object appears whole or not at all: there are no temporaries
