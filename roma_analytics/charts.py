@@ -268,15 +268,17 @@ def _instance_labels(frame: pd.DataFrame) -> pd.Series:
         labels = names.fillna(ids)
     else:
         labels = ids
-    # Two instances with one name (or one id in two projects) must not merge into one bar/row.
-    for suffix_from in ("instance_id", "project_id"):
+    # Two instances with one name (or one id in two projects, or one project and id under two
+    # regions: a collector whose endpoint, stored as the region, changed) must not merge into
+    # one bar/row.
+    for suffix_from in ("instance_id", "project_id", "region"):
         clashes = frame[key].groupby(labels, dropna=False).transform("nunique").gt(1).any(axis=1)
         if not clashes.any():
             break
         if suffix_from == "instance_id":
             labels = labels.where(~clashes, labels.where(labels == ids, labels + " (" + ids + ")"))
-        elif "project_id" in frame.columns:
-            labels = labels.where(~clashes, _visible(frame["project_id"]) + "/" + labels)
+        elif suffix_from in frame.columns:
+            labels = labels.where(~clashes, _visible(frame[suffix_from]).fillna("–") + "/" + labels)
     return labels.astype(object)
 
 
@@ -729,6 +731,7 @@ def worst_instances_rows(
         )
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a fraction between 0 and 1 (0.05 = 5 %), got {threshold!r}")
+    total = len(frame)
     frame = frame.head(top)
 
     columns: dict[str, pd.Series] = {}
@@ -752,7 +755,9 @@ def worst_instances_rows(
         fill = fill.mask(ratio > threshold, HIGHLIGHT_COLORS["maybe"])
         fill = fill.mask(low > threshold, HIGHLIGHT_COLORS["above"])
         title += f" (shaded: above {threshold:.1%})"
-    return Table(title, columns, fill.tolist(), range(first_numeric, len(columns)))
+    return Table(title, columns, fill.tolist(), range(first_numeric, len(columns)),
+                 of=total if total > len(frame) else None,
+                 what="instances" if "instance_id" in groups and "task_type" not in groups else "rows")
 
 
 def changes_table(
@@ -786,9 +791,11 @@ def changes_rows(
     summary already spells out every change, so by default only the abnormal one gets a
     column; ``deltas=None`` shows every ``*_delta`` column).  Rows with status
     ``unchanged`` are left out unless ``include_unchanged``.  Sorted by ``abnormal_delta``
-    (largest rise first) when present, else in the given order; the first ``top`` rows shown.
-    With ``abnormal_delta``, rows where the abnormal count rose are shaded
-    ``HIGHLIGHT_COLORS["worse"]``, rows where it fell ``"better"``.
+    (the largest change either way first, a rise before a fall of the same size; an appeared
+    series counts its ``abnormal`` tasks as its change) when present, else in the given order;
+    the first ``top`` rows shown, and the table says how many there were.  With
+    ``abnormal_delta``, rows where the abnormal count rose (or that appeared with abnormal
+    tasks) are shaded ``HIGHLIGHT_COLORS["worse"]``, rows where it fell ``"better"``.
 
     Returns a :class:`Table`; with nothing to show, a table with no rows saying "No changes
     since the previous run".  Raises ``ValueError`` for missing columns.
@@ -812,8 +819,16 @@ def changes_rows(
     if len(frame) == 0:
         return Table(title, {}, [], range(0), no_changes)
     if "abnormal_delta" in frame.columns:
-        frame = frame.assign(_rise=_floats(frame["abnormal_delta"]))
-        frame = frame.sort_values("_rise", ascending=False, kind="stable", na_position="last")
+        # The largest changes of the abnormal count either way come first (a rise before a fall
+        # of the same size); an appeared series counts its abnormal tasks as its change.  A table
+        # cut to its first rows then still shows the biggest falls and arrivals.
+        rise = _floats(frame["abnormal_delta"])
+        if "abnormal" in frame.columns:
+            rise = np.where(np.isnan(rise) & (frame["status"].astype("string") == "appeared").to_numpy(dtype=bool),
+                            _floats(frame["abnormal"]), rise)
+        frame = frame.assign(_size=np.abs(rise), _rise=rise)
+        frame = frame.sort_values(["_size", "_rise"], ascending=False, kind="stable", na_position="last")
+    total = len(frame)
     frame = frame.head(top).reset_index(drop=True)
 
     columns: dict[str, pd.Series] = {"Instance": _instance_labels(frame)}
@@ -840,9 +855,10 @@ def changes_rows(
 
     fill = pd.Series(HIGHLIGHT_COLORS["none"], index=frame.index)
     if "abnormal_delta" in frame.columns:
-        rise = _floats(frame["abnormal_delta"])
+        rise = frame["_rise"].to_numpy(dtype="float64")
         fill = fill.mask(rise > 0, HIGHLIGHT_COLORS["worse"]).mask(rise < 0, HIGHLIGHT_COLORS["better"])
-    return Table(title, columns, fill.tolist(), range(first_numeric, first_numeric + len(shown)))
+    return Table(title, columns, fill.tolist(), range(first_numeric, first_numeric + len(shown)),
+                 of=total if total > len(frame) else None, what="changes")
 
 
 #: Table text: near-black on white (Streamlit's chart theme would otherwise grey it out).
@@ -869,6 +885,16 @@ class Table:
     fills: Sequence[str]
     numeric: range
     empty: str | None = None
+    #: How many rows there were before the table was cut to its first ones (None: not cut), and
+    #: what they are, for the note "the first 20 of 51 changes".
+    of: int | None = None
+    what: str = "rows"
+
+    def note(self) -> str | None:
+        """"Showing the first 20 of 51 changes." when the table was cut, else None."""
+        if self.of is None:
+            return None
+        return f"Showing the first {len(self):,} of {self.of:,} {self.what}."
 
     def __len__(self) -> int:
         """The number of rows."""
@@ -880,7 +906,9 @@ class Table:
         if not len(self):
             return empty_figure(self.empty or EMPTY_MESSAGE, title=self.title)
         fig = _table(self.columns, list(self.fills), numeric_from=self.numeric.start, numeric_until=self.numeric.stop)
-        _table_layout(fig, self.title, len(self))
+        note = self.note()
+        _table_layout(fig, self.title if note is None else f"{self.title}<br><sup>{display.plotly(note)}</sup>",
+                      len(self))
         return fig
 
     def html(self) -> str:
@@ -910,9 +938,11 @@ class Table:
             + "".join(f'<td style="{styles[c]}">{texts[c][row]}</td>' for c in range(len(texts)))
             + "</tr>"
             for row, fill in enumerate(self.fills))
+        note = self.note()
+        note = "" if note is None else f'<div style="font-size:0.8rem;margin:0.3rem 0 0 0;color:{TABLE_TEXT_COLOR}">{display.html(note, limit=None)}</div>'
         return (f'<div class="roma-table">{title}<div style="overflow-x:auto">'
                 f'<table style="border-collapse:collapse;width:100%;font-size:0.875rem;color:{TABLE_TEXT_COLOR}">'
-                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div></div>")
+                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{note}</div>")
 
 _TABLE_CELL_HEIGHT = 26
 _TABLE_LINE_HEIGHT = 18
@@ -1136,7 +1166,7 @@ def _success_line(runs: pd.DataFrame, freq) -> dict:
     return {"x": list(worst.index), "y": worst.to_numpy(dtype="float64"),
             "customdata": np.column_stack([pooled, grouped.size().to_numpy()]),
             "name": "Success ratio (worst run per bucket)",
-            "hover": (f"Worst run: %{{y:{PERCENT_HOVER}}}<br>All %{{customdata[1]:,}} runs: "
+            "hover": (f"Worst run: %{{y:{PERCENT_HOVER}}}<br>All runs of the bucket (%{{customdata[1]:,}}): "
                       f"%{{customdata[0]:{PERCENT_HOVER}}}<extra></extra>")}
 
 

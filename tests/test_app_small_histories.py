@@ -136,3 +136,19 @@ def test_failed_instances_are_named_and_project_failures_spelled_out():
     table = dashboard.failed_instances(health, {"i1": "orders"})
     assert table["instance"].tolist() == ["orders (i1)", "whole project (instance discovery failed)"]
     assert "*" not in table.to_string()
+
+
+def test_the_same_instances_under_a_second_region_open_every_view(monkeypatch, one_run, sim):
+    # The collector's endpoint (or its region setting) changed: the same project and instance
+    # ids are now stored under a second region.  The Overview showed a traceback ("cannot
+    # reindex on an axis with duplicate labels").
+    targets = [Target(project_id=project, endpoint=sim.base_url, region="cn-north-9") for project in sim.project_ids]
+    HistoryStore(one_run).append(collect(targets, retries=0, now=(FIRST_RUN + pd.Timedelta(hours=1)).to_pydatetime()))
+    at = open_app(monkeypatch, one_run)
+    import json
+
+    breakdown = json.loads(at.get("plotly_chart")[0].proto.spec)
+    labels = breakdown["data"][0]["y"]
+    assert len(labels) == len(set(labels)) and any(label.startswith("cn-north-9/") for label in labels)
+    for view in ("Trends", "Heatmap", "Collection health", "Data"):
+        open_view(at, view)

@@ -600,13 +600,57 @@ def test_changes_table_shows_the_abnormal_delta_by_default():
 
 def test_changes_table_every_run_and_unchanged_on_request():
     table = charts.changes_table(changes_frame(), latest_run_only=False, include_unchanged=True).data[0]
-    assert list(table.cells.values[0]) == ["alpha", "beta", "gamma", "alpha", "delta"]  # +9, +3, 0, -1, NA
+    # The largest change either way first: +9, +3, -1, 0, then the appeared one without counts.
+    assert list(table.cells.values[0]) == ["alpha", "beta", "alpha", "gamma", "delta"]
+
+
+def test_a_cut_changes_table_keeps_the_biggest_falls_and_arrivals_and_says_it_was_cut():
+    # The bundled sample has 51 changes in its last run: cut to the 20 largest rises, the table
+    # showed only +1 and +0 rows, never its -99 fall nor an instance that appeared with abnormal tasks.
+    frame = pd.DataFrame({
+        "instance_id": [f"i{n}" for n in range(6)], "instance_name": list("abcdef"),
+        "status": ["changed", "changed", "changed", "appeared", "disappeared", "changed"],
+        "summary": ["s"] * 6,
+        "abnormal": pd.array([5, 1, 0, 11, pd.NA, 3], dtype="Int64"),
+        "abnormal_delta": pd.array([1, 1, -99, pd.NA, pd.NA, 0], dtype="Int64"),
+    })
+    rows = charts.changes_rows(frame, top=3)
+    assert list(rows.columns["Instance"]) == ["c", "d", "a"]          # -99, appeared with 11, +1
+    assert list(rows.fills) == [HIGHLIGHT_COLORS["better"], HIGHLIGHT_COLORS["worse"], HIGHLIGHT_COLORS["worse"]]
+    assert rows.note() == "Showing the first 3 of 6 changes."
+    assert "Showing the first 3 of 6 changes." in rows.html()
+    assert "Showing the first 3 of 6 changes." in rows.figure().layout.title.text
+    assert charts.changes_rows(frame).note() is None and "Showing" not in charts.changes_rows(frame).html()
+    # Every row, and in order: the largest change either way, a rise before a fall of one size.
+    assert list(charts.changes_rows(frame.assign(abnormal_delta=pd.array([2, -2, 0, pd.NA, pd.NA, 1], dtype="Int64")))
+                .columns["Instance"]) == ["d", "a", "b", "f", "c", "e"]
+
+
+def test_a_cut_ranking_says_how_many_it_ranked():
+    rows = charts.worst_instances_rows(ranking_frame(), top=2)
+    assert rows.note() == "Showing the first 2 of 3 instances." and len(rows) == 2
+    assert charts.worst_instances_rows(ranking_frame()).note() is None
 
 
 def test_changes_table_empty_says_no_changes():
     assert_empty_state(charts.changes_table(changes_frame().iloc[0:0]), "No changes since the previous run")
     only_unchanged = changes_frame().assign(status="unchanged")
     assert_empty_state(charts.changes_table(only_unchanged), "No changes since the previous run")
+
+
+def test_one_instance_under_two_regions_is_two_bars_and_two_rows():
+    # A collector whose endpoint (stored as the region) changed: the same project and instance
+    # ids under two regions.  The Overview raised "cannot reindex on an axis with duplicate labels".
+    latest = pd.concat([latest_frame(), latest_frame().assign(region="127.0.0.1:9999")], ignore_index=True)
+    fig = charts.state_breakdown(latest)
+    labels = list(fig.data[0].y)
+    assert len(labels) == len(set(labels)) == 6
+    assert {"r/p/alpha (i1)", "127.0.0.1:9999/p/alpha (i1)"} <= set(labels)
+    ranking = pd.DataFrame({"region": ["r", "q"], "project_id": ["p", "p"], "instance_id": ["i1", "i1"],
+                            "instance_name": ["alpha", "alpha"], "abnormal": [1, 2], "total": [10, 10],
+                            "abnormal_ratio": [0.1, 0.2], "wilson_low": [0.01, 0.02], "wilson_high": [0.4, 0.5]})
+    rows = charts.worst_instances_rows(ranking)
+    assert list(rows.columns["Instance"]) == ["r/p/alpha (i1)", "q/p/alpha (i1)"]
 
 
 # --- the tables as HTML (the dashboard's Overview) ---------------------------------------------
