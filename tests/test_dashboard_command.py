@@ -112,7 +112,8 @@ def test_dashboard_listens_on_loopback_only_from_a_foreign_folder(foreign_folder
         chunk = serve.plotly_chunk()
         assert chunk is not None, "Streamlit's frontend has no PlotlyChart chunk: see serve.EarlyPlotlyChunk"
         head = page.text.split("</head>")[0]
-        assert head.count(f'src="./static/js/{chunk}"') == 1
+        assert head.count(f'<link rel="modulepreload" crossorigin href="./static/js/{chunk}">') == 1
+        assert head.count(f'import("./static/js/{chunk}")') == 1
         assert int(page.headers["Content-Length"]) == len(page.content)
         script = requests.get(f"{url}/static/js/{chunk}", timeout=10)
         assert script.ok and "javascript" in script.headers["Content-Type"]
@@ -213,7 +214,7 @@ def page_app(status: int, kind: bytes, parts: list[bytes]):
 
 
 def test_the_plotly_script_joins_the_page_head_once_whatever_the_body_split():
-    tag = b'<script type="module" crossorigin src="./static/js/PlotlyChart.X.js"></script>'
+    tag = serve.early_plotly_tags("PlotlyChart.X.js").encode()
     page = b"<html><head><title>t</title></head><body>x</body></html>"
     for parts in ([page], [page[:20], page[20:30], page[30:]], [page[:-10], page[-10:], b""]):
         start, body, _ = asgi_response(serve.EarlyPlotlyChunk(page_app(200, b"text/html; charset=utf-8", parts),
@@ -244,3 +245,9 @@ def test_the_middleware_is_added_to_the_app_streamlit_builds(monkeypatch):
     assert serve.install_early_plotly()
     added = [m for m in starlette_app.create_streamlit_middleware() if m.cls is serve.EarlyPlotlyChunk]
     assert [m.kwargs for m in added] == [{"chunk": serve.plotly_chunk()}]
+
+
+@pytest.mark.parametrize("name", ["x.js\"><script>alert(1)</script>", "../secret.js", "PlotlyChart.js?x", "a b.js", ""])
+def test_only_a_chunk_file_name_goes_into_the_page(name):
+    with pytest.raises(ValueError, match="not a chunk file name"):
+        serve.early_plotly_tags(name)

@@ -8,14 +8,15 @@ each of their code paths (plotly's validators, DuckDB's Parquet reader) costs mo
 ones.  Doing both before the server starts moves that wait to start-up, where nobody is looking
 at an empty page.
 
-The page itself gets one line more (:class:`EarlyPlotlyChunk`): Streamlit's frontend fetches its
-plotly code, a 4.7 MB script that takes the browser most of a second to run, only once the first
-chart has arrived, and the page shows nothing of the tab (metrics included) until it has run.
-Loaded by the page's head instead, it is fetched while the frontend loads and run right after
-the frontend's own entry script, before the first chart is there to wait for it.
+The page itself gets a few lines more (:class:`EarlyPlotlyChunk`): Streamlit's frontend fetches
+its plotly code, a 4.7 MB script that takes the browser most of a second to run, only once the
+first chart has arrived, and the page shows nothing of the tab (metrics included) until it has
+run.  With those lines the browser fetches and compiles it while the frontend loads, and runs it
+while the server runs the page, so the first chart finds it ready.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -62,17 +63,16 @@ def plotly_chunk() -> str | None:
 
 
 class EarlyPlotlyChunk:
-    """ASGI middleware: every HTML page Streamlit serves (``index.html``) gains
-    ``<script type="module" crossorigin src="./static/js/<chunk>"></script>`` at the end of its
-    head, in the form of Streamlit's own entry script.
+    """ASGI middleware: every HTML page Streamlit serves (``index.html``) gains, at the end of its
+    head, :func:`early_plotly_tags`: the plotly chunk as a ``modulepreload`` (fetched and compiled
+    while the frontend loads) and a small module script that imports it once the frontend shows
+    that the server has started running the page (``data-test-script-state="running"``).
 
-    Module scripts run in document order, so the chunk runs right after Streamlit's entry script
-    has started the frontend (and opened its connection to the server); when the first chart
-    arrives, the frontend's own ``import()`` of the chunk finds it loaded and run (one URL, one
-    module).  Without it the browser fetches the chunk only then, while the server is running the
-    page, and runs it for most of a second before anything of the tab is drawn.  Measured with
-    the browser test on the sample (#15, machine under load): first chart 3.6-3.9 s before,
-    2.7-2.8 s after.
+    Running the chunk takes the browser most of a second.  Started at that moment, it overlaps
+    the server's run of the page, and the frontend's own ``import()`` of the chunk, when the first
+    chart arrives, finds it loaded and run (one URL, one module).  Run earlier, as a plain module
+    script, it held back the frontend's connection to the server by as long; run on the first
+    chart (Streamlit alone), it came after a download made while the server was busy.
 
     Only a complete ``200`` HTML response is changed (its ``Content-Length`` set anew and its
     ``ETag``, which described the file as stored, dropped); every other response passes untouched.
@@ -80,7 +80,7 @@ class EarlyPlotlyChunk:
 
     def __init__(self, app, chunk: str) -> None:
         self.app = app
-        self.tag = f'<script type="module" crossorigin src="./static/js/{chunk}"></script>'.encode()
+        self.tag = early_plotly_tags(chunk).encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") != "GET":
@@ -111,6 +111,24 @@ class EarlyPlotlyChunk:
             await send(message)
 
         await self.app(scope, receive, rewrite)
+
+
+def early_plotly_tags(chunk: str) -> str:
+    """The lines :class:`EarlyPlotlyChunk` adds to the page's head for the chunk file ``chunk``
+    (a file name of Streamlit's ``static/js``; anything else is a ``ValueError``)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+\.js", chunk):
+        raise ValueError(f"not a chunk file name: {chunk!r}")
+    url = f"./static/js/{chunk}"
+    return (f'<link rel="modulepreload" crossorigin href="{url}">\n'
+            '<script type="module">\n'
+            "// roma-analytics (streamlit_app/serve.py): run Streamlit's plotly code while the server runs the page.\n"
+            "const running = () => document.querySelector('[data-test-script-state=\"running\"]');\n"
+            f'const load = () => {{ watch.disconnect(); import("{url}"); }};\n'
+            "const watch = new MutationObserver(() => { if (running()) load(); });\n"
+            "watch.observe(document.documentElement, {subtree: true, childList: true, attributes: true, "
+            'attributeFilter: ["data-test-script-state"]});\n'
+            "if (running()) load();\n"
+            "</script>")
 
 
 def install_early_plotly() -> bool:
