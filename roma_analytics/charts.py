@@ -750,12 +750,17 @@ def worst_instances_rows(
     columns[f"{analysis.confidence_text()} Wilson interval"] = _percent(frame["wilson_low"]) + " – " + _percent(frame["wilson_high"])
 
     fill = pd.Series(HIGHLIGHT_COLORS["none"], index=frame.index)
+    confidence = analysis.confidence_text()
+    legend = (f"Ranked by the low end of the {confidence} Wilson interval, so that a few tasks cannot "
+              "outrank hundreds.")
     if threshold is not None:
         ratio, low = _floats(frame["abnormal_ratio"]), _floats(frame["wilson_low"])
         fill = fill.mask(ratio > threshold, HIGHLIGHT_COLORS["maybe"])
         fill = fill.mask(low > threshold, HIGHLIGHT_COLORS["above"])
         title += f" (shaded: above {threshold:.1%})"
-    return Table(title, columns, fill.tolist(), range(first_numeric, len(columns)),
+        legend += (f" Dark: the whole interval is above {threshold:.1%}; light: the ratio is above it, but "
+                   "the interval reaches below (it may be chance).")
+    return Table(title, columns, fill.tolist(), range(first_numeric, len(columns)), legend=legend,
                  of=total if total > len(frame) else None,
                  what="instances" if "instance_id" in groups and "task_type" not in groups else "rows")
 
@@ -889,12 +894,18 @@ class Table:
     #: what they are, for the note "the first 20 of 51 changes".
     of: int | None = None
     what: str = "rows"
+    #: How the rows are ordered and what their shading means, when the title cannot say it.
+    legend: str | None = None
+
+    def cut_note(self) -> str | None:
+        """"Showing the first 20 of 51 changes." when the table was cut, else None."""
+        return None if self.of is None else f"Showing the first {len(self):,} of {self.of:,} {self.what}."
 
     def note(self) -> str | None:
-        """"Showing the first 20 of 51 changes." when the table was cut, else None."""
-        if self.of is None:
-            return None
-        return f"Showing the first {len(self):,} of {self.of:,} {self.what}."
+        """What the HTML table says under its rows: the legend, then :meth:`cut_note`; None when
+        there is neither.  (A figure's title has room for the cut note only.)"""
+        parts = [part for part in (self.legend, self.cut_note()) if part]
+        return " ".join(parts) if parts else None
 
     def __len__(self) -> int:
         """The number of rows."""
@@ -906,7 +917,7 @@ class Table:
         if not len(self):
             return empty_figure(self.empty or EMPTY_MESSAGE, title=self.title)
         fig = _table(self.columns, list(self.fills), numeric_from=self.numeric.start, numeric_until=self.numeric.stop)
-        note = self.note()
+        note = self.cut_note()
         _table_layout(fig, self.title if note is None else f"{self.title}<br><sup>{display.plotly(note)}</sup>",
                       len(self))
         return fig

@@ -617,7 +617,7 @@ def test_a_cut_changes_table_keeps_the_biggest_falls_and_arrivals_and_says_it_wa
     rows = charts.changes_rows(frame, top=3)
     assert list(rows.columns["Instance"]) == ["c", "d", "a"]          # -99, appeared with 11, +1
     assert list(rows.fills) == [HIGHLIGHT_COLORS["better"], HIGHLIGHT_COLORS["worse"], HIGHLIGHT_COLORS["worse"]]
-    assert rows.note() == "Showing the first 3 of 6 changes."
+    assert rows.note() == rows.cut_note() == "Showing the first 3 of 6 changes."
     assert "Showing the first 3 of 6 changes." in rows.html()
     assert "Showing the first 3 of 6 changes." in rows.figure().layout.title.text
     assert charts.changes_rows(frame).note() is None and "Showing" not in charts.changes_rows(frame).html()
@@ -628,8 +628,13 @@ def test_a_cut_changes_table_keeps_the_biggest_falls_and_arrivals_and_says_it_wa
 
 def test_a_cut_ranking_says_how_many_it_ranked():
     rows = charts.worst_instances_rows(ranking_frame(), top=2)
-    assert rows.note() == "Showing the first 2 of 3 instances." and len(rows) == 2
-    assert charts.worst_instances_rows(ranking_frame()).note() is None
+    assert rows.cut_note() == "Showing the first 2 of 3 instances." and len(rows) == 2
+    assert charts.worst_instances_rows(ranking_frame()).cut_note() is None
+    # The HTML says how the rows are ranked and, with a threshold, what the two shades mean.
+    shaded = charts.worst_instances_rows(ranking_frame(), threshold=0.1)
+    assert shaded.note().startswith("Ranked by the low end of the 99% Wilson interval")
+    assert "Dark: the whole interval is above 10.0%; light: the ratio is above it" in shaded.html()
+    assert "Dark:" not in charts.worst_instances_rows(ranking_frame()).html()
 
 
 def test_changes_table_empty_says_no_changes():
