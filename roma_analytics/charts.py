@@ -917,9 +917,11 @@ class Table:
         if not len(self):
             return empty_figure(self.empty or EMPTY_MESSAGE, title=self.title)
         fig = _table(self.columns, list(self.fills), numeric_from=self.numeric.start, numeric_until=self.numeric.stop)
+        _table_layout(fig, self.title, len(self))
         note = self.cut_note()
-        _table_layout(fig, self.title if note is None else f"{self.title}<br><sup>{display.plotly(note)}</sup>",
-                      len(self))
+        if note is not None:
+            # A smaller second line (plotly's markup, added after apply_layout escaped the title).
+            fig.update_layout(title_text=f"{fig.layout.title.text}<br><sup>{display.plotly(note, limit=None)}</sup>")
         return fig
 
     def html(self) -> str:

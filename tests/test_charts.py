@@ -619,7 +619,8 @@ def test_a_cut_changes_table_keeps_the_biggest_falls_and_arrivals_and_says_it_wa
     assert list(rows.fills) == [HIGHLIGHT_COLORS["better"], HIGHLIGHT_COLORS["worse"], HIGHLIGHT_COLORS["worse"]]
     assert rows.note() == rows.cut_note() == "Showing the first 3 of 6 changes."
     assert "Showing the first 3 of 6 changes." in rows.html()
-    assert "Showing the first 3 of 6 changes." in rows.figure().layout.title.text
+    # In the figure, a second title line in plotly's markup (not escaped into visible "<br>").
+    assert rows.figure().layout.title.text.endswith("<br><sup>Showing the first 3 of 6 changes.</sup>")
     assert charts.changes_rows(frame).note() is None and "Showing" not in charts.changes_rows(frame).html()
     # Every row, and in order: the largest change either way, a rise before a fall of one size.
     assert list(charts.changes_rows(frame.assign(abnormal_delta=pd.array([2, -2, 0, pd.NA, pd.NA, 1], dtype="Int64")))

@@ -141,9 +141,10 @@ def test_interleaved_collectors_are_one_fleet(sim, two_collectors, tmp_path, cap
     breakdown = next(f for f in figures if f["data"] and f["data"][0].get("type") == "bar")
     shown = {label for trace in breakdown["data"] for label in trace.get("y", [])}
     assert len(shown) == len(live)
-    changes = [f for f in figures if f["data"] and f["data"][0].get("type") == "table"][-1]  # after the ranking
-    cells = json.dumps(changes["data"][0]["cells"]["values"])
-    assert "appeared" not in cells and "disappeared" not in cells and "missing" not in cells
+    # The Overview's tables are HTML (charts.Table.html): the ranking, then the changes.
+    changes = [t.proto.body for t in at.get("html") if "Changes since the previous run" in t.proto.body]
+    assert len(changes) == 1
+    assert "appeared" not in changes[0] and "disappeared" not in changes[0] and "missing" not in changes[0]
     caption = " ".join(str(c.value) for c in at.caption)
     assert "1 instance(s) no longer found" in caption  # the dropped one, left out of the KPIs
 
