@@ -153,7 +153,11 @@ def snapshots(
                 FROM rows GROUP BY {bucket}, {series}))
         ORDER BY collected_at, {series}, run_id
     """
-    return scan.fetch(sql)
+    # The same order again on the fetched Arrow table: with preserve_insertion_order off, DuckDB
+    # hands an ordered query's Arrow batches back out of order now and then (1.5 through the
+    # relation API, 2.0 through an executed result: the dashboard then read a middle row as the
+    # newest run).  A sort of already sorted rows costs little.
+    return scan.fetch(sql, order_by=["collected_at", *schema.SERIES_KEY, "run_id"])
 
 
 def count(source, since=None, until=None, limit: int | None = None, **filters) -> int:
@@ -295,20 +299,28 @@ class _Scan:
         ), gauges AS ({gauges}
         )"""
 
-    def fetch(self, sql: str) -> pd.DataFrame:
-        return self.fetch_params(sql, self.where()[1])
+    def fetch(self, sql: str, order_by: list[str] | None = None) -> pd.DataFrame:
+        return self.fetch_params(sql, self.where()[1], order_by)
 
-    def fetch_params(self, sql: str, params: list) -> pd.DataFrame:
-        """Run ``sql`` whose first parameter is the file list, then ``params``."""
+    def fetch_params(self, sql: str, params: list, order_by: list[str] | None = None) -> pd.DataFrame:
+        """Run ``sql`` whose first parameter is the file list, then ``params``; with
+        ``order_by``, the rows are sorted by those columns (ascending, stable) after the fetch,
+        whatever order DuckDB handed them back in."""
         connection = _connection()
         if self.dataset is None:
-            return _to_pandas(connection.sql(sql, params=[self.paths, *params]).to_arrow_table())
-        # DuckDB scans the Arrow dataset with the filters pushed down to it.
-        connection.register(_DATASET_VIEW, self.dataset)
-        try:
-            return _to_pandas(connection.sql(sql.replace(PARQUET_SOURCE, _DATASET_VIEW), params=params).to_arrow_table())
-        finally:
-            connection.unregister(_DATASET_VIEW)
+            table = connection.sql(sql, params=[self.paths, *params]).to_arrow_table()
+        else:
+            # DuckDB scans the Arrow dataset with the filters pushed down to it.
+            connection.register(_DATASET_VIEW, self.dataset)
+            try:
+                table = connection.sql(sql.replace(PARQUET_SOURCE, _DATASET_VIEW), params=params).to_arrow_table()
+            finally:
+                connection.unregister(_DATASET_VIEW)
+        if order_by and table.num_rows > 1:
+            import pyarrow.compute as pc
+
+            table = table.take(pc.sort_indices(table, [(name, "ascending") for name in order_by]))
+        return _to_pandas(table)
 
 
 def _to_pandas(table) -> pd.DataFrame:

@@ -252,3 +252,31 @@ def test_a_thread_per_query_does_not_grow_memory(tmp_path):
         assert_frame_equal(answer, expected)
     # 40 databases were about 200 MiB; 40 cursors on one database are next to nothing.
     assert grown < 60 * 2**20, f"memory grew by {grown / 2**20:.0f} MiB over 40 threads"
+
+
+def test_snapshots_come_sorted_whatever_order_duckdb_hands_the_batches_back_in(monkeypatch):
+    # With preserve_insertion_order off, DuckDB (1.5 through the relation API, 2.0 through an
+    # executed result) now and then returns an ORDER BY query's Arrow batches out of order; the
+    # dashboard then took a middle row of the snapshots for the newest run (its last_day, its
+    # fleet state).  Here every answer comes back reversed, the worst such order.
+    from roma_analytics import sqlagg
+    from roma_analytics.samples import SAMPLE_HISTORY
+    from roma_analytics.store import HistoryStore
+
+    class Reversed:
+        def __init__(self, connection):
+            self.connection = connection
+
+        def sql(self, *args, **kwargs):
+            relation = self.connection.sql(*args, **kwargs)
+            return type("Answer", (), {"to_arrow_table": lambda _: relation.to_arrow_table()[::-1]})()
+
+        def __getattr__(self, name):
+            return getattr(self.connection, name)
+
+    connection = sqlagg._connection
+    monkeypatch.setattr(sqlagg, "_connection", lambda: Reversed(connection()))
+    snapshots = HistoryStore(SAMPLE_HISTORY).snapshots("1h")
+    keys = ["collected_at", "region", "project_id", "instance_id", "task_type", "run_id"]
+    assert len(snapshots) > 1000
+    pd.testing.assert_frame_equal(snapshots, snapshots.sort_values(keys, kind="stable").reset_index(drop=True))
