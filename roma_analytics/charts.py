@@ -787,7 +787,7 @@ def changes_rows(
     include_unchanged: bool = False,
     deltas: Sequence[str] | None = ("abnormal",),
 ) -> Table:
-    """What changed between the last run and the one before, biggest abnormal increase first.
+    """What changed between the last run and the one before, the largest abnormal change first.
 
     Input: ``analysis.changes(stats)``.  Columns read: ``instance_id, status, summary`` (e.g.
     "abnormal +3 since the previous run"); ``run_id``/``collected_at`` to keep only the latest
