@@ -251,3 +251,99 @@ def test_the_middleware_is_added_to_the_app_streamlit_builds(monkeypatch):
 def test_only_a_chunk_file_name_goes_into_the_page(name):
     with pytest.raises(ValueError, match="not a chunk file name"):
         serve.early_plotly_tags(name)
+
+
+# ------------------------------------------------------------------ serve.prefill: the page's caches
+
+def test_prefill_leaves_the_first_visitors_run_of_the_sample_to_the_caches():
+    # A fresh process, so Streamlit's process-wide caches start empty.  After the prefill, a
+    # visitor's run of the page prepares nothing and computes none of the Overview; the same run
+    # with the caches cleared does (so the counting would see a miss).
+    script = """
+import sys
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+from roma_analytics import dashboard
+from roma_analytics.streamlit_app import APP_PATH, serve, views
+
+assert serve.prefill(APP_PATH, environ={})
+calls = []
+def counted(name, function):
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return function(*args, **kwargs)
+    return wrapper
+dashboard.prepare_folder = counted("prepare_folder", dashboard.prepare_folder)
+for name in ("overview", "overview_figures", "filter_choices"):
+    setattr(views, name, counted(name, getattr(views, name)))
+for label in ("visitor", "cleared"):
+    if label == "cleared":
+        st.cache_data.clear(); st.cache_resource.clear()
+    calls.clear()
+    page = AppTest.from_file(str(APP_PATH), default_timeout=300).run()
+    assert not page.exception, page.exception
+    assert page.metric, "the page showed no numbers"
+    print(label.upper(), sorted(set(calls)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != dashboard.HISTORY_ENV})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("VISITOR ", "CLEARED "))]
+    assert lines == ["VISITOR []",
+                     "CLEARED ['filter_choices', 'overview', 'overview_figures', 'prepare_folder']"], done.stdout
+
+
+def test_prefill_leaves_a_history_folder_alone(monkeypatch):
+    # A folder is judged as of the current minute (a run made at start-up would not serve a later
+    # visitor) and may be of any size: the server starts without reading it.
+    def refuse(*args, **kwargs):
+        raise AssertionError("the history was read at start-up")
+
+    monkeypatch.setattr(dashboard, "prepare_folder", refuse)
+    assert serve.prefill(dashboard.app_path(), environ={dashboard.HISTORY_ENV: "/srv/roma/history"}) is False
+    assert serve.prefill(dashboard.app_path(), environ={dashboard.HISTORY_ENV: "s3://bucket/history"}) is False
+
+
+@pytest.mark.parametrize("body, shown", [("raise RuntimeError('the page broke')", "the page broke"),
+                                         ("import streamlit as st\nst.error('x')\nraise KeyError('gone')", "gone"),
+                                         ("def broken(:\n", "did not run to its end")])
+def test_a_page_that_fails_its_prefill_costs_only_speed(tmp_path, capsys, body, shown):
+    script = tmp_path / "app.py"
+    script.write_text(body + "\n")
+    assert serve.prefill(script, environ={}) is False
+    err = capsys.readouterr().err
+    assert "running the page once on the sample failed" in err and shown in err, err
+    assert "the first page will be slower" in err
+
+
+def test_the_prefill_runs_after_streamlit_has_read_its_flags(monkeypatch, tmp_path):
+    # Run earlier, the page's read of Streamlit's configuration came before the command line's
+    # flags, and Streamlit warned at start-up of a changed [server] section.
+    from streamlit import config
+    from streamlit.web import bootstrap
+
+    script = tmp_path / "app.py"
+    script.write_text("import streamlit as st\n")
+    seen = []
+    monkeypatch.setattr(serve, "preload", lambda: None)
+    monkeypatch.setattr(serve, "install_early_plotly", lambda: False)
+    monkeypatch.setattr(serve, "prefill", lambda app: seen.append(("prefill", app, config.get_option("server.port"))))
+    monkeypatch.setattr(bootstrap, "run", lambda app, *args, **kwargs: seen.append(("serve", app)))
+    port = free_port()
+    with pytest.raises(SystemExit) as exited:
+        serve.main([str(script), f"--server.port={port}", "--server.headless=true"])
+    assert exited.value.code in (0, None)
+    assert seen == [("prefill", str(script), port), ("serve", str(script))]
+
+
+def test_a_server_on_the_sample_starts_quietly(foreign_folder):
+    # The prefill runs inside the real server (the sample is the page's source): its start-up
+    # prints no warning and no failed prefill, even under a project config that says otherwise.
+    process, url, log = start_dashboard(foreign_folder, env={**HOSTILE_ENV, dashboard.HISTORY_ENV: ""})
+    try:
+        assert "<title>" in requests.get(url, timeout=10).text
+    finally:
+        stop(process)
+    text = log.read_text(errors="replace")
+    assert process.returncode == 0, text[-2000:]
+    assert "WARNING" not in text and "was detected" not in text and "failed" not in text, text[-2000:]
