@@ -108,10 +108,11 @@ FIRST_CHART_BAR = 3.0
 
 
 def first_chart(repeats: int = 3) -> list[Row]:
-    """Seconds from opening the page to its first drawn chart on the bundled sample, in headless
-    Chromium against ``roma-analytics dashboard`` started afresh each time: the first visitor of
-    a new server (cold caches), then a second visitor of the same server.  Bar: the median first
-    visit under 3 s."""
+    """Seconds from opening the page to its first painted chart on the bundled sample, in
+    headless Chromium against ``roma-analytics dashboard`` started afresh each time: the first
+    visitor of a new server, then a second visitor of the same server.  Timed by the page's own
+    clock up to the frame that shows the chart (``tests/first_chart.py``); Playwright's later
+    answer is reported beside it.  Bar: the median first visit under 3 s."""
     import subprocess
     import sys
 
@@ -120,6 +121,7 @@ def first_chart(repeats: int = 3) -> list[Row]:
     from playwright.sync_api import sync_playwright
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from first_chart import time_first_chart
     from test_dashboard_command import free_port, wait_until_healthy  # the tests' way to start and wait
 
     cold, warm = [], []
@@ -134,20 +136,22 @@ def first_chart(repeats: int = 3) -> list[Row]:
                 url = wait_until_healthy(server, port)
                 for times in (cold, warm):
                     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                    started = time.perf_counter()
-                    page.goto(url)
-                    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=180_000)
-                    times.append(time.perf_counter() - started)
+                    times.append(time_first_chart(page, url, timeout_ms=180_000))
                     page.close()
             finally:
                 server.terminate()
                 server.wait(timeout=30)
         browser.close()
-    first = median(cold)
+
+    def runs(times: list[dict]) -> str:
+        def listed(key: str) -> str:
+            return ", ".join(f"{t[key]:.2f}" for t in times)
+        return f"runs: {listed('painted')} s; observed by Playwright: {listed('observed')} s"
+
+    first = median([t["painted"] for t in cold])
     return [
         Row(NAME, f"first chart on the sample, first visitor of a new server (Chromium, median of {repeats})",
-            seconds_text(first), f"runs: {', '.join(f'{t:.2f}' for t in cold)} s", "", "< 3 s",
-            first < FIRST_CHART_BAR),
-        Row(NAME, f"first chart on the sample, second visitor (median of {repeats})", seconds_text(median(warm)),
-            f"runs: {', '.join(f'{t:.2f}' for t in warm)} s", "", "reported", None),
+            seconds_text(first), runs(cold), "", "< 3 s", first < FIRST_CHART_BAR),
+        Row(NAME, f"first chart on the sample, second visitor (median of {repeats})",
+            seconds_text(median([t["painted"] for t in warm])), runs(warm), "", "reported", None),
     ]

@@ -16,6 +16,7 @@ from roma_analytics import analysis
 from roma_analytics.samples import SAMPLE_HISTORY
 from roma_analytics.streamlit_app import APP_PATH
 from roma_analytics.store import HistoryStore
+from first_chart import time_first_chart
 from fleets import collect_named_fleet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -308,6 +309,15 @@ def truncated_metric_labels(page) -> list[str]:
         .map(label => label.innerText)""")
 
 
+def record_first_chart(name: str, times: dict[str, float]) -> None:
+    """Record a first-chart time (``first_chart.time_first_chart``): painted, by the page's
+    clock, and as Playwright observed it."""
+    record_timing(name, times["painted"])
+    record_timing(f"{name} (observed by Playwright)", times["observed"])
+    # The paint precedes Playwright's answer; the two clocks are the same machine's.
+    assert 0 < times["painted"] <= times["observed"] + 0.05, times
+
+
 def record_timing(name: str, seconds: float) -> None:
     import json
 
@@ -323,11 +333,8 @@ def test_dashboard_command_on_the_sample_every_tab_locally_only(tmp_path_factory
     process, url, log = start_dashboard(folder, env={**HOSTILE_ENV, "ROMA_AUTH_TOKEN": SECRET, "ROMA_HISTORY": ""})
     try:
         page, hosts = open_page(chromium)
-        started = time.monotonic()
-        page.goto(url)
-        page.wait_for_selector('[data-testid="stMain"] .js-plotly-plot .main-svg', timeout=120_000)
         # Measured, not asserted: this machine is shared (benchmarks/ holds the timed check).
-        record_timing("first chart, sample, cold server", time.monotonic() - started)
+        record_first_chart("first chart, sample, cold server", time_first_chart(page, url))
         wait_for_script(page)
         # The plotly code was asked for by the page's head (serve.EarlyPlotlyChunk), once: before
         # the document was even parsed, not after the first chart had arrived.
@@ -359,10 +366,7 @@ def test_dashboard_command_on_the_sample_every_tab_locally_only(tmp_path_factory
         assert SECRET not in page.content()
         page.close()
         warm = chromium.new_page(viewport={"width": 1400, "height": 1000})
-        started = time.monotonic()
-        warm.goto(url)
-        warm.wait_for_selector('[data-testid="stMain"] .js-plotly-plot .main-svg', timeout=120_000)
-        record_timing("first chart, sample, second visitor", time.monotonic() - started)
+        record_first_chart("first chart, sample, second visitor", time_first_chart(warm, url))
         warm.close()
     finally:
         stop(process)
