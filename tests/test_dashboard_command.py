@@ -347,3 +347,38 @@ def test_a_server_on_the_sample_starts_quietly(foreign_folder):
     text = log.read_text(errors="replace")
     assert process.returncode == 0, text[-2000:]
     assert "WARNING" not in text and "was detected" not in text and "failed" not in text, text[-2000:]
+
+
+@pytest.mark.parametrize("stage", ["preload", "prefill"])
+def test_ctrl_c_while_the_server_starts_exits_130_without_a_traceback(monkeypatch, capsys, tmp_path, stage):
+    from streamlit.web import bootstrap
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    script = tmp_path / "app.py"
+    script.write_text("import streamlit as st\n")
+    monkeypatch.setattr(serve, "preload", interrupted if stage == "preload" else lambda: None)
+    monkeypatch.setattr(serve, "prefill", interrupted if stage == "prefill" else lambda app: None)
+    monkeypatch.setattr(serve, "install_early_plotly", lambda: False)
+    monkeypatch.setattr(bootstrap, "run", lambda *args, **kwargs: pytest.fail("the server started"))
+    with pytest.raises(SystemExit) as exited:
+        serve.main([str(script), f"--server.port={free_port()}", "--server.headless=true"])
+    assert exited.value.code == serve.INTERRUPTED == 130
+    assert capsys.readouterr().err == "roma-analytics dashboard: stopped before it started serving\n"
+
+
+def test_ctrl_c_during_the_real_start_up(tmp_path):
+    import signal
+
+    # Preloading imports pandas, pyarrow, plotly, DuckDB and Streamlit: seconds, so a Ctrl-C one
+    # second in lands there.
+    server = subprocess.Popen([sys.executable, "-m", "roma_analytics.streamlit_app.serve", str(dashboard.app_path()),
+                               f"--server.port={free_port()}", "--server.headless=true"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(1.0)
+    server.send_signal(signal.SIGINT)
+    out, err = server.communicate(timeout=60)
+    assert server.returncode == 130, err[-2000:]
+    assert err == "roma-analytics dashboard: stopped before it started serving\n"

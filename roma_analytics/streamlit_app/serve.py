@@ -206,11 +206,20 @@ def install_early_plotly() -> bool:
     return True
 
 
+#: Exit status of a server stopped (Ctrl-C) while it was still starting, as the CLI's other
+#: interrupted commands exit.
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> None:
     """Preload, then run ``streamlit run ARGV`` in this process (exits with Streamlit's status),
     prefilling the page's caches (:func:`prefill`) once Streamlit has read its configuration and
-    flags, just before it starts serving."""
-    preload()
+    flags, just before it starts serving.  Ctrl-C before the server serves exits
+    :data:`INTERRUPTED` with one line on stderr (no traceback)."""
+    try:
+        preload()
+    except KeyboardInterrupt:
+        _stopped_while_starting()
     install_early_plotly()
     from streamlit.web import bootstrap, cli
 
@@ -219,11 +228,19 @@ def main(argv: list[str] | None = None) -> None:
     def prefill_then_serve(main_script_path, *args, **kwargs):
         # Here, not before: the page's run reads Streamlit's configuration, and a configuration
         # read before the command line's flags makes Streamlit warn of a changed [server] section.
-        prefill(main_script_path)
+        try:
+            prefill(main_script_path)
+        except KeyboardInterrupt:
+            _stopped_while_starting()
         return serve(main_script_path, *args, **kwargs)
 
     bootstrap.run = prefill_then_serve
     cli.main.main(args=["run", *(sys.argv[1:] if argv is None else argv)], prog_name="streamlit")
+
+
+def _stopped_while_starting():
+    print("roma-analytics dashboard: stopped before it started serving", file=sys.stderr)
+    raise SystemExit(INTERRUPTED)
 
 
 if __name__ == "__main__":
