@@ -42,11 +42,13 @@ LABEL_LIMIT = 80
 _ELLIPSIS = "…"
 
 # Default_Ignorable_Code_Point (Unicode DerivedCoreProperties) outside the general categories
-# handled below: fillers, variation selectors, the combining grapheme joiner, tags.
+# handled below: fillers, variation selectors, the combining grapheme joiner, tags.  Then
+# U+2800 BRAILLE PATTERN BLANK: not ignorable, not whitespace (str.strip keeps it), but drawn as
+# nothing, like the Hangul fillers; a name made of it showed as an empty label.
 _IGNORABLE_RANGES = (
     (0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
     (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
-    (0xE0000, 0xE0FFF),
+    (0xE0000, 0xE0FFF), (0x2800, 0x2800),
 )
 #: Cc (controls), Cf (format: bidi, zero-width, soft hyphen, BOM), Cs (lone surrogates), Zl, Zp.
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})

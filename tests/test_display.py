@@ -173,6 +173,27 @@ def test_instances_that_look_alike_on_screen_are_told_apart_by_their_ids():
     assert labels == ["db\\u202e (i-1)", "db\\u202e (i-2)"]
 
 
+@pytest.mark.parametrize("name", ["\u2800", "\u2800\u2800\u2800", "\u3164", "\u115f\u1160", "\uffa0",
+                                  "\u3000\u00a0\u2007", " \u2800 "])
+def test_a_name_drawn_as_nothing_never_makes_an_empty_label(name):
+    import unicodedata
+
+    import pandas as pd
+
+    from roma_analytics import charts, dashboard
+
+    def drawn(label: str) -> str:
+        # What a screen shows: no whitespace, no format or control character, no blank glyph.
+        return "".join(c for c in label if not c.isspace() and unicodedata.category(c)[0] != "C"
+                       and c not in "\u2800\u3164\u115f\u1160\uffa0")
+
+    latest = pd.DataFrame({"instance_id": ["i-1", "i-2"], "instance_name": [name, "db"], "task_type": ["common"] * 2,
+                           "running": [1, 1], "abnormal": [2, 1], "terminated": [0, 0], "completed": [0, 0]})
+    assert drawn(display.visible(name)) or not name.strip()
+    labels = [*dashboard.instance_options(latest).values(), *charts.state_breakdown(latest).data[0].y]
+    assert all(drawn(label) for label in labels), labels
+
+
 # --------------------------------------------------------------------------------------------
 # A fleet whose instance names are hostile, collected over HTTP into a real history
 
