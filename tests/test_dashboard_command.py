@@ -115,6 +115,7 @@ def test_dashboard_listens_on_loopback_only_from_a_foreign_folder(foreign_folder
         assert head.count(f'<link rel="modulepreload" crossorigin href="./static/js/{chunk}">') == 1
         assert head.count(f'import("./static/js/{chunk}")') == 1
         assert int(page.headers["Content-Length"]) == len(page.content)
+        assert requests.head(url, timeout=10).headers["Content-Length"] == page.headers["Content-Length"]
         script = requests.get(f"{url}/static/js/{chunk}", timeout=10)
         assert script.ok and "javascript" in script.headers["Content-Type"]
     finally:
@@ -229,13 +230,35 @@ def test_the_plotly_script_joins_the_page_head_once_whatever_the_body_split():
 
 
 @pytest.mark.parametrize("status, kind, method", [(200, b"text/javascript", "GET"), (304, b"text/html", "GET"),
-                                                  (404, b"text/html", "GET"), (200, b"text/html", "HEAD")])
+                                                  (404, b"text/html", "GET"), (200, b"text/javascript", "HEAD"),
+                                                  (404, b"text/html", "HEAD"), (200, b"text/html", "POST")])
 def test_everything_but_a_served_page_passes_untouched(status, kind, method):
     parts = [b"<head></head>", b"rest"]
     inner = page_app(status, kind, parts)
     _, _, untouched = asgi_response(inner, method)
     _, _, passed = asgi_response(serve.EarlyPlotlyChunk(inner, chunk="PlotlyChart.X.js"), method)
     assert passed == untouched
+
+
+def head_app(page: bytes):
+    """An ASGI app serving ``page`` as HTML: its length and no body for HEAD (as Starlette does)."""
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/html"), (b"content-length", str(len(page)).encode()),
+                                (b"etag", b'"abc"')]})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else page})
+    return app
+
+
+def test_a_head_request_for_the_page_reports_what_a_get_sends():
+    # RFC 9110 9.3.2: HEAD answers with the headers GET would send; the page grows by the tags.
+    page = b"<html><head><title>t</title></head><body>x</body></html>"
+    middleware = serve.EarlyPlotlyChunk(head_app(page), chunk="PlotlyChart.X.js")
+    got_start, got_body, _ = asgi_response(middleware, "GET")
+    head_start, head_body, _ = asgi_response(middleware, "HEAD")
+    assert head_body == b"" and len(got_body) > len(page)
+    assert head_start == got_start
+    assert dict(head_start["headers"])[b"content-length"] == str(len(got_body)).encode()
 
 
 def test_the_middleware_is_added_to_the_app_streamlit_builds(monkeypatch):

@@ -129,6 +129,8 @@ class EarlyPlotlyChunk:
 
     Only a complete ``200`` HTML response is changed (its ``Content-Length`` set anew and its
     ``ETag``, which described the file as stored, dropped); every other response passes untouched.
+    A ``HEAD`` request for such a page is answered with the headers of the changed ``GET``
+    response (RFC 9110, 9.3.2), so its ``Content-Length`` is the length a ``GET`` sends.
     """
 
     def __init__(self, app, chunk: str) -> None:
@@ -136,6 +138,9 @@ class EarlyPlotlyChunk:
         self.tag = early_plotly_tags(chunk).encode()
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "HEAD":
+            await self._head(scope, receive, send)
+            return
         if scope["type"] != "http" or scope.get("method") != "GET":
             await self.app(scope, receive, send)
             return
@@ -164,6 +169,28 @@ class EarlyPlotlyChunk:
             await send(message)
 
         await self.app(scope, receive, rewrite)
+
+    async def _head(self, scope, receive, send) -> None:
+        """A ``HEAD`` request: the app's own answer, unless it is a page this middleware changes;
+        then the headers of the changed ``GET`` answer (the page is small), without its body."""
+        answer: list[dict] = []
+        await self.app(scope, receive, _appender(answer))
+        start = answer[0] if answer else None
+        if (start is not None and start["type"] == "http.response.start" and start["status"] == 200
+                and dict(start.get("headers", [])).get(b"content-type", b"").startswith(b"text/html")):
+            as_get: list[dict] = []
+            await self({**scope, "method": "GET"}, receive, _appender(as_get))
+            if as_get and as_get[0]["type"] == "http.response.start":
+                answer = [as_get[0], {"type": "http.response.body", "body": b""}]
+        for message in answer:
+            await send(message)
+
+
+def _appender(messages: list[dict]):
+    """An ASGI ``send`` that keeps every message in ``messages``."""
+    async def send(message) -> None:
+        messages.append(message)
+    return send
 
 
 def early_plotly_tags(chunk: str) -> str:
