@@ -928,9 +928,10 @@ class Table:
         """The table as one self-contained HTML fragment (inline styles only, no script), every
         cell and the title escaped (``display.html``), so a name is shown as the text it is.
 
-        Every row is shown, in :data:`TABLE_TEXT_COLOR` on its row's fill; text wraps at spaces
-        and an unbreakable id is never cut: a table wider than the page scrolls sideways in its
-        own frame.  With no rows: the title and :attr:`empty`.
+        Every row is shown, in :data:`TABLE_TEXT_COLOR` on its row's fill; text wraps at spaces,
+        and a word too long for the page (a name or id without a space) wraps anywhere rather
+        than being cut; numbers keep one line.  A table still wider than the page (numbers
+        alone) scrolls sideways in its own frame.  With no rows: the title and :attr:`empty`.
         """
         title = (f'<div style="font-weight:600;font-size:1rem;margin:0 0 0.5rem 0;color:{TABLE_TEXT_COLOR}">'
                  f"{display.html(self.title, limit=None)}</div>")
@@ -939,9 +940,12 @@ class Table:
             return f'<div class="roma-table">{title}<p style="color:{TABLE_TEXT_COLOR}">{message}</p></div>'
         cell = f"padding:0.3rem 0.6rem;border-bottom:1px solid {TABLE_RULE_COLOR};vertical-align:top;"
         aligns = ["right" if i in self.numeric else "left" for i in range(len(self.columns))]
-        # Numbers keep one line and line up digit under digit.
+        # Numbers keep one line and line up digit under digit.  Text wraps at spaces, and a word
+        # too long for the page (a name or id without a space) wraps anywhere, shown whole,
+        # instead of making the table wider than the page.
         number = "white-space:nowrap;font-variant-numeric:tabular-nums;"
-        styles = [f'{cell}text-align:{align};{number if align == "right" else ""}' for align in aligns]
+        text = "overflow-wrap:anywhere;"
+        styles = [f'{cell}text-align:{align};{number if align == "right" else text}' for align in aligns]
         head = "".join(
             f'<th style="{style}font-weight:600;background:{HIGHLIGHT_COLORS["header"]}">{display.html(name, limit=None)}</th>'
             for name, style in zip(self.columns, styles))

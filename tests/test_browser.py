@@ -431,3 +431,36 @@ def test_a_name_with_html_is_text_in_the_report_charts_not_a_link(chromium, tmp_
         assert any(link in text for text in shown), "the name is shown as the text it is"
     finally:
         page.close()
+
+
+# ------------------------------------------------------------------------------ the Overview's HTML tables
+
+
+@pytest.mark.parametrize("which", ["worst", "changes"])
+def test_an_unbreakable_name_wraps_inside_its_table_at_the_narrowest_width(chromium, which):
+    # The main area of a 1280 px window beside the sidebar is about 860 px wide.  A name of
+    # LABEL_LIMIT characters without a space must wrap inside its cell, shown
+    # whole, rather than push the table wider than the page (it then scrolled sideways).
+    from roma_analytics import charts, display
+
+    name = "orders-" + "x" * (display.LABEL_LIMIT - 7)
+    long_id = "3f1c" * 16
+    latest = pd.DataFrame({"region": "cn-north-4", "project_id": "p" * 32, "instance_id": [long_id, "i-2"],
+                           "instance_name": [name, "billing"], "task_type": "common", "running": [5, 7],
+                           "abnormal": [4, 1], "terminated": 0, "completed": 0, "total": [9, 8],
+                           "run_id": "r-1", "collected_at": pd.Timestamp("2026-11-30T09:00:00Z")})
+    if which == "worst":
+        html = charts.worst_instances_rows(analysis.abnormal_ranking(latest, n=None), 0.05).html()
+    else:
+        changes = latest.assign(status="changed", abnormal_delta=[4, 1],
+                                summary=["abnormal +4 since the previous run", "abnormal +1 since the previous run"])
+        html = charts.changes_rows(changes).html()
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.set_content(f'<div id="main" style="width:860px">{html}</div>')
+        sizes = page.evaluate("""() => { const frame = document.querySelector('.roma-table > div[style*=overflow]');
+            return {scroll: frame.scrollWidth, width: frame.clientWidth, text: document.body.innerText}; }""")
+    finally:
+        page.close()
+    assert sizes["scroll"] <= sizes["width"] + 1, sizes
+    assert name in sizes["text"].replace("\n", "")
