@@ -235,7 +235,8 @@ def episodes_duckdb(stats_files, tasks_files, errors_files, listed_runs: Iterabl
     for name, dataset in datasets.items():
         connection.register(name, dataset)
     try:
-        found = connection.execute(sql, params).df()
+        with sqlagg.interruptible():
+            found = connection.execute(sql, params).df()
     finally:
         for name in datasets:
             connection.unregister(name)

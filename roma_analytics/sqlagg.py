@@ -15,9 +15,10 @@ the very functions the pandas path uses.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -308,12 +309,14 @@ class _Scan:
         whatever order DuckDB handed them back in."""
         connection = _connection()
         if self.dataset is None:
-            table = connection.sql(sql, params=[self.paths, *params]).to_arrow_table()
+            with interruptible():
+                table = connection.sql(sql, params=[self.paths, *params]).to_arrow_table()
         else:
             # DuckDB scans the Arrow dataset with the filters pushed down to it.
             connection.register(_DATASET_VIEW, self.dataset)
             try:
-                table = connection.sql(sql.replace(PARQUET_SOURCE, _DATASET_VIEW), params=params).to_arrow_table()
+                with interruptible():
+                    table = connection.sql(sql.replace(PARQUET_SOURCE, _DATASET_VIEW), params=params).to_arrow_table()
             finally:
                 connection.unregister(_DATASET_VIEW)
         if order_by and table.num_rows > 1:
@@ -385,6 +388,38 @@ def _database():
             pass  # no ICU extension: DuckDB then knows only UTC anyway
         _DATABASE.append(database)
     return _DATABASE[0]
+
+
+#: What DuckDB raises when Ctrl-C interrupts a query it runs: a plain RuntimeError with this text
+#: (DuckDB 1.5 and 2.0, through the Python client's signal check); ``InterruptException`` where a
+#: release raises its own type.
+_INTERRUPTED_MESSAGE = "Query interrupted"
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Around a DuckDB query: Ctrl-C during it raises ``KeyboardInterrupt`` (chained to DuckDB's
+    error), as it would anywhere else in Python.
+
+    DuckDB catches SIGINT while it runs a query, stops the query and raises
+    ``RuntimeError("Query interrupted")`` instead, which the CLI's Ctrl-C handling (exit 130,
+    "interrupted") and the dashboard server's start-up did not recognise: a Ctrl-C that landed
+    in a query printed a traceback and exited 1, or was reported as a failed warm-up while the
+    server went on starting.  Every query of the package runs inside this."""
+    try:
+        yield
+    except Exception as exc:
+        if _is_interrupt(exc):
+            raise KeyboardInterrupt from exc
+        raise
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    import duckdb
+
+    interrupt = getattr(duckdb, "InterruptException", None)
+    return (interrupt is not None and isinstance(exc, interrupt)) or (
+        type(exc) is RuntimeError and str(exc) == _INTERRUPTED_MESSAGE)
 
 
 def _connection():

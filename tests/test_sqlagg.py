@@ -280,3 +280,79 @@ def test_snapshots_come_sorted_whatever_order_duckdb_hands_the_batches_back_in(m
     keys = ["collected_at", "region", "project_id", "instance_id", "task_type", "run_id"]
     assert len(snapshots) > 1000
     pd.testing.assert_frame_equal(snapshots, snapshots.sort_values(keys, kind="stable").reset_index(drop=True))
+
+
+# ------------------------------------------------------------------ Ctrl-C during a DuckDB query
+
+# DuckDB stops a query on Ctrl-C and raises RuntimeError("Query interrupted") (InterruptException
+# when the query is interrupted otherwise), not KeyboardInterrupt: the CLI printed a traceback and
+# exited 1, the dashboard server called it a failed warm-up and went on starting.  Here every query
+# of the package runs a minutes-long query first, which DuckDB's own interrupt stops after 0.3 s
+# (a signal's timing against DuckDB's checks is not reproducible; the interrupt is).
+_SLOW_CONNECTION = """
+import sys, threading
+from roma_analytics import sqlagg
+
+real = sqlagg._connection
+SLOW = "SELECT sum(a * b) FROM range(100000000000) t(a), (SELECT 1 b)"   # minutes
+
+class Slow:
+    def __init__(self, cursor):
+        self.cursor = cursor
+    def _slow(self):
+        threading.Timer(0.3, self.cursor.interrupt).start()
+        self.cursor.sql(SLOW).to_arrow_table()
+    def sql(self, *args, **kwargs):
+        self._slow()
+        return self.cursor.sql(*args, **kwargs)
+    def execute(self, *args, **kwargs):
+        self._slow()
+        return self.cursor.execute(*args, **kwargs)
+    def __getattr__(self, name):
+        return getattr(self.cursor, name)
+
+sqlagg._connection = lambda: Slow(real())
+"""
+
+_CALLERS = {
+    "report": "from roma_analytics import cli\nsys.exit(cli.main(['report', '--history', SAMPLE, '--since', '2000-01-01', "
+              "'--out', OUT]))",
+    "task_episodes": "from roma_analytics.store import HistoryStore\nHistoryStore(SAMPLE).task_episodes()",
+    "dashboard warm-up": "from roma_analytics.streamlit_app import serve\nserve.preload()",
+}
+
+
+@pytest.mark.parametrize("caller", list(_CALLERS))
+def test_an_interrupted_query_is_a_keyboard_interrupt_wherever_it_runs(caller, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from roma_analytics.samples import SAMPLE_HISTORY
+
+    script = (_SLOW_CONNECTION + f"SAMPLE, OUT = {str(SAMPLE_HISTORY)!r}, {str(tmp_path / 'r.html')!r}\n"
+              + _CALLERS[caller] + "\nprint('FINISHED', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "FINISHED" not in done.stdout
+    if caller == "report":
+        assert done.returncode == 130 and done.stderr == "roma-analytics: interrupted\n", done.stderr[-2000:]
+    else:
+        # Nothing of ours catches it there: Python's own report of an uncaught Ctrl-C.
+        assert done.returncode in (1, -signal.SIGINT), done.stderr[-2000:]
+        assert done.stderr.rstrip().endswith("KeyboardInterrupt"), done.stderr[-2000:]
+        assert "warming up on the sample failed" not in done.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_what_duckdb_raises_on_ctrl_c_is_an_interrupt_and_nothing_else_is():
+    # The text DuckDB 1.5 and 2.0 raise when Ctrl-C reaches a running query (seen on both).
+    with pytest.raises(KeyboardInterrupt):
+        with sqlagg.interruptible():
+            raise RuntimeError("Query interrupted")
+    with pytest.raises(duckdb.Error, match="nothing_here"):
+        with sqlagg.interruptible():
+            sqlagg._connection().sql("SELECT * FROM nothing_here").fetchall()
+    for other in (RuntimeError("Query interrupted, or not"), ValueError("Query interrupted")):
+        with pytest.raises(type(other), match="^Query interrupted"):
+            with sqlagg.interruptible():
+                raise other
