@@ -174,6 +174,19 @@ print("LATE", late)
     assert late == ["LATE []"], late
 
 
+def test_the_start_up_warm_up_warns_of_nothing():
+    # Whatever it warns goes to the terminal of everyone who starts the dashboard.  With pandas
+    # 2.2 (the lowest allowed) the fleet state's fillna on a merged object column warned of
+    # pandas' future downcasting ten times.
+    import warnings
+
+    from roma_analytics.streamlit_app import views
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        views.warm_up()
+
+
 def test_warm_up_renders_every_view_of_a_history_both_ways(tmp_path):
     from roma_analytics.streamlit_app import views
 
@@ -372,36 +385,87 @@ def test_a_server_on_the_sample_starts_quietly(foreign_folder):
     assert "WARNING" not in text and "was detected" not in text and "failed" not in text, text[-2000:]
 
 
-@pytest.mark.parametrize("stage", ["preload", "prefill"])
-def test_ctrl_c_while_the_server_starts_exits_130_without_a_traceback(monkeypatch, capsys, tmp_path, stage):
-    from streamlit.web import bootstrap
+# serve.main with one stage of the start-up held up (it prints the stage's name when it is there):
+# the real warm-up stuck in a DuckDB query (which turned Ctrl-C into "Query interrupted" and went
+# on starting), the prefill, and Streamlit's own start-up before it installs its signal handler
+# (where Ctrl-C unwound through asyncio as a chain of tracebacks).
+_HELD_START_UP = """
+import sys, time
+from roma_analytics import sqlagg
+from roma_analytics.streamlit_app import serve
+from streamlit.web import bootstrap
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+stage, app, port = sys.argv[1:]
 
-    script = tmp_path / "app.py"
-    script.write_text("import streamlit as st\n")
-    monkeypatch.setattr(serve, "preload", interrupted if stage == "preload" else lambda: None)
-    monkeypatch.setattr(serve, "prefill", interrupted if stage == "prefill" else lambda app: None)
-    monkeypatch.setattr(serve, "install_early_plotly", lambda: False)
-    monkeypatch.setattr(bootstrap, "run", lambda *args, **kwargs: pytest.fail("the server started"))
-    with pytest.raises(SystemExit) as exited:
-        serve.main([str(script), f"--server.port={free_port()}", "--server.headless=true"])
-    assert exited.value.code == serve.INTERRUPTED == 130
-    assert capsys.readouterr().err == "roma-analytics dashboard: stopped before it started serving\n"
+def held(*args, **kwargs):
+    print(stage, flush=True)
+    time.sleep(120)
+
+if stage == "warm-up query":
+    real = sqlagg._connection
+    class Slow:
+        def __init__(self, cursor):
+            self.cursor = cursor
+        def sql(self, *args, **kwargs):
+            print(stage, flush=True)
+            self.cursor.sql("SELECT sum(a*b) FROM range(100000000000) t(a), (SELECT 1 b)").to_arrow_table()
+        def __getattr__(self, name):
+            return getattr(self.cursor, name)
+    sqlagg._connection = lambda: Slow(real())
+elif stage == "prefill":
+    serve.prefill = held
+else:
+    serve.prefill = lambda app: True
+    bootstrap.run = held
+serve.main([app, "--server.port=" + port, "--server.headless=true"])
+"""
 
 
-def test_ctrl_c_during_the_real_start_up(tmp_path):
+@pytest.mark.parametrize("stage", ["warm-up query", "prefill", "streamlit start-up"])
+def test_ctrl_c_while_the_server_starts_exits_130_with_one_line(stage):
     import signal
 
-    # Preloading imports pandas, pyarrow, plotly, DuckDB and Streamlit: seconds, so a Ctrl-C one
-    # second in lands there.
-    server = subprocess.Popen([sys.executable, "-m", "roma_analytics.streamlit_app.serve", str(dashboard.app_path()),
-                               f"--server.port={free_port()}", "--server.headless=true"],
+    server = subprocess.Popen([sys.executable, "-c", _HELD_START_UP, stage, str(dashboard.app_path()), str(free_port())],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(1.0)
-    server.send_signal(signal.SIGINT)
-    out, err = server.communicate(timeout=60)
-    assert server.returncode == 130, err[-2000:]
-    assert err == "roma-analytics dashboard: stopped before it started serving\n"
+    try:
+        assert server.stdout.readline() == stage + "\n"
+        time.sleep(0.3)
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == serve.INTERRUPTED == 130, err[-2000:]
+    assert err == serve.STOPPED_WHILE_STARTING == "roma-analytics dashboard: stopped before it started serving\n"
+
+
+def test_a_served_dashboard_stops_on_ctrl_c_with_status_0(foreign_folder):
+    # Once serving, Streamlit's own handler replaces the start-up one: a clean stop, not 130.
+    import signal
+
+    process, url, log = start_dashboard(foreign_folder, env={dashboard.HISTORY_ENV: ""})
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    finally:
+        stop(process)
+    text = log.read_text(errors="replace")
+    assert process.returncode == 0, text[-2000:]
+    assert "stopped before it started serving" not in text and "Traceback" not in text
+
+
+def test_a_prefill_that_runs_out_of_time_leaves_the_server_free_to_start():
+    # AppTest leaves its stand-in runtime in place when a run times out; Streamlit's own then
+    # refused to start ("Runtime instance already exists").
+    script = """
+from streamlit.runtime import Runtime
+from roma_analytics.streamlit_app import APP_PATH, serve
+assert serve.prefill(APP_PATH, environ={}, timeout=0.01) is False
+print("RUNTIME", Runtime.exists())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RUNTIME False" in done.stdout
+    assert "running the page once on the sample failed" in done.stderr and "timed out" in done.stderr

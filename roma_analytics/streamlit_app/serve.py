@@ -17,7 +17,9 @@ while the server runs the page, so the first chart finds it ready.
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -53,7 +55,7 @@ def preload() -> None:
               "the first page will be slower", file=sys.stderr)
 
 
-def prefill(app: str | Path, environ=None) -> bool:
+def prefill(app: str | Path, environ=None, timeout: float = 120) -> bool:
     """Run the dashboard script ``app`` once, headless, through Streamlit's ``AppTest``, so the
     server's caches (``st.cache_data``/``st.cache_resource``, which are per process, not per
     session) hold what the first visitor's run of the page computes: the sample's prepared
@@ -64,10 +66,9 @@ def prefill(app: str | Path, environ=None) -> bool:
     ``environ``, default ``os.environ``): a history folder is judged as of the current minute, so
     a run made at start-up would be of no use to a visitor a minute later, and would read a
     history of any size before the server answers.  Returns whether the run completed without an
-    exception; a failure is reported on stderr and only costs speed (the visitor's page reports
-    its own errors)."""
+    exception within ``timeout`` seconds; a failure is reported on stderr and only costs speed
+    (the visitor's page reports its own errors)."""
     import logging
-    import os
 
     from roma_analytics import dashboard
 
@@ -77,12 +78,15 @@ def prefill(app: str | Path, environ=None) -> bool:
         from streamlit.testing.v1 import AppTest
     except ImportError:  # pragma: no cover - every supported Streamlit has it (1.28 and later)
         return False
+    from streamlit.runtime import Runtime
+
     # Outside a session, Streamlit warns "missing ScriptRunContext" around the run: noise at start-up.
     quiet = logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    runtime = Runtime._instance
     try:
-        page = AppTest.from_file(str(app), default_timeout=120).run()
+        page = AppTest.from_file(str(app), default_timeout=timeout).run()
         failed = [str(getattr(exc, "message", exc)) for exc in page.exception]
         if not failed and not _ran_to_the_end(page):  # a script that does not compile shows no exception
             failed = ["the page did not run to its end; see the error above"]
@@ -90,6 +94,10 @@ def prefill(app: str | Path, environ=None) -> bool:
         failed = [f"{type(exc).__name__}: {exc}"]
     finally:
         quiet.setLevel(level)
+        # AppTest puts a stand-in runtime in place for its run and takes it away only when the
+        # run ends: after a timeout it stayed, and the server's own runtime refused to start
+        # ("Runtime instance already exists").
+        Runtime._instance = runtime
     if failed:
         print(f"roma-analytics dashboard: running the page once on the sample failed ({failed[0]}); "
               "the first page will be slower", file=sys.stderr)
@@ -236,17 +244,21 @@ def install_early_plotly() -> bool:
 #: Exit status of a server stopped (Ctrl-C) while it was still starting, as the CLI's other
 #: interrupted commands exit.
 INTERRUPTED = 130
+STOPPED_WHILE_STARTING = "roma-analytics dashboard: stopped before it started serving\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     """Preload, then run ``streamlit run ARGV`` in this process (exits with Streamlit's status),
     prefilling the page's caches (:func:`prefill`) once Streamlit has read its configuration and
-    flags, just before it starts serving.  Ctrl-C before the server serves exits
-    :data:`INTERRUPTED` with one line on stderr (no traceback)."""
-    try:
-        preload()
-    except KeyboardInterrupt:
-        _stopped_while_starting()
+    flags, just before it starts serving.
+
+    Until Streamlit installs its own Ctrl-C handling (once its server has started), Ctrl-C ends
+    the process at once with :data:`INTERRUPTED` and one line on stderr
+    (:func:`stop_while_starting`).  A ``KeyboardInterrupt`` could not do that: DuckDB turns
+    Ctrl-C during a warm-up query into an ordinary error, and inside Streamlit's start-up it
+    unwound through asyncio with a chain of tracebacks."""
+    signal.signal(signal.SIGINT, stop_while_starting)
+    preload()
     install_early_plotly()
     from streamlit.web import bootstrap, cli
 
@@ -255,19 +267,20 @@ def main(argv: list[str] | None = None) -> None:
     def prefill_then_serve(main_script_path, *args, **kwargs):
         # Here, not before: the page's run reads Streamlit's configuration, and a configuration
         # read before the command line's flags makes Streamlit warn of a changed [server] section.
-        try:
-            prefill(main_script_path)
-        except KeyboardInterrupt:
-            _stopped_while_starting()
+        prefill(main_script_path)
         return serve(main_script_path, *args, **kwargs)
 
     bootstrap.run = prefill_then_serve
     cli.main.main(args=["run", *(sys.argv[1:] if argv is None else argv)], prog_name="streamlit")
 
 
-def _stopped_while_starting():
-    print("roma-analytics dashboard: stopped before it started serving", file=sys.stderr)
-    raise SystemExit(INTERRUPTED)
+def stop_while_starting(signal_number=None, frame=None) -> None:
+    """The SIGINT handler while the server starts: say so on stderr and exit :data:`INTERRUPTED`
+    at once (nothing has been written by then; Streamlit's threads end with the process)."""
+    try:
+        os.write(2, STOPPED_WHILE_STARTING.encode())
+    finally:
+        os._exit(INTERRUPTED)
 
 
 if __name__ == "__main__":
