@@ -503,7 +503,9 @@ def _anomaly_marks(anomalies: pd.DataFrame, trend: pd.DataFrame, builder: str) -
             f"by ({', '.join(groups)}); compute them with the same by, e.g. "
             f"analysis.anomalies(stats, freq, by={tuple(groups)!r})"
         )
-    flagged = flagged[flagged["is_anomaly"].fillna(False).astype(bool)]
+    # eq(True): a missing flag is False, whatever the column's dtype (object, bool, boolean),
+    # without pandas 2's warning about fillna downcasting an object column.
+    flagged = flagged[flagged["is_anomaly"].eq(True).fillna(False).astype(bool)]
     flagged = flagged.drop(columns=[c for c in ("abnormal_ratio",) if c in flagged.columns])
     flagged = flagged.assign(bucket=_utc_naive(flagged["bucket"]))
     for name in groups:

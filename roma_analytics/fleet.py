@@ -243,8 +243,11 @@ def scope_runs_frame(inferred: pd.DataFrame, scopes: pd.DataFrame) -> pd.DataFra
     known = set(recorded["run_id"].astype(object))
     inferred = inferred[~inferred["run_id"].astype(object).isin(known)]
     inferred = inferred.assign(discovery=np.where(inferred["_discovery_failed"].astype(bool), "failed", INFERRED))
-    frame = pd.concat([recorded, inferred[list(SCOPE_RUN_COLUMNS)]], ignore_index=True)
-    frame = pd.DataFrame({name: frame[name].astype(dtype) for name, dtype in SCOPE_RUN_COLUMNS.items()})
+    # Both in the final dtypes before they meet: pandas 2 warned that concat would stop ignoring
+    # an empty or all-missing part when it chooses a column's dtype.
+    parts = [pd.DataFrame({name: part[name].astype(dtype) for name, dtype in SCOPE_RUN_COLUMNS.items()})
+             for part in (recorded, inferred)]
+    frame = pd.concat(parts, ignore_index=True)
     return frame.sort_values([*SCOPE_KEY, *_RUN_ORDER], kind="stable").reset_index(drop=True)
 
 
@@ -382,7 +385,7 @@ def _changes(series, before, errors, scopes) -> pd.DataFrame:
     previous_errors = errors.merge(two_runs[[*SCOPE_KEY, "previous_run_id"]], on=list(SCOPE_KEY))
     previous_errors = previous_errors[previous_errors["run_id"] == previous_errors["previous_run_id"]]
     tried_before = rows.merge(previous_errors[list(INSTANCE_KEY)].drop_duplicates().assign(_tried=True),
-                              on=list(INSTANCE_KEY), how="left")["_tried"].fillna(False).astype(bool).to_numpy()
+                              on=list(INSTANCE_KEY), how="left")["_tried"].eq(True).to_numpy()
     was_in_previous = was_in_previous.to_numpy() | tried_before
     gone = rows["disappeared"].to_numpy() & was_in_previous
     not_tried = ~in_last.to_numpy() & ~failed_now.to_numpy() & ~gone & (rows["last_discovery"] == "failed").to_numpy() \

@@ -418,6 +418,19 @@ def test_anomalies_without_ratio_are_placed_on_their_task_type_line():
     assert sorted(zip(xs(marks), floats(marks.y))) == [(naive(T1)[0], 0.2), (naive(T2)[0], 0.3)]
 
 
+@pytest.mark.parametrize("flags", [[False, None, True, np.nan, False, True],                        # object
+                                   pd.array([False, None, True, None, False, True], dtype="boolean")])
+def test_a_missing_anomaly_flag_is_no_anomaly_without_a_warning(flags):
+    # A frame read back from a CSV or built by hand: an object or nullable flag column with gaps.
+    # pandas 2 warned that fillna would stop downcasting an object column.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        marks = charts.abnormal_ratio_trend(trend_frame(), anomalies_frame().assign(is_anomaly=flags)).data[2]
+    assert sorted(floats(marks.customdata)) == [3.2, 4.5]
+
+
 def test_no_flagged_anomaly_adds_no_marker_trace():
     anomalies = anomalies_frame().assign(is_anomaly=False)
     assert len(charts.abnormal_ratio_trend(trend_frame(), anomalies).data) == 2
