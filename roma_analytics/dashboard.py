@@ -881,16 +881,24 @@ def anomaly_window(freq: str) -> int:
 
 def anomaly_note(flagged: pd.DataFrame, freq: str, window: int) -> str:
     """What the anomaly rings of the trend mean and, when few or no buckets could be judged, why:
-    ``flagged`` is ``analysis.anomalies(..., window=window)``."""
+    ``flagged`` is ``analysis.anomalies(..., window=window)`` (a row per bucket and task type;
+    buckets are counted once, rings once per line)."""
     span = pd.to_timedelta(freq) * window
     span_text = f"{span.days} days" if span >= pd.Timedelta(days=2) else f"{span / pd.Timedelta(hours=1):g} h"
     needed = min(window, max(3, window // 2))
-    judged = int(flagged["robust_z"].notna().sum()) if len(flagged) else 0
-    found = int(flagged["is_anomaly"].sum()) if len(flagged) else 0
+    buckets = int(flagged["bucket"].nunique()) if len(flagged) else 0
+    judged = int(flagged.loc[flagged["robust_z"].notna(), "bucket"].nunique()) if len(flagged) else 0
+    found = int(flagged["is_anomaly"].eq(True).sum()) if len(flagged) else 0
     text = (f"Rings mark anomalies: a {freq} bucket more than 3 robust standard deviations from the median "
-            f"of the {window} buckets ({span_text}) before it. {found:,} found among {judged:,} of "
-            f"{len(flagged):,} buckets that had at least {needed} earlier buckets to compare with.")
-    if judged == 0:
+            f"of the {window} buckets ({span_text}) before it. {found:,} found in the {judged:,} of "
+            f"{buckets:,} bucket{'' if buckets == 1 else 's'} that had at least {needed} earlier buckets "
+            f"to compare with.")
+    if judged == 0 and buckets < 2:
+        # One run (or all runs in one bucket): no resolution gives a bucket earlier buckets.
+        text += (f" None could be judged: the selection holds {'no' if buckets == 0 else 'one'} {freq} bucket, "
+                 f"and a bucket is judged against at least {needed} earlier ones; collect more runs "
+                 f"or widen the time range.")
+    elif judged == 0:
         text += (f" None could be judged: the selection is shorter than the {needed} buckets a baseline "
                  f"needs at {freq}; choose a finer resolution or a longer time range.")
     return text
@@ -1113,6 +1121,26 @@ def folder_episodes(path: str | os.PathLike) -> pd.DataFrame:
     from roma_analytics import episodes
 
     return episodes.from_history(HistoryStore(Path(path).expanduser()))
+
+
+def filter_episodes(episodes_frame: pd.DataFrame, filters: Filters) -> pd.DataFrame:
+    """The episodes (``episodes.EPISODE_COLUMNS``) the sidebar's ``filters`` select: of the chosen
+    regions, projects, instances and task types, and abnormal at some time in the chosen days
+    (begun before ``until`` and, unless still abnormal, ended after ``since``: an episode that
+    began before the range and lasted into it is in it)."""
+    if episodes_frame.empty:
+        return episodes_frame
+    keep = pd.Series(True, index=episodes_frame.index)
+    for column, chosen in (("region", filters.regions), ("project_id", filters.projects),
+                           ("instance_id", filters.instances), ("task_type", filters.task_types)):
+        if chosen:
+            keep &= episodes_frame[column].astype(object).isin(chosen).to_numpy()
+    if filters.until is not None:
+        keep &= (episodes_frame["first_seen"] < filters.until).fillna(False).to_numpy(dtype=bool)
+    if filters.since is not None:
+        ends = episodes_frame["end"]
+        keep &= (ends.isna() | (ends > filters.since)).fillna(False).to_numpy(dtype=bool)
+    return episodes_frame[keep.to_numpy()]
 
 
 def longest_broken(episodes_frame: pd.DataFrame, labels: Mapping | None = None, n: int = 20) -> pd.DataFrame:

@@ -2,9 +2,9 @@
 
 Shared by the browser test (``test_browser.py``) and the first-chart benchmark
 (``benchmarks/bench_dashboard.py``).  The figure runs from the moment the page is asked for
-(``page.goto``) to the first frame painted after a plotly chart's SVG entered the document: a
-``MutationObserver`` sees the SVG, then ``requestAnimationFrame`` and a task after it mark the
-frame that shows it, the usual way to take a paint time where the Paint Timing APIs do not reach
+(``page.goto``) to the first frame painted after a plotly chart's SVG is in the document and
+visible (Streamlit inserts a chart hidden until it knows its width): a ``MutationObserver`` sees
+it shown, then ``requestAnimationFrame`` and a task after it mark the frame that shows it, the usual way to take a paint time where the Paint Timing APIs do not reach
 (a largest-contentful-paint entry never names an SVG).  The page's times are on
 ``performance.timeOrigin``'s clock, the machine's wall clock as Python's ``time.time()``.
 
@@ -22,14 +22,22 @@ FIRST_CHART = '[data-testid="stMain"] .js-plotly-plot .main-svg'
 _MARK_PAINT = """
 (() => {
   const selector = %s;
+  // Shown: Streamlit inserts a chart hidden (visibility: hidden on an ancestor) until it knows
+  // its width, so the SVG's presence alone is not yet a chart on screen.
+  const shown = (svg) => {
+    const box = svg.getBoundingClientRect();
+    return box.width > 0 && box.height > 0 && svg.checkVisibility({visibilityProperty: true, opacityProperty: true});
+  };
   const seen = () => {
-    if (window.__romaFirstChart || !document.querySelector(selector)) return;
-    window.__romaFirstChart = {inserted: performance.now()};
+    if (window.__romaFirstChart) return;
+    const svg = [...document.querySelectorAll(selector)].find(shown);
+    if (!svg) return;
+    window.__romaFirstChart = {shown: performance.now()};
     watch.disconnect();
     requestAnimationFrame(() => setTimeout(() => { window.__romaFirstChart.painted = performance.now(); }));
   };
   const watch = new MutationObserver(seen);
-  watch.observe(document, {childList: true, subtree: true});
+  watch.observe(document, {childList: true, subtree: true, attributes: true, attributeFilter: ["style", "class", "hidden"]});
 })();
 """
 

@@ -280,3 +280,47 @@ def test_a_server_message_is_shown_as_text_not_rendered_as_markdown(app, recorde
     # Every character of the message is still there for the reader, the bidi override as "\u202e".
     assert hostile.replace("\u202e", "\\u202e") in rendered(shown[0])
     assert "\u202e" not in shown[0]
+
+
+def test_the_abnormal_tasks_tab_follows_the_sidebar(app):
+    # It showed the whole history's longest-broken tasks whatever the sidebar chose.
+    def shown():
+        app.session_state["view"] = "Abnormal tasks"
+        app.run()
+        assert not app.exception, app.exception
+        return app.dataframe[0].value
+
+    everything = shown()
+    assert len(everything) > 0
+    project = everything["project_id"].iloc[0]
+    other = next(p for p in app.sidebar.multiselect(key="projects").options if p != project)
+    app.sidebar.multiselect(key="projects").set_value([other])
+    narrowed = shown()
+    assert project not in set(narrowed["project_id"]) and set(narrowed["project_id"]) <= {other}
+    # Days before every episode of the sample: none was abnormal then.
+    app.sidebar.multiselect(key="projects").set_value([])
+    first_day = app.sidebar.date_input(key="days").min
+    app.sidebar.date_input(key="days").set_value((first_day, first_day))
+    early = shown()
+    episodes = dashboard.folder_episodes(str(SAMPLE_HISTORY))
+    day_end = pd.Timestamp(first_day, tz="UTC") + pd.Timedelta(days=1)
+    assert len(early) == min(20, int((episodes["first_seen"] < day_end).sum()))
+
+
+def test_filter_episodes_keeps_what_was_abnormal_in_the_chosen_days():
+    t = pd.Timestamp("2026-11-10T00:00:00Z")
+    frame = pd.DataFrame({
+        "region": ["r1", "r1", "r2", "r1"], "project_id": ["p1", "p2", "p1", "p1"],
+        "instance_id": ["i1", "i2", "i3", "i4"], "task_type": ["common", "cdc", "common", "common"],
+        "first_seen": [t - pd.Timedelta(days=3), t + pd.Timedelta(hours=5), t - pd.Timedelta(days=1), t + pd.Timedelta(days=2)],
+        # i1 ended before the range; i2 inside it; i3 began before and is still abnormal; i4 after it.
+        "end": [t - pd.Timedelta(days=2), t + pd.Timedelta(hours=9), pd.NaT, t + pd.Timedelta(days=3)],
+    })
+    day = dashboard.Filters(since=t, until=t + pd.Timedelta(days=1))
+    assert list(dashboard.filter_episodes(frame, day)["instance_id"]) == ["i2", "i3"]
+    assert list(dashboard.filter_episodes(frame, dashboard.Filters())["instance_id"]) == ["i1", "i2", "i3", "i4"]
+    assert list(dashboard.filter_episodes(frame, dashboard.Filters(regions=["r1"], projects=["p1"]))["instance_id"]) \
+        == ["i1", "i4"]
+    assert list(dashboard.filter_episodes(frame, dashboard.Filters(task_types=["cdc"], since=t))["instance_id"]) == ["i2"]
+    # An episode that ended exactly when the range starts was not abnormal in it.
+    assert list(dashboard.filter_episodes(frame.assign(end=[t, *frame["end"][1:]]), day)["instance_id"]) == ["i2", "i3"]

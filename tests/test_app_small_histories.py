@@ -125,7 +125,20 @@ def test_anomaly_caption_says_why_nothing_could_be_judged(monkeypatch, one_run):
     at = open_app(monkeypatch, one_run)
     open_view(at, "Trends")
     caption = " ".join(c.value for c in at.caption)
-    assert "None could be judged" in caption and "finer resolution" in caption
+    # One run is one bucket at every resolution: the caption counts it once (not once per task
+    # type) and does not suggest a finer resolution, which cannot help.
+    assert "None could be judged" in caption and "holds one" in caption and "of 1 bucket " in caption
+    assert "finer resolution" not in caption
+
+
+def test_anomaly_caption_on_a_few_runs_suggests_a_finer_resolution(monkeypatch, one_run, sim):
+    # Two runs a day apart at 1D: two buckets, too few for a baseline; 1h would give more.
+    append_run(one_run, sim, FIRST_RUN + pd.Timedelta(days=1))
+    at = open_app(monkeypatch, one_run)
+    at.sidebar.selectbox(key="resolution").set_value("1D").run()
+    open_view(at, "Trends")
+    caption = " ".join(c.value for c in at.caption)
+    assert "None could be judged" in caption and "of 2 buckets " in caption and "finer resolution" in caption
 
 
 def test_failed_instances_are_named_and_project_failures_spelled_out():

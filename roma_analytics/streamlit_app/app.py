@@ -475,10 +475,10 @@ with tabs["Instance drill-down"]:
             elif live_targets is None:
                 st.caption("The list of tasks in ERROR now is available in live mode (Data source → Live collection).")
             if source_key and source_key[0] == "folder":
-                episodes = folder_episodes(source_key[1], source_key[2])
+                episodes = dashboard.filter_episodes(folder_episodes(source_key[1], source_key[2]), filters)
                 mine = episodes[episodes["instance_id"] == chosen]
                 if mine.empty:
-                    st.caption("No task of this instance was listed in ERROR in the history.")
+                    st.caption("No task of this instance was listed in ERROR in the chosen days.")
                 else:
                     st.plotly_chart(charts.episode_timeline(mine, title="Abnormal tasks over time (from the history)"),
                                     config=PLOT_CONFIG)
@@ -489,10 +489,12 @@ with tabs["Abnormal tasks"]:
             st.info("Abnormal-task episodes are read from a history folder (the sample history or a "
                     "History folder in the sidebar).")
         else:
-            episodes = folder_episodes(source_key[1], source_key[2])
+            episodes = dashboard.filter_episodes(folder_episodes(source_key[1], source_key[2]), filters)
             st.subheader("Longest-broken tasks")
             st.caption("Tasks still abnormal first, longest first; an episode runs from the first run that "
-                       "listed the task in ERROR to the first later run of its instance that did not.")
+                       "listed the task in ERROR to the first later run of its instance that did not. "
+                       "Of the sidebar's regions, projects, instances and task types, abnormal at some time "
+                       "in its days.")
             st.dataframe(dashboard.longest_broken(episodes, names), hide_index=True, column_config={
                 "since": st.column_config.DatetimeColumn("since (UTC)", format="YYYY-MM-DD HH:mm"),
                 "hours": st.column_config.NumberColumn("hours abnormal", format="%.1f"),
