@@ -64,9 +64,10 @@ def test_anomalies_are_judged_at_one_day_resolution(app):
     app.sidebar.selectbox(key="resolution").set_value("1D").run()
     open_view(app, "Trends")
     caption = next(c.value for c in app.caption if "Rings mark anomalies" in c.value)
-    # 14 days, two task types, a 7-day baseline needing 3 earlier days: 2 x 11 buckets judged
-    # (24 buckets could not be judged at all, and said nothing).
-    assert "among 22 of 28 buckets" in caption
+    # 14 days, a 7-day baseline needing 3 earlier days: 11 of the 14 daily buckets judged (each
+    # bucket counted once, though both task types are judged in it; 24 buckets at 1 h could not
+    # be judged at all, and said nothing).
+    assert "in the 11 of 14 buckets" in caption
 
 
 def test_failed_instances_table_names_the_instances(app):
