@@ -324,7 +324,8 @@ def _scope_table(scope_runs, top_stats, top_errors, as_of, staleness) -> pd.Data
     table["previous_collected_at"] = previous["collected_at"].reindex(table.index).astype(TIMESTAMP_DTYPE)
     seen = grouped.size()
     if "_hidden_runs" in runs:  # a reduced frame (HistoryStore.fleet_rows) says how many runs it left out
-        seen = seen + grouped["_hidden_runs"].max().fillna(0).astype("int64")
+        # to_numeric: a column that met frames without it is object; its fillna warned in pandas 2.
+        seen = seen + pd.to_numeric(grouped["_hidden_runs"].max()).fillna(0).astype("int64")
     table["runs_seen"] = seen.reindex(table.index).astype("int64")
     recent = grouped.tail(INTERVAL_RUNS + 1)
     gaps = recent.groupby(list(SCOPE_KEY), sort=True, dropna=False)["collected_at"].diff()
