@@ -1130,17 +1130,18 @@ def filter_episodes(episodes_frame: pd.DataFrame, filters: Filters) -> pd.DataFr
     began before the range and lasted into it is in it)."""
     if episodes_frame.empty:
         return episodes_frame
-    keep = pd.Series(True, index=episodes_frame.index)
+    keep = np.ones(len(episodes_frame), dtype=bool)
     for column, chosen in (("region", filters.regions), ("project_id", filters.projects),
                            ("instance_id", filters.instances), ("task_type", filters.task_types)):
         if chosen:
             keep &= episodes_frame[column].astype(object).isin(chosen).to_numpy()
+    # Timestamp comparisons are False where a time is missing (NaT): plain bool, no NA to fill.
     if filters.until is not None:
-        keep &= (episodes_frame["first_seen"] < filters.until).fillna(False).to_numpy(dtype=bool)
+        keep &= (episodes_frame["first_seen"] < filters.until).to_numpy()
     if filters.since is not None:
         ends = episodes_frame["end"]
-        keep &= (ends.isna() | (ends > filters.since)).fillna(False).to_numpy(dtype=bool)
-    return episodes_frame[keep.to_numpy()]
+        keep &= (ends.isna() | (ends > filters.since)).to_numpy()
+    return episodes_frame[keep]
 
 
 def longest_broken(episodes_frame: pd.DataFrame, labels: Mapping | None = None, n: int = 20) -> pd.DataFrame:

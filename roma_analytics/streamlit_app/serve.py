@@ -23,6 +23,8 @@ import signal
 import sys
 from pathlib import Path
 
+from roma_analytics.cli import EXIT_INTERRUPTED
+
 
 def preload() -> None:
     """Import what the dashboard script imports (the modules stay in ``sys.modules``) and render
@@ -241,9 +243,9 @@ def install_early_plotly() -> bool:
     return True
 
 
-#: Exit status of a server stopped (Ctrl-C) while it was still starting, as the CLI's other
-#: interrupted commands exit.
-INTERRUPTED = 130
+#: Exit status of a server stopped (Ctrl-C) while it was still starting: the CLI's own status
+#: for an interrupted command.
+INTERRUPTED = EXIT_INTERRUPTED
 STOPPED_WHILE_STARTING = "roma-analytics dashboard: stopped before it started serving\n"
 
 
